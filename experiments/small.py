@@ -1,0 +1,24 @@
+"""The CPU comparison study: PRISM vs dense, about an hour each on two cores."""
+
+from prism_jax.config import (CheckpointConfig, DataConfig, ExperimentConfig, ModelConfig,
+                              OptimizerConfig, PrototypeConfig, TrainConfig)
+from experiments import dense_twin, register
+
+
+@register
+def prism_small() -> ExperimentConfig:
+  return ExperimentConfig(
+      name="prism_small",
+      model=ModelConfig(head="prism", vocab_size=8192, d_model=256, num_layers=6, num_heads=8,
+                        d_ff=704, max_seq_len=256),
+      prototypes=PrototypeConfig(num_prototypes=1024, top_k=16),
+      data=DataConfig(seq_len=256, batch_size=32),
+      optimizer=OptimizerConfig(learning_rate=2e-3, warmup_steps=200),
+      train=TrainConfig(steps=4000, log_every=50, eval_every=1000, eval_batches=32),
+      checkpoint=CheckpointConfig(every=500, keep=3),
+  )
+
+
+@register
+def dense_small() -> ExperimentConfig:
+  return dense_twin(prism_small(), "dense_small")

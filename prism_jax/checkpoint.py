@@ -1,0 +1,67 @@
+"""Orbax checkpoints of the train state and the input pipeline's position, in one step dir.
+
+Orbax writes each step to a temporary directory and renames it when complete, so a
+half-written step is never listed; `latest_step` only sees finished ones.
+"""
+
+from __future__ import annotations
+
+import os
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+from prism_jax.config import CheckpointConfig
+from prism_jax.errors import UserError
+
+
+class Checkpointer:
+  """`save(step, state, data_iterator)` / `restore(step, abstract_state, data_iterator)`."""
+
+  def __init__(self, directory: str, cfg: CheckpointConfig, *, read_only: bool = False):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save and not read_only,
+        create=not read_only, read_only=read_only)
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         item_names=("state", "data"))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def save(self, step: int, state, data_iterator=None, *, force: bool = False) -> bool:
+    items = {"state": ocp.args.StandardSave(state)}
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def restore(self, step: int, abstract_state, data_iterator=None):
+    """Restores into `abstract_state`'s shapes and shardings; the iterator in place."""
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    except (ValueError, KeyError, FileNotFoundError) as e:
+      first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      raise UserError(f"cannot restore checkpoint step {step} in {self.directory}: "
+                      f"{first_line}") from e
+    return restored["state"]
+
+  def wait(self):
+    """Blocks until pending async saves are committed (and surfaces their errors)."""
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def abstract_with_sharding(abstract_state, shardings):
+  """ShapeDtypeStructs carrying the target shardings, for sharded restore."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract_state, shardings)

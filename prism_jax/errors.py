@@ -1,0 +1,27 @@
+"""User-facing errors: one line, naming the problem, exit code 2 -- never a deep traceback."""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+
+class UserError(Exception):
+  """Something the user typed or pointed at is wrong; the message says what."""
+
+
+def exit_on_user_error(main):
+  """Wraps an entry point so UserError prints `error: ...` on one line and exits 2."""
+
+  @functools.wraps(main)
+  def wrapper(*args, **kwargs):
+    try:
+      return main(*args, **kwargs)
+    except UserError as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
+    except KeyboardInterrupt:
+      print("interrupted", file=sys.stderr)
+      sys.exit(130)
+
+  return wrapper

@@ -1,0 +1,111 @@
+"""Training objectives: next-token cross-entropy plus PRISM's clustering terms.
+
+Each term is a pure function of the model output and the batch's loss mask, is weighted
+from `LossConfig` and reported on its own, so a run's log shows what each one is doing.
+Shapes: N tokens (flattened batch x length), M prototypes.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from prism_jax.config import LossConfig
+from prism_jax.models.lm import LMOutput
+
+_BIG = 1e9
+
+
+def cross_entropy(logits_BxLxV, targets_BxL, mask_BxL):
+  """(mean next-token cross-entropy over masked tokens, number of tokens)."""
+  per_token = optax.softmax_cross_entropy_with_integer_labels(
+      logits_BxLxV.astype(jnp.float32), targets_BxL)
+  count = jnp.sum(mask_BxL)
+  return jnp.sum(per_token * mask_BxL) / jnp.maximum(count, 1.0), count
+
+
+def z_loss(logits_BxLxV, mask_BxL):
+  """Mean squared log-partition; keeps logits from drifting (optional)."""
+  log_z = jax.nn.logsumexp(logits_BxLxV.astype(jnp.float32), axis=-1)
+  return jnp.sum(log_z**2 * mask_BxL) / jnp.maximum(jnp.sum(mask_BxL), 1.0)
+
+
+def cluster_loss(distances_NxM, mask_N):
+  """Mean over tokens of the distance to the nearest prototype: every h lies near one."""
+  nearest = jnp.min(distances_NxM, axis=-1)
+  return jnp.sum(nearest * mask_N) / jnp.maximum(jnp.sum(mask_N), 1.0)
+
+
+def evidence_loss(distances_NxM, mask_N):
+  """Mean over prototypes of the distance to the nearest real token in the batch."""
+  masked = jnp.where(mask_N[:, None] > 0, distances_NxM, _BIG)
+  return jnp.mean(jnp.min(masked, axis=0))
+
+
+def diversity_loss(keys_MxD, margin: float):
+  """Mean over prototype pairs of relu(cos(P_i, P_j) - margin)^2: no two collapse."""
+  keys = keys_MxD.astype(jnp.float32)
+  unit = keys * jax.lax.rsqrt(jnp.sum(keys * keys, -1, keepdims=True) + 1e-12)
+  cos_MxM = unit @ unit.T
+  m = keys.shape[0]
+  off_diagonal = 1.0 - jnp.eye(m, dtype=cos_MxM.dtype)
+  excess = jax.nn.relu(cos_MxM - margin) * off_diagonal
+  return jnp.sum(excess**2) / max(m * (m - 1), 1)
+
+
+def balance_loss(scores_NxM, activations_NxM, mask_N, top_k: int):
+  """Switch-style load balance, M * sum_j f_j p_j: equals 1 when usage is uniform.
+
+  f_j: share of the batch's top-k slots taken by prototype j (not differentiable);
+  p_j: mean routing probability softmax(scores)_j (carries the gradient).
+  """
+  m = scores_NxM.shape[-1]
+  count = jnp.maximum(jnp.sum(mask_N), 1.0)
+  chosen = (activations_NxM > 0).astype(jnp.float32) * mask_N[:, None]
+  share_M = jax.lax.stop_gradient(jnp.sum(chosen, axis=0) / (count * top_k))
+  probs_M = jnp.sum(jax.nn.softmax(scores_NxM, axis=-1) * mask_N[:, None], axis=0) / count
+  return m * jnp.sum(share_M * probs_M)
+
+
+def usage_counts(activations_BxLxM, mask_BxL):
+  """How many scored tokens selected each prototype, [M]."""
+  chosen = (activations_BxLxM > 0) & (mask_BxL[..., None] > 0)
+  return jnp.sum(chosen, axis=(0, 1))
+
+
+def dead_fraction(usage_M) -> jax.Array:
+  """Fraction of prototypes never active over the tokens that produced `usage_M`."""
+  return jnp.mean((usage_M == 0).astype(jnp.float32))
+
+
+def total_loss(out: LMOutput, batch: dict, keys_MxD, cfg: LossConfig, top_k: int):
+  """(weighted objective, metrics dict with every term reported separately)."""
+  mask = batch["loss_mask"].astype(jnp.float32)
+  ce, tokens = cross_entropy(out.logits, batch["targets"], mask)
+  metrics = {"loss/cross_entropy": ce, "tokens": tokens}
+  objective = ce
+  if cfg.z_loss:
+    metrics["loss/z"] = z_loss(out.logits, mask)
+    objective += cfg.z_loss * metrics["loss/z"]
+  if out.prototypes is not None:
+    protos = out.prototypes
+    m = protos.scores.shape[-1]
+    flat_mask = mask.reshape(-1)
+    distances = protos.distances.reshape(-1, m)
+    terms = {
+        "cluster": lambda: cluster_loss(distances, flat_mask),
+        "evidence": lambda: evidence_loss(distances, flat_mask),
+        "diversity": lambda: diversity_loss(keys_MxD, cfg.diversity_margin),
+        "balance": lambda: balance_loss(protos.scores.reshape(-1, m),
+                                        protos.activations.reshape(-1, m), flat_mask, top_k),
+    }
+    for name, term in terms.items():
+      value = term()
+      metrics[f"loss/{name}"] = value
+      objective += getattr(cfg, name) * value
+    usage = usage_counts(protos.activations, mask)
+    metrics["prototypes/dead_in_batch"] = dead_fraction(usage)
+    metrics["prototypes/temperature"] = protos.temperature
+  metrics["loss/total"] = objective
+  return objective, metrics

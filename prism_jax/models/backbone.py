@@ -1,0 +1,178 @@
+"""Decoder backbone shared by the dense and PRISM language models.
+
+Pre-norm blocks: RMSNorm -> causal self-attention with rotary positions -> residual,
+RMSNorm -> gated (SwiGLU) MLP -> residual; a final RMSNorm gives the hidden state `h` that
+either head reads. Attention never crosses a packed-document boundary (`segment_ids`).
+
+Shapes are named in variable suffixes: B batch, L length, D d_model, H heads, K head_dim,
+F mlp width, V vocab.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from prism_jax.config import ModelConfig
+from prism_jax.sharding import constrain
+
+ACT = ("batch", "length", "embed")
+
+
+def _param(rngs: nnx.Rngs, shape, axes, std: float, dtype) -> nnx.Param:
+  value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
+  return nnx.Param(value.astype(dtype), out_sharding=axes)
+
+
+def _dtype(name: str):
+  return jnp.dtype(name)
+
+
+class RMSNorm(nnx.Module):
+
+  def __init__(self, dim: int, eps: float, param_dtype):
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("norm",))
+    self.eps = eps
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (normed * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def rotary(x_BxLxHxK: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
+  """Rotary position embedding (half-split form) at explicit per-token positions."""
+  half = x_BxLxHxK.shape[-1] // 2
+  freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle = positions_BxL[..., None, None].astype(jnp.float32) * freq  # [B, L, 1, K/2]
+  sin, cos = jnp.sin(angle), jnp.cos(angle)
+  x1, x2 = jnp.split(x_BxLxHxK.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxLxHxK.dtype)
+
+
+def attention_mask(segment_ids_BxL: jax.Array) -> jax.Array:
+  """[B, 1, L, L] causal mask restricted to the same (non-padding) packed document."""
+  length = segment_ids_BxL.shape[-1]
+  causal = jnp.tril(jnp.ones((length, length), bool))
+  same_doc = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
+  return (causal[None] & same_doc)[:, None]
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    d, h = cfg.d_model, cfg.num_heads
+    k = d // h
+    pd = _dtype(cfg.param_dtype)
+    self.wq = _param(rngs, (d, h, k), ("embed", "heads", "head_dim"), cfg.init_std, pd)
+    self.wk = _param(rngs, (d, h, k), ("embed", "heads", "head_dim"), cfg.init_std, pd)
+    self.wv = _param(rngs, (d, h, k), ("embed", "heads", "head_dim"), cfg.init_std, pd)
+    # Output projections start smaller so the residual stream grows slowly with depth.
+    out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
+    self.wo = _param(rngs, (h, k, d), ("heads", "head_dim", "embed"), out_std, pd)
+    self.rope_theta = cfg.rope_theta
+    self.compute_dtype = _dtype(cfg.compute_dtype)
+
+  def __call__(self, x_BxLxD, positions_BxL, mask_Bx1xLxL):
+    cd = self.compute_dtype
+    q = jnp.einsum("bld,dhk->blhk", x_BxLxD, self.wq[...].astype(cd))
+    k = jnp.einsum("bld,dhk->blhk", x_BxLxD, self.wk[...].astype(cd))
+    v = jnp.einsum("bld,dhk->blhk", x_BxLxD, self.wv[...].astype(cd))
+    q = rotary(q, positions_BxL, self.rope_theta)
+    k = rotary(k, positions_BxL, self.rope_theta)
+    q = constrain(q, ("batch", "length", "heads", "head_dim"))
+    logits_BxHxLxL = jnp.einsum("bqhk,bshk->bhqs", q, k).astype(jnp.float32)
+    logits_BxHxLxL = logits_BxHxLxL / jnp.sqrt(q.shape[-1]).astype(jnp.float32)
+    # A large finite negative (not -inf) keeps all-padding rows finite; they carry no loss.
+    logits_BxHxLxL = jnp.where(mask_Bx1xLxL, logits_BxHxLxL, -1e30)
+    weights = jax.nn.softmax(logits_BxHxLxL, axis=-1).astype(cd)
+    out_BxLxHxK = jnp.einsum("bhqs,bshk->bqhk", weights, v)
+    return jnp.einsum("blhk,hkd->bld", out_BxLxHxK, self.wo[...].astype(cd))
+
+
+class GatedMLP(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    d, f = cfg.d_model, cfg.d_ff
+    pd = _dtype(cfg.param_dtype)
+    self.w_gate = _param(rngs, (d, f), ("embed", "mlp"), cfg.init_std, pd)
+    self.w_up = _param(rngs, (d, f), ("embed", "mlp"), cfg.init_std, pd)
+    self.w_down = _param(rngs, (f, d), ("mlp", "embed"),
+                         cfg.init_std / (2 * cfg.num_layers) ** 0.5, pd)
+    self.compute_dtype = _dtype(cfg.compute_dtype)
+
+  def __call__(self, x_BxLxD):
+    cd = self.compute_dtype
+    gate = jnp.einsum("bld,df->blf", x_BxLxD, self.w_gate[...].astype(cd))
+    up = jnp.einsum("bld,df->blf", x_BxLxD, self.w_up[...].astype(cd))
+    hidden_BxLxF = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+    return jnp.einsum("blf,fd->bld", hidden_BxLxF, self.w_down[...].astype(cd))
+
+
+class Block(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    pd = _dtype(cfg.param_dtype)
+    self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pd)
+    self.attn = Attention(cfg, rngs)
+    self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pd)
+    self.mlp = GatedMLP(cfg, rngs)
+
+  def __call__(self, x_BxLxD, positions_BxL, mask_Bx1xLxL):
+    x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), positions_BxL, mask_Bx1xLxL)
+    x_BxLxD = x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))
+    return constrain(x_BxLxD, ACT)
+
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing; recompute the whole block in the backward pass
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Decoder(nnx.Module):
+  """Token embedding + blocks + final norm. Returns the final hidden state [B, L, D]."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    pd = _dtype(cfg.param_dtype)
+    self.embedding = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
+                            cfg.init_std, pd)
+    if cfg.scan_layers:
+      # One stacked Block whose parameters have a leading `layers` axis, applied by lax.scan.
+      @nnx.split_rngs(splits=cfg.num_layers)
+      @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+      def stacked(rngs):
+        return Block(cfg, rngs)
+
+      self.blocks = stacked(rngs)
+    else:
+      self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+    self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pd)
+
+  def embed(self, tokens_BxL):
+    x = jnp.take(self.embedding[...], tokens_BxL, axis=0).astype(_dtype(self.cfg.compute_dtype))
+    return constrain(x, ACT)
+
+  def __call__(self, tokens_BxL, positions_BxL, segment_ids_BxL):
+    x_BxLxD = self.embed(tokens_BxL)
+    mask = attention_mask(segment_ids_BxL)
+
+    def apply_block(block_graph, block_state, x):
+      return nnx.merge(block_graph, block_state)(x, positions_BxL, mask)
+
+    if self.cfg.remat != "none":
+      apply_block = jax.checkpoint(apply_block, static_argnums=(0,),
+                                   policy=_REMAT_POLICIES[self.cfg.remat])
+
+    if self.cfg.scan_layers:
+      graph, stacked_state = nnx.split(self.blocks)
+      x_BxLxD, _ = jax.lax.scan(lambda x, s: (apply_block(graph, s, x), None), x_BxLxD,
+                                stacked_state)
+    else:
+      for block in self.blocks:
+        graph, state = nnx.split(block)
+        x_BxLxD = apply_block(graph, state, x_BxLxD)
+    return self.final_norm(x_BxLxD)

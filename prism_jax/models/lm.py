@@ -1,0 +1,96 @@
+"""Language models: the shared decoder backbone with a dense or a PRISM head.
+
+The functional core used by every entry point:
+
+  graphdef, params = init(cfg, seed)            # params: a pure dict pytree
+  out = forward(graphdef, params, batch)        # LMOutput: logits, hidden, prototypes
+
+`forward` returns the final hidden states and (for PRISM) the full `PrototypeOutput`, so
+evaluation, attribution and control read activations and take gradients without copying
+model code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from prism_jax.config import ExperimentConfig
+from prism_jax.models.backbone import Decoder, _param
+from prism_jax.models.prism_head import PrototypeHead, PrototypeOutput
+from prism_jax.sharding import constrain
+
+Params = Any  # nested dict of arrays, as produced by nnx.to_pure_dict
+
+
+@struct.dataclass
+class LMOutput:
+  logits: jax.Array                       # [B, L, V] float32
+  hidden: jax.Array                       # [B, L, D] final normalised hidden state h
+  prototypes: PrototypeOutput | None      # None for the dense head
+
+
+class LanguageModel(nnx.Module):
+  """Decoder backbone + head. `cfg.model.head` picks 'dense' (h E^T) or 'prism'."""
+
+  def __init__(self, cfg: ExperimentConfig, rngs: nnx.Rngs):
+    self.head_kind = cfg.model.head
+    self.backbone = Decoder(cfg.model, rngs)
+    if not cfg.model.tie_embeddings:
+      self.unembedding = _param(rngs, (cfg.model.vocab_size, cfg.model.d_model),
+                                ("vocab", "embed"), cfg.model.init_std,
+                                jnp.dtype(cfg.model.param_dtype))
+    if cfg.model.head == "prism":
+      self.prototype_head = PrototypeHead(cfg.model, cfg.prototypes, rngs)
+
+  def unembedding_matrix(self) -> jax.Array:
+    """E [V, D]: the token embedding when tied."""
+    table = self.unembedding if hasattr(self, "unembedding") else self.backbone.embedding
+    return table[...]
+
+  def __call__(self, inputs_BxL, positions_BxL=None, segment_ids_BxL=None,
+               suppressed_M=None) -> LMOutput:
+    if positions_BxL is None:
+      positions_BxL = jnp.broadcast_to(jnp.arange(inputs_BxL.shape[-1]), inputs_BxL.shape)
+    if segment_ids_BxL is None:
+      segment_ids_BxL = jnp.ones_like(inputs_BxL)
+    h_BxLxD = self.backbone(inputs_BxL, positions_BxL, segment_ids_BxL)
+    unembedding = self.unembedding_matrix()
+    if self.head_kind == "dense":
+      logits = jnp.einsum("bld,vd->blv", h_BxLxD.astype(jnp.float32),
+                          unembedding.astype(jnp.float32))
+      prototypes = None
+    else:
+      logits, prototypes = self.prototype_head(h_BxLxD, unembedding, suppressed_M)
+    logits = constrain(logits, ("batch", "length", "vocab"))
+    return LMOutput(logits=logits, hidden=h_BxLxD, prototypes=prototypes)
+
+
+def abstract_model(cfg: ExperimentConfig):
+  """(graphdef, abstract nnx.State of Params) without allocating anything."""
+  model = nnx.eval_shape(lambda: LanguageModel(cfg, nnx.Rngs(0)))
+  return nnx.split(model, nnx.Param)
+
+
+def init(cfg: ExperimentConfig, seed: int = 0):
+  """(graphdef, params) with params as a pure dict pytree of arrays."""
+  graphdef, state = nnx.split(LanguageModel(cfg, nnx.Rngs(seed)), nnx.Param)
+  return graphdef, nnx.to_pure_dict(state)
+
+
+def forward(graphdef, params: Params, batch: dict, suppressed_M=None) -> LMOutput:
+  """Pure forward pass over a batch dict (inputs, positions, segment_ids)."""
+  model = nnx.merge(graphdef, params)
+  return model(batch["inputs"], batch.get("positions"), batch.get("segment_ids"), suppressed_M)
+
+
+def unembedding(params: Params) -> jax.Array:
+  """E [V, D] from a params dict (tied or separate)."""
+  return params["unembedding"] if "unembedding" in params else params["backbone"]["embedding"]
+
+
+def count_params(tree) -> int:
+  return sum(int(x.size) for x in jax.tree.leaves(tree))

@@ -1,0 +1,36 @@
+"""AdamW with linear warm-up, cosine decay and global-norm clipping (optax)."""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+from prism_jax.config import OptimizerConfig
+
+
+def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
+  decay_steps = cfg.decay_steps or total_steps
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
+      decay_steps=max(decay_steps, cfg.warmup_steps + 1),
+      end_value=cfg.learning_rate * cfg.min_lr_ratio)
+
+
+def _decay_mask(params):
+  """Weight decay on matrices only; not on norms, temperature or prototype keys.
+
+  Keys are excluded because decay would pull them towards the origin, away from the
+  hidden states they are meant to sit among.
+  """
+  def decays(path, leaf):
+    names = [getattr(p, "key", None) for p in path]
+    return leaf.ndim >= 2 and "keys" not in names
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
+  return optax.chain(
+      optax.clip_by_global_norm(cfg.grad_clip_norm),
+      optax.adamw(learning_rate_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                  weight_decay=cfg.weight_decay, mask=_decay_mask),
+  )

@@ -1,0 +1,104 @@
+"""The one place where logical axis names become mesh axes.
+
+Parameters carry logical names (`out_sharding=("embed", "mlp")`); activations are
+constrained with `constrain(x, ("batch", "length", "embed"))`. Both go through the rules
+table of `MeshConfig`, set once per process with `use_rules`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from typing import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from prism_jax.config import ConfigError, MeshConfig
+
+MESH_AXES = ("data", "fsdp", "model")
+
+LogicalAxes = Sequence[str | None]
+_RULES: contextvars.ContextVar[dict] = contextvars.ContextVar("prism_logical_rules", default={})
+
+
+def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+  """A (data, fsdp, model) mesh; one -1 entry absorbs the remaining devices."""
+  devices = list(devices if devices is not None else jax.devices())
+  shape = [cfg.data, cfg.fsdp, cfg.model]
+  if shape.count(-1) > 1:
+    raise ConfigError("at most one of mesh.data, mesh.fsdp, mesh.model may be -1")
+  known = math.prod(s for s in shape if s != -1)
+  if -1 in shape:
+    if len(devices) % known:
+      raise ConfigError(f"{len(devices)} devices cannot be split into mesh {shape}")
+    shape[shape.index(-1)] = len(devices) // known
+  if math.prod(shape) != len(devices):
+    raise ConfigError(f"mesh {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices, "
+                      f"found {len(devices)}")
+  device_grid = np.asarray(devices).reshape(shape)
+  # Auto axes: XLA's partitioner propagates shardings between the constraints we write.
+  return jax.sharding.Mesh(device_grid, MESH_AXES,
+                           axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+@contextlib.contextmanager
+def use_rules(rules):
+  """Makes `rules` (logical name -> mesh axes) the active table for `constrain`/`spec`."""
+  token = _RULES.set(dict(rules))
+  try:
+    yield
+  finally:
+    _RULES.reset(token)
+
+
+def logical_to_spec(axes: LogicalAxes | None, rules: dict | None = None) -> P:
+  """Maps logical axis names to a PartitionSpec, never using one mesh axis twice."""
+  rules = _RULES.get() if rules is None else rules
+  if axes is None:
+    return P()
+  used, out = set(), []
+  for name in axes:
+    target = rules.get(name) if name is not None else None
+    targets = (target,) if isinstance(target, str) else tuple(target or ())
+    targets = tuple(t for t in targets if t not in used)
+    used.update(targets)
+    out.append(targets[0] if len(targets) == 1 else (targets or None))
+  return P(*out)
+
+
+def _active_mesh():
+  mesh = jax.sharding.get_abstract_mesh()
+  return None if mesh.empty else mesh
+
+
+def constrain(x: jax.Array, axes: LogicalAxes) -> jax.Array:
+  """Sharding constraint on an activation by logical names; a no-op without a mesh."""
+  mesh = _active_mesh()
+  if mesh is None or mesh.size == 1:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(axes))
+
+
+def axis_size(name: str) -> int:
+  """Size of the mesh axis that logical axis `name` maps to (1 without a mesh)."""
+  mesh = _active_mesh()
+  target = _RULES.get().get(name)
+  if mesh is None or target is None:
+    return 1
+  targets = (target,) if isinstance(target, str) else target
+  return math.prod(mesh.shape[t] for t in targets)
+
+
+def param_specs(abstract_state, rules) -> object:
+  """PartitionSpecs for a (pure dict) parameter tree from its `out_sharding` metadata."""
+  logical = nnx.to_pure_dict(nnx.get_partition_spec(abstract_state))
+  return jax.tree.map(lambda spec: logical_to_spec(tuple(spec), dict(rules)), logical,
+                      is_leaf=lambda x: isinstance(x, P))
+
+
+def named(mesh, specs):
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))

@@ -1,0 +1,140 @@
+"""The train and evaluation steps: plain functions over pytrees, compiled with shardings.
+
+  state, metrics = train_step(state, batch)
+  sums = eval_step(params, batch)
+
+`compile_steps` places the state on the mesh (sharded init via eval_shape ->
+shardings -> jit(init, out_shardings=...)) and wraps both steps in `jax.jit` with
+in/out shardings; nothing else in the project writes a PartitionSpec by hand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from prism_jax import losses, sharding
+from prism_jax.config import ExperimentConfig
+from prism_jax.models import lm
+from prism_jax.optim import learning_rate_schedule, make_optimizer
+
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+
+
+@struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def prototype_keys(params):
+  head = params.get("prototype_head")
+  return None if head is None else head["keys"]
+
+
+def make_train_step(graphdef, cfg: ExperimentConfig, tx: optax.GradientTransformation):
+  schedule = learning_rate_schedule(cfg.optimizer, cfg.train.steps)
+
+  def train_step(state: TrainState, batch: dict):
+    def objective(params):
+      out = lm.forward(graphdef, params, batch)
+      return losses.total_loss(out, batch, prototype_keys(params), cfg.losses,
+                               cfg.prototypes.top_k)
+
+    (_, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    metrics["learning_rate"] = schedule(state.step)
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return train_step
+
+
+def make_eval_step(graphdef, cfg: ExperimentConfig):
+  """Sums (not means) so that batches of different token counts combine exactly."""
+
+  def eval_step(params, batch: dict):
+    out = lm.forward(graphdef, params, batch)
+    mask = batch["loss_mask"].astype(jnp.float32)
+    per_token = optax.softmax_cross_entropy_with_integer_labels(out.logits, batch["targets"])
+    sums = {"loss_sum": jnp.sum(per_token * mask), "tokens": jnp.sum(mask)}
+    if out.prototypes is not None:
+      sums["usage"] = losses.usage_counts(out.prototypes.activations, mask)
+    return sums
+
+  return eval_step
+
+
+@dataclasses.dataclass
+class CompiledSteps:
+  """Everything needed to run a config on a mesh."""
+  mesh: jax.sharding.Mesh
+  graphdef: Any
+  state_sharding: Any
+  batch_sharding: NamedSharding
+  init: Callable[[], TrainState]
+  train_step: Callable
+  eval_step: Callable
+  abstract_state: TrainState
+
+
+def state_shardings(cfg: ExperimentConfig, mesh, tx):
+  """(graphdef, abstract TrainState, its NamedShardings) from logical names on parameters."""
+  graphdef, abstract_params_state = lm.abstract_model(cfg)
+  param_specs = sharding.param_specs(abstract_params_state, cfg.mesh.rules)
+  abstract_params = nnx.to_pure_dict(abstract_params_state)
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  # Optimizer moments mirror the parameters; counters are replicated.
+  opt_specs = optax.tree_map_params(tx, lambda _, spec: spec, abstract_opt, param_specs,
+                                    transform_non_params=lambda _: P(),
+                                    is_leaf=lambda x: isinstance(x, P))
+  specs = TrainState(step=P(), params=param_specs, opt_state=opt_specs)
+  abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
+                        opt_state=abstract_opt)
+  return graphdef, abstract, sharding.named(mesh, specs)
+
+
+def compile_steps(cfg: ExperimentConfig, mesh) -> CompiledSteps:
+  tx = make_optimizer(cfg.optimizer, cfg.train.steps)
+  graphdef, abstract, state_sh = state_shardings(cfg, mesh, tx)
+  batch_sh = NamedSharding(mesh, sharding.logical_to_spec(("batch", "length"),
+                                                          dict(cfg.mesh.rules)))
+
+  def init():
+    _, params = lm.init(cfg, cfg.train.seed)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+  rules = cfg.mesh.rules
+
+  def in_context(fn):
+    # Steps trace lazily; run them under the mesh and rules whatever the caller's context.
+    def wrapped(*args):
+      with jax.set_mesh(mesh), sharding.use_rules(rules):
+        return fn(*args)
+    return wrapped
+
+  batch_shardings = {k: batch_sh for k in BATCH_KEYS}
+  train_step = jax.jit(make_train_step(graphdef, cfg, tx),
+                       in_shardings=(state_sh, batch_shardings),
+                       out_shardings=(state_sh, None), donate_argnums=(0,))
+  eval_step = jax.jit(make_eval_step(graphdef, cfg),
+                      in_shardings=(state_sh.params, batch_shardings))
+  return CompiledSteps(mesh=mesh, graphdef=graphdef, state_sharding=state_sh,
+                       batch_sharding=batch_sh,
+                       init=in_context(jax.jit(init, out_shardings=state_sh)),
+                       train_step=in_context(train_step), eval_step=in_context(eval_step),
+                       abstract_state=abstract)
+
+
+def to_global_batch(local_batch: dict, batch_sharding) -> dict:
+  """Host-local numpy batch -> global jax arrays laid out on the mesh."""
+  return {k: jax.make_array_from_process_local_data(batch_sharding, local_batch[k])
+          for k in BATCH_KEYS}

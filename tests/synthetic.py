@@ -1,0 +1,50 @@
+"""Small configs and deterministic synthetic batches shared by the tests."""
+
+from __future__ import annotations
+
+import grain
+import numpy as np
+
+import experiments
+from prism_jax.config import ExperimentConfig, apply_overrides
+from prism_jax.train import TrainData
+
+TINY_OVERRIDES = [
+    "model.vocab_size=128", "model.d_model=32", "model.d_ff=64", "model.num_layers=2",
+    "model.num_heads=4", "prototypes.num_prototypes=32", "prototypes.top_k=4",
+    "data.batch_size=8", "data.seq_len=16", "train.progress=false",
+]
+
+
+def tiny_config(*overrides: str, exp: str = "prism_tiny") -> ExperimentConfig:
+  return apply_overrides(experiments.get(exp), TINY_OVERRIDES + list(overrides))
+
+
+def rows_to_batch(rows) -> dict:
+  """[B, L+1] token rows -> the model's batch dict (one document per row)."""
+  rows = np.asarray(rows, np.int32)
+  batch, length = rows.shape[0], rows.shape[1] - 1
+  return {
+      "inputs": rows[:, :-1], "targets": rows[:, 1:],
+      "segment_ids": np.ones((batch, length), np.int32),
+      "positions": np.tile(np.arange(length, dtype=np.int32), (batch, 1)),
+      "loss_mask": np.ones((batch, length), np.float32),
+  }
+
+
+def random_batch(cfg: ExperimentConfig, seed: int = 0) -> dict:
+  rng = np.random.default_rng(seed)
+  rows = rng.integers(0, cfg.model.vocab_size, (cfg.data.batch_size, cfg.data.seq_len + 1))
+  return rows_to_batch(rows)
+
+
+def synthetic_data(cfg: ExperimentConfig, num_rows: int = 64, seed: int = 0) -> TrainData:
+  """A checkpointable grain pipeline over fixed random token rows."""
+  rng = np.random.default_rng(seed)
+  rows = list(rng.integers(0, cfg.model.vocab_size, (num_rows, cfg.data.seq_len + 1)))
+  train = (grain.MapDataset.source(rows).shuffle(seed=seed).repeat()
+           .batch(cfg.data.batch_size).map(rows_to_batch))
+  valid = grain.MapDataset.source(rows[:cfg.data.batch_size * 2]).batch(
+      cfg.data.batch_size).map(rows_to_batch)
+  return TrainData(train_iterator=iter(train.to_iter_dataset()),
+                   eval_batches=lambda: iter(valid))

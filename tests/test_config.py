@@ -1,0 +1,62 @@
+"""Typed configs: every mistake a user can type is one line naming the problem."""
+
+import subprocess
+import sys
+
+import pytest
+
+import experiments
+from prism_jax.config import ConfigError, apply_overrides
+
+
+def test_overrides_parse_types():
+  cfg = apply_overrides(experiments.get("prism_tiny"),
+                        ["train.steps=7", "optimizer.learning_rate=1e-4",
+                         "model.tie_embeddings=false", "prototypes.similarity=neg_sq_distance"])
+  assert cfg.train.steps == 7 and cfg.optimizer.learning_rate == 1e-4
+  assert cfg.model.tie_embeddings is False
+  assert cfg.prototypes.similarity == "neg_sq_distance"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.d_modle=64"], "unknown config key 'model.d_modle' (did you mean 'model.d_model'?)"),
+    (["train.steps=ten"], "train.steps='ten' is not a valid int"),
+    (["model.tie_embeddings=maybe"], "model.tie_embeddings='maybe' is not a boolean"),
+    (["prototypes.similarity=dot"], "prototypes.similarity='dot' is not one of"),
+    (["train.steps"], "is not of the form key=value"),
+    (["prototypes.top_k=9999"], "prototypes.top_k=9999 must be in [1,"),
+    (["model.num_heads=5"], "not divisible by model.num_heads=5"),
+])
+def test_bad_overrides_name_the_problem(overrides, message):
+  with pytest.raises(ConfigError) as info:
+    apply_overrides(experiments.get("prism_tiny"), overrides)
+  assert message in str(info.value)
+  assert "\n" not in str(info.value)
+
+
+def test_unknown_experiment_suggests_nearest():
+  with pytest.raises(ConfigError, match="unknown experiment 'prism_tiyn' .did you mean 'prism_tiny'"):
+    experiments.get("prism_tiyn")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--exp", "prism_tiyn"], "error: unknown experiment 'prism_tiyn'"),
+    (["train.stepz=3"], "error: unknown config key 'train.stepz' (did you mean 'train.steps'?)"),
+    (["train.steps=-1"], "error: prism_tiny: train.steps must be positive"),
+])
+def test_train_entry_point_exits_2_with_one_line(argv, message, tmp_path):
+  result = subprocess.run([sys.executable, "-m", "prism_jax.train", "--workdir",
+                           str(tmp_path), *argv], capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2
+  lines = result.stderr.strip().splitlines()
+  assert lines == [lines[0]] and lines[0].startswith(message), result.stderr
+
+
+def test_resuming_with_a_different_model_is_refused(tmp_path):
+  from prism_jax.cli import write_or_check_run_config
+
+  cfg = experiments.get("prism_tiny")
+  write_or_check_run_config(cfg, str(tmp_path))
+  write_or_check_run_config(apply_overrides(cfg, ["train.steps=5"]), str(tmp_path))  # fine
+  with pytest.raises(ConfigError, match="holds a run with model.d_model=128, not 64"):
+    write_or_check_run_config(apply_overrides(cfg, ["model.d_model=64"]), str(tmp_path))

@@ -1,0 +1,77 @@
+"""Each clustering objective on hand-made inputs where its value is known."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from prism_jax import losses
+from prism_jax.models import prism_head
+
+
+def _distances(h_NxD, keys_MxD, similarity="cosine"):
+  _, dist = prism_head.similarity_and_distance(h_NxD[None], keys_MxD, similarity)
+  return dist[0]
+
+
+def test_cluster_is_zero_when_every_hidden_state_is_a_prototype():
+  keys = jnp.asarray(np.random.default_rng(0).normal(size=(6, 4)), jnp.float32)
+  h = keys[jnp.array([0, 3, 3, 5])]
+  for similarity in ["cosine", "neg_sq_distance"]:
+    dist = _distances(h, keys, similarity)
+    assert abs(float(losses.cluster_loss(dist, jnp.ones(4)))) < 1e-5
+  # Moving one state away makes it positive; masking that state out makes it zero again.
+  h_far = h.at[0].set(-h[0] + 0.5)
+  dist = _distances(h_far, keys, "neg_sq_distance")
+  assert float(losses.cluster_loss(dist, jnp.ones(4))) > 0.1
+  assert abs(float(losses.cluster_loss(dist, jnp.array([0.0, 1, 1, 1])))) < 1e-5
+
+
+def test_evidence_is_zero_iff_every_prototype_has_a_token_on_it():
+  keys = jnp.eye(3, 5)
+  h_all = jnp.concatenate([keys, 2 * keys[:1]])  # every prototype has a token at distance 0
+  assert abs(float(losses.evidence_loss(_distances(h_all, keys), jnp.ones(4)))) < 1e-6
+  # Without the tokens on prototype 2, its nearest token is orthogonal: cosine distance 1.
+  value = losses.evidence_loss(_distances(h_all, keys), jnp.array([1.0, 1, 0, 1]))
+  np.testing.assert_allclose(value, 1.0 / 3.0, rtol=1e-6)
+
+
+def test_diversity_penalises_only_pairs_above_the_margin():
+  orthogonal = jnp.eye(4, 8)
+  assert float(losses.diversity_loss(orthogonal, margin=0.5)) == 0.0
+  duplicated = jnp.stack([jnp.eye(4)[0], jnp.eye(4)[0], jnp.eye(4)[1]])
+  # One unordered pair with cos=1 (counted twice) over M(M-1)=6 ordered pairs.
+  np.testing.assert_allclose(losses.diversity_loss(duplicated, margin=0.5), 2 * 0.25 / 6)
+
+
+def test_balance_is_one_for_uniform_usage_and_larger_when_collapsed():
+  m, k = 4, 1
+  scores = jnp.zeros((8, m))  # uniform routing probabilities
+  uniform_act = jax.nn.one_hot(jnp.arange(8) % m, m)
+  np.testing.assert_allclose(losses.balance_loss(scores, uniform_act, jnp.ones(8), k), 1.0)
+  collapsed_scores = jnp.zeros((8, m)).at[:, 0].set(10.0)
+  collapsed_act = jax.nn.one_hot(jnp.zeros(8, int), m)
+  assert float(losses.balance_loss(collapsed_scores, collapsed_act, jnp.ones(8), k)) > 3.9
+
+
+def test_cross_entropy_matches_reference_and_ignores_masked_tokens():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(2, 3, 5)).astype(np.float32)
+  targets = rng.integers(0, 5, (2, 3))
+  mask = np.array([[1, 1, 0], [1, 0, 0]], np.float32)
+  log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  picked = np.take_along_axis(log_probs, targets[..., None], -1)[..., 0]
+  expected = -(picked * mask).sum() / mask.sum()
+  value, count = losses.cross_entropy(logits, targets, mask)
+  np.testing.assert_allclose(value, expected, rtol=1e-6)
+  assert float(count) == 3.0
+
+
+def test_dead_fraction_counts_unused_prototypes():
+  activations = jnp.zeros((1, 2, 4)).at[0, 0, 1].set(1.0).at[0, 1, 3].set(2.0)
+  usage = losses.usage_counts(activations, jnp.ones((1, 2)))
+  np.testing.assert_array_equal(usage, [0, 1, 0, 1])
+  assert float(losses.dead_fraction(usage)) == 0.5
+  # Positions outside the loss mask do not count as use.
+  usage_masked = losses.usage_counts(activations, jnp.array([[1.0, 0.0]]))
+  assert float(losses.dead_fraction(usage_masked)) == 0.75
