@@ -46,11 +46,32 @@ class Checkpointer:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-    except (ValueError, KeyError, FileNotFoundError) as e:
+    except Exception as e:  # noqa: BLE001 -- Orbax/tensorstore raise many types for bad files
       first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
       raise UserError(f"cannot restore checkpoint step {step} in {self.directory}: "
                       f"{first_line}") from e
     return restored["state"]
+
+  def set_aside(self, step: int) -> str:
+    """Renames an unreadable step out of Orbax's view (kept for inspection, not deleted)."""
+    source = os.path.join(self.directory, str(step))
+    target = f"{source}.unreadable"
+    suffix = 1
+    while os.path.exists(target):
+      target, suffix = f"{source}.unreadable{suffix}", suffix + 1
+    if jax.process_index() == 0:
+      os.rename(source, target)
+    self.manager.reload()
+    return target
+
+  def reached_preemption(self, step: int) -> bool:
+    """JAX's preemption notice (multi-host runs with the coordination service)."""
+    if jax.process_count() == 1:
+      return False
+    try:
+      return self.manager.reached_preemption(step)
+    except Exception:  # noqa: BLE001 -- no coordination service on single-process runs
+      return False
 
   def wait(self):
     """Blocks until pending async saves are committed (and surfaces their errors)."""

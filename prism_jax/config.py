@@ -100,6 +100,9 @@ class TrainConfig:
   eval_every: int = 250
   eval_batches: int = 16
   progress: bool = True
+  # A step with a non-finite loss or gradient is skipped (parameters kept); this many in a
+  # row stop the run with the last good checkpoint intact.
+  max_nonfinite_steps: int = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,6 +165,8 @@ def validate(cfg: ExperimentConfig) -> None:
       (0.0 < d.validation_fraction < 1.0, "data.validation_fraction must be in (0, 1)"),
       (cfg.train.steps > 0, "train.steps must be positive"),
       (cfg.checkpoint.keep > 0, "checkpoint.keep must be positive"),
+      (cfg.checkpoint.every > 0, "checkpoint.every must be positive"),
+      (cfg.train.max_nonfinite_steps > 0, "train.max_nonfinite_steps must be positive"),
   ]
   for ok, message in checks:
     if not ok:

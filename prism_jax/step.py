@@ -29,9 +29,11 @@ BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
 @struct.dataclass
 class TrainState:
-  step: jax.Array
+  step: jax.Array             # batches consumed (skipped ones included)
   params: Any
   opt_state: Any
+  nonfinite_streak: jax.Array  # consecutive skipped steps
+  nonfinite_total: jax.Array   # all skipped steps of the run
 
 
 def prototype_keys(params):
@@ -48,12 +50,24 @@ def make_train_step(graphdef, cfg: ExperimentConfig, tx: optax.GradientTransform
       return losses.total_loss(out, batch, prototype_keys(params), cfg.losses,
                                cfg.prototypes.top_k)
 
-    (_, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+    (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics["grad_norm"] = optax.tree.norm(grads)
+    grad_norm = optax.tree.norm(grads)
+    # A non-finite loss or gradient leaves parameters and optimizer state untouched.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep_if_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
+    new_state = TrainState(step=state.step + 1,
+                           params=keep_if_finite(params, state.params),
+                           opt_state=keep_if_finite(opt_state, state.opt_state),
+                           nonfinite_streak=streak,
+                           nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32))
+    metrics["grad_norm"] = grad_norm
     metrics["learning_rate"] = schedule(state.step)
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    metrics["nonfinite/streak"] = new_state.nonfinite_streak
+    metrics["nonfinite/total"] = new_state.nonfinite_total
+    return new_state, metrics
 
   return train_step
 
@@ -96,9 +110,11 @@ def state_shardings(cfg: ExperimentConfig, mesh, tx):
   opt_specs = optax.tree_map_params(tx, lambda _, spec: spec, abstract_opt, param_specs,
                                     transform_non_params=lambda _: P(),
                                     is_leaf=lambda x: isinstance(x, P))
-  specs = TrainState(step=P(), params=param_specs, opt_state=opt_specs)
-  abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
-                        opt_state=abstract_opt)
+  specs = TrainState(step=P(), params=param_specs, opt_state=opt_specs, nonfinite_streak=P(),
+                     nonfinite_total=P())
+  scalar = jax.ShapeDtypeStruct((), jnp.int32)
+  abstract = TrainState(step=scalar, params=abstract_params, opt_state=abstract_opt,
+                        nonfinite_streak=scalar, nonfinite_total=scalar)
   return graphdef, abstract, sharding.named(mesh, specs)
 
 
@@ -110,7 +126,9 @@ def compile_steps(cfg: ExperimentConfig, mesh) -> CompiledSteps:
 
   def init():
     _, params = lm.init(cfg, cfg.train.seed)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(step=zero, params=params, opt_state=tx.init(params), nonfinite_streak=zero,
+                      nonfinite_total=zero)
 
   rules = cfg.mesh.rules
 

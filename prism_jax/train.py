@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Callable, Iterable, Iterator
 
@@ -79,8 +81,32 @@ class _Throughput:
     return rate
 
 
+class _PreemptionFlag:
+  """Set by SIGTERM (how TPU VMs and schedulers announce preemption)."""
+
+  def __init__(self):
+    self.raised = False
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    self.raised = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
 def train(cfg: ExperimentConfig, workdir: str, data: TrainData | None = None) -> dict:
-  """Runs (or resumes) training to `cfg.train.steps`; returns the last metrics."""
+  """Runs (or resumes) training to `cfg.train.steps`; returns the last metrics.
+
+  On SIGTERM (or JAX's preemption notice) it saves a checkpoint at the current step, waits
+  for it to be committed and returns with `preempted=True`.
+  """
   cli.write_or_check_run_config(cfg, workdir)
   data = data or corpus_data(cfg)
   mesh = sharding.make_mesh(cfg.mesh)
@@ -88,61 +114,81 @@ def train(cfg: ExperimentConfig, workdir: str, data: TrainData | None = None) ->
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint)
   log = MetricsLog(workdir)
   is_main = jax.process_index() == 0
+  say = print if is_main else (lambda *a, **k: None)
   try:
-    state = _restore_or_init(steps, checkpointer, data, is_main)
+    state = _restore_or_init(steps, checkpointer, data, say)
     start = int(jax.device_get(state.step))
     total = cfg.train.steps
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
     progress = tqdm(total=total, initial=start, desc=cfg.name, unit="step", dynamic_ncols=True,
                     disable=not (cfg.train.progress and is_main), file=sys.stdout)
     speed = _Throughput(start)
-    last_train, last_val, pending = {}, {}, None
+    last_train, last_val, previous = {}, {}, None
 
-    def report(step, metrics):
-      # Called one step late, so fetching metrics never stalls the device.
+    def check_and_report(step, metrics, log_it):
+      # Runs one step late, so fetching metrics never stalls the device.
+      streak = int(jax.device_get(metrics["nonfinite/streak"]))
+      if streak >= cfg.train.max_nonfinite_steps:
+        checkpointer.wait()
+        raise UserError(f"stopping at step {step}: {streak} steps in a row had a non-finite loss "
+                        f"or gradient; last good checkpoint: step {checkpointer.latest_step()} "
+                        f"in {checkpointer.directory}")
+      if not log_it:
+        return None
       metrics = {k: v for k, v in jax.device_get(metrics).items() if np.ndim(v) == 0}
-      if not math.isfinite(float(metrics["loss/total"])):
-        raise UserError(f"non-finite loss at step {step}; last checkpoint: "
-                        f"{checkpointer.latest_step()} in {checkpointer.directory}")
       metrics["tokens_per_second"] = speed.update(step, tokens_per_step)
       log.write(step, metrics)
       progress.set_postfix(loss=f"{metrics['loss/cross_entropy']:.3f}",
                            tok_s=f"{metrics['tokens_per_second']:.0f}")
       return metrics
 
-    for step in range(start + 1, total + 1):
-      batch = to_global_batch(next(data.train_iterator), steps.batch_sharding)
-      state, metrics = steps.train_step(state, batch)
-      if pending is not None:
-        last_train = report(*pending)
-      pending = (step, metrics) if step % cfg.train.log_every == 0 or step == total else None
-      progress.update(1)
-      if step % cfg.train.eval_every == 0 or step == total:
-        val = validation_metrics(steps, state.params, data.eval_batches())
-        log.write(step, val)
-        last_val = val
-        progress.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in val.items()))
-      if step % cfg.checkpoint.every == 0 or step == total:
-        checkpointer.save(step, state, data.train_iterator, force=True)
-    if pending is not None:
-      last_train = report(*pending)
+    with _PreemptionFlag() as preemption:
+      for step in range(start + 1, total + 1):
+        batch = to_global_batch(next(data.train_iterator), steps.batch_sharding)
+        state, metrics = steps.train_step(state, batch)
+        if previous is not None:
+          last_train = check_and_report(*previous) or last_train
+        previous = (step, metrics, step % cfg.train.log_every == 0 or step == total)
+        progress.update(1)
+        if step % cfg.train.eval_every == 0 or step == total:
+          last_val = validation_metrics(steps, state.params, data.eval_batches())
+          log.write(step, last_val)
+          progress.write(f"step {step}: " +
+                         ", ".join(f"{k}={v:.4g}" for k, v in last_val.items()))
+        preempted = preemption.raised or checkpointer.reached_preemption(step)
+        if step % cfg.checkpoint.every == 0 or step == total or preempted:
+          checkpointer.save(step, state, data.train_iterator, force=True)
+        if preempted:
+          checkpointer.wait()
+          progress.close()
+          say(f"preempted: saved step {step} in {checkpointer.directory}; run again to resume",
+              flush=True)
+          return {**last_train, **last_val, "step": step, "final_state": state,
+                  "preempted": True}
+      if previous is not None:
+        last_train = check_and_report(*previous) or last_train
     progress.close()
     return {**last_train, **last_val, "step": int(jax.device_get(state.step)),
-            "final_state": state}
+            "final_state": state, "preempted": False}
   finally:
     checkpointer.close()
     log.close()
 
 
-def _restore_or_init(steps: CompiledSteps, checkpointer: Checkpointer, data: TrainData,
-                     is_main: bool):
-  latest = checkpointer.latest_step()
-  if latest is None:
-    return steps.init()
-  if is_main:
-    print(f"resuming from step {latest} in {checkpointer.directory}", flush=True)
+def _restore_or_init(steps: CompiledSteps, checkpointer: Checkpointer, data: TrainData, say):
+  """The newest checkpoint that restores; unreadable ones are reported and set aside."""
   target = abstract_with_sharding(steps.abstract_state, steps.state_sharding)
-  return checkpointer.restore(latest, target, data.train_iterator)
+  for step in sorted(checkpointer.all_steps(), reverse=True):
+    try:
+      state = checkpointer.restore(step, target, data.train_iterator)
+    except UserError as e:
+      moved = checkpointer.set_aside(step)
+      say(f"warning: skipping unreadable checkpoint step {step} ({e}); kept as {moved}",
+          flush=True)
+      continue
+    say(f"resuming from step {step} in {checkpointer.directory}", flush=True)
+    return state
+  return steps.init()
 
 
 @exit_on_user_error
@@ -153,6 +199,8 @@ def main(argv=None):
   started = time.perf_counter()
   result = train(cfg, workdir)
   elapsed = time.perf_counter() - started
+  if result["preempted"]:
+    return
   shown = {k: v for k, v in result.items() if k.startswith("val/") or k == "step"}
   print(f"done in {elapsed:.0f}s: " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()))
   print(f"checkpoints: {os.path.join(workdir, 'checkpoints')}  "

@@ -38,12 +38,22 @@ def random_batch(cfg: ExperimentConfig, seed: int = 0) -> dict:
   return rows_to_batch(rows)
 
 
-def synthetic_data(cfg: ExperimentConfig, num_rows: int = 64, seed: int = 0) -> TrainData:
-  """A checkpointable grain pipeline over fixed random token rows."""
+def synthetic_data(cfg: ExperimentConfig, num_rows: int = 64, seed: int = 0,
+                   nan_steps: frozenset[int] = frozenset()) -> TrainData:
+  """A checkpointable grain pipeline over fixed random token rows.
+
+  Batches of the steps in `nan_steps` (1-based) carry a NaN loss mask: a poisoned batch.
+  """
   rng = np.random.default_rng(seed)
   rows = list(rng.integers(0, cfg.model.vocab_size, (num_rows, cfg.data.seq_len + 1)))
+
+  def poison(index, batch):
+    if index + 1 in nan_steps:
+      batch = dict(batch, loss_mask=np.full_like(batch["loss_mask"], np.nan))
+    return batch
+
   train = (grain.MapDataset.source(rows).shuffle(seed=seed).repeat()
-           .batch(cfg.data.batch_size).map(rows_to_batch))
+           .batch(cfg.data.batch_size).map(rows_to_batch).map_with_index(poison))
   valid = grain.MapDataset.source(rows[:cfg.data.batch_size * 2]).batch(
       cfg.data.batch_size).map(rows_to_batch)
   return TrainData(train_iterator=iter(train.to_iter_dataset()),

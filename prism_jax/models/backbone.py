@@ -12,12 +12,27 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 from prism_jax.config import ModelConfig
 from prism_jax.sharding import constrain
 
 ACT = ("batch", "length", "embed")
+
+
+@struct.dataclass
+class LayerCache:
+  """Keys and values of past tokens, [B, S, H, K] per layer (a leading [layers] axis when
+  stacked for the whole decoder). A plain pytree: decode steps stay pure jitted functions."""
+  k: jax.Array
+  v: jax.Array
+
+
+def init_cache(cfg: ModelConfig, batch: int, slots: int) -> LayerCache:
+  """An empty cache for `slots` tokens, stacked over layers: [layers, B, S, H, K]."""
+  shape = (cfg.num_layers, batch, slots, cfg.num_heads, cfg.d_model // cfg.num_heads)
+  zeros = jnp.zeros(shape, _dtype(cfg.compute_dtype))
+  return LayerCache(k=zeros, v=zeros)
 
 
 def _param(rngs: nnx.Rngs, shape, axes, std: float, dtype) -> nnx.Param:
@@ -91,6 +106,31 @@ class Attention(nnx.Module):
     out_BxLxHxK = jnp.einsum("bhqs,bshk->bqhk", weights, v)
     return jnp.einsum("blhk,hkd->bld", out_BxLxHxK, self.wo[...].astype(cd))
 
+  def decode(self, x_BxTxD, positions_BxT, cache: LayerCache, index):
+    """T new tokens against a KV cache of S slots, of which the first `index` are filled.
+
+    Writes the new keys/values at [index, index + T) and attends causally over the cache.
+    Returns (output [B, T, D], updated cache).
+    """
+    cd = self.compute_dtype
+    q = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.wq[...].astype(cd))
+    k = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.wk[...].astype(cd))
+    v = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.wv[...].astype(cd))
+    q = rotary(q, positions_BxT, self.rope_theta)
+    k = rotary(k, positions_BxT, self.rope_theta)
+    k_BxSxHxK = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), index, 1)
+    v_BxSxHxK = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), index, 1)
+    logits_BxHxTxS = jnp.einsum("bqhk,bshk->bhqs", q, k_BxSxHxK.astype(cd)).astype(jnp.float32)
+    logits_BxHxTxS = logits_BxHxTxS / jnp.sqrt(q.shape[-1]).astype(jnp.float32)
+    # Slot s is visible to new token t iff s <= index + t (empty slots lie beyond).
+    query_pos_T = index + jnp.arange(x_BxTxD.shape[1])
+    visible_TxS = jnp.arange(k_BxSxHxK.shape[1])[None, :] <= query_pos_T[:, None]
+    logits_BxHxTxS = jnp.where(visible_TxS, logits_BxHxTxS, -1e30)
+    weights = jax.nn.softmax(logits_BxHxTxS, axis=-1).astype(cd)
+    out_BxTxHxK = jnp.einsum("bhqs,bshk->bqhk", weights, v_BxSxHxK.astype(cd))
+    out = jnp.einsum("bthk,hkd->btd", out_BxTxHxK, self.wo[...].astype(cd))
+    return out, LayerCache(k=k_BxSxHxK, v=v_BxSxHxK)
+
 
 class GatedMLP(nnx.Module):
 
@@ -124,6 +164,12 @@ class Block(nnx.Module):
     x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), positions_BxL, mask_Bx1xLxL)
     x_BxLxD = x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))
     return constrain(x_BxLxD, ACT)
+
+  def decode(self, x_BxTxD, positions_BxT, cache: LayerCache, index):
+    attn_out, cache = self.attn.decode(self.attn_norm(x_BxTxD), positions_BxT, cache, index)
+    x_BxTxD = x_BxTxD + attn_out
+    x_BxTxD = x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
+    return x_BxTxD, cache
 
 
 _REMAT_POLICIES = {
@@ -176,3 +222,30 @@ class Decoder(nnx.Module):
         graph, state = nnx.split(block)
         x_BxLxD = apply_block(graph, state, x_BxLxD)
     return self.final_norm(x_BxLxD)
+
+  def decode(self, tokens_BxT, positions_BxT, cache: LayerCache, index):
+    """Incremental forward of T new tokens (a prompt, then one at a time) with a KV cache.
+
+    `cache` is stacked over layers ([layers, B, S, H, K]) for both layer layouts; `index` is
+    the number of cache slots already filled. Returns (final hidden [B, T, D], new cache).
+    Without packing, attention is plain causal over the filled slots.
+    """
+    x_BxTxD = self.embed(tokens_BxT)
+    if self.cfg.scan_layers:
+      graph, stacked_state = nnx.split(self.blocks)
+
+      def layer(x, xs):
+        state, layer_cache = xs
+        x, layer_cache = nnx.merge(graph, state).decode(x, positions_BxT, layer_cache, index)
+        return x, layer_cache
+
+      x_BxTxD, cache = jax.lax.scan(layer, x_BxTxD, (stacked_state, cache))
+    else:
+      new_k, new_v = [], []
+      for i, block in enumerate(self.blocks):
+        x_BxTxD, layer_cache = block.decode(x_BxTxD, positions_BxT,
+                                            LayerCache(k=cache.k[i], v=cache.v[i]), index)
+        new_k.append(layer_cache.k)
+        new_v.append(layer_cache.v)
+      cache = LayerCache(k=jnp.stack(new_k), v=jnp.stack(new_v))
+    return self.final_norm(x_BxTxD), cache

@@ -4,6 +4,7 @@ The functional core used by every entry point:
 
   graphdef, params = init(cfg, seed)            # params: a pure dict pytree
   out = forward(graphdef, params, batch)        # LMOutput: logits, hidden, prototypes
+  out, cache = decode(graphdef, params, inputs, positions, cache, index)  # KV-cached steps
 
 `forward` returns the final hidden states and (for PRISM) the full `PrototypeOutput`, so
 evaluation, attribution and control read activations and take gradients without copying
@@ -19,7 +20,8 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from prism_jax.config import ExperimentConfig
-from prism_jax.models.backbone import Decoder, _param
+from prism_jax.models.backbone import Decoder, LayerCache, _param
+from prism_jax.models.backbone import init_cache as _init_backbone_cache
 from prism_jax.models.prism_head import PrototypeHead, PrototypeOutput
 from prism_jax.sharding import constrain
 
@@ -58,6 +60,16 @@ class LanguageModel(nnx.Module):
     if segment_ids_BxL is None:
       segment_ids_BxL = jnp.ones_like(inputs_BxL)
     h_BxLxD = self.backbone(inputs_BxL, positions_BxL, segment_ids_BxL)
+    return self.readout(h_BxLxD, suppressed_M)
+
+  def decode(self, inputs_BxT, positions_BxT, cache: LayerCache, index,
+             suppressed_M=None) -> tuple[LMOutput, LayerCache]:
+    """Incremental forward over T new tokens with a KV cache (see `Decoder.decode`)."""
+    h_BxTxD, cache = self.backbone.decode(inputs_BxT, positions_BxT, cache, index)
+    return self.readout(h_BxTxD, suppressed_M), cache
+
+  def readout(self, h_BxLxD, suppressed_M=None) -> LMOutput:
+    """The dense or PRISM head over final hidden states."""
     unembedding = self.unembedding_matrix()
     if self.head_kind == "dense":
       logits = jnp.einsum("bld,vd->blv", h_BxLxD.astype(jnp.float32),
@@ -85,6 +97,22 @@ def forward(graphdef, params: Params, batch: dict, suppressed_M=None) -> LMOutpu
   """Pure forward pass over a batch dict (inputs, positions, segment_ids)."""
   model = nnx.merge(graphdef, params)
   return model(batch["inputs"], batch.get("positions"), batch.get("segment_ids"), suppressed_M)
+
+
+def init_cache(cfg: ExperimentConfig, batch: int, slots: int | None = None) -> LayerCache:
+  """An empty KV cache ([layers, B, S, H, K]); S defaults to model.max_seq_len."""
+  return _init_backbone_cache(cfg.model, batch, slots or cfg.model.max_seq_len)
+
+
+def decode(graphdef, params: Params, inputs_BxT, positions_BxT, cache: LayerCache, index,
+           suppressed_M=None) -> tuple[LMOutput, LayerCache]:
+  """Pure incremental forward: T new tokens after `index` cached ones -> (out, new cache).
+
+  Prefill with the whole prompt (index 0), then feed one token at a time; the logits equal
+  those of `forward` over the full sequence at every position.
+  """
+  model = nnx.merge(graphdef, params)
+  return model.decode(inputs_BxT, positions_BxT, cache, index, suppressed_M)
 
 
 def unembedding(params: Params) -> jax.Array:

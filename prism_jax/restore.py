@@ -1,0 +1,100 @@
+"""Model parameters from a run's Orbax checkpoint, for every read-only entry point.
+
+  graphdef, params, step = load_params(cfg, workdir)          # latest step
+  graphdef, params, step = load_params(cfg, workdir, step=500)
+
+Only the `state` item is read (not the input pipeline), into the shardings the config's
+mesh gives the train state, so a model that trained sharded is restored sharded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Sequence
+
+import jax
+
+from prism_jax import cli, sharding
+from prism_jax import config as config_lib
+from prism_jax.checkpoint import Checkpointer, abstract_with_sharding
+from prism_jax.config import ExperimentConfig
+from prism_jax.errors import UserError
+from prism_jax.optim import make_optimizer
+from prism_jax.step import state_shardings
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(workdir, "checkpoints")
+
+
+def load_params(cfg: ExperimentConfig, workdir: str, step: int | None = None,
+                mesh: jax.sharding.Mesh | None = None) -> tuple[Any, Any, int]:
+  """(graphdef, params pytree, restored step) from `workdir/checkpoints`.
+
+  Raises UserError when there is no checkpoint or the requested step is missing.
+  """
+  directory = checkpoint_dir(workdir)
+  if not os.path.isdir(directory):
+    raise UserError(f"no checkpoints in {workdir} (expected {directory}); train first, e.g. "
+                    f"make train EXP={cfg.name} WORKDIR={workdir}")
+  checkpointer = Checkpointer(directory, cfg.checkpoint, read_only=True)
+  try:
+    steps = checkpointer.all_steps()
+    if not steps:
+      raise UserError(f"no complete checkpoint in {directory}; train first, e.g. "
+                      f"make train EXP={cfg.name} WORKDIR={workdir}")
+    if step is None:
+      step = max(steps)
+    elif step not in steps:
+      raise UserError(f"no checkpoint for step {step} in {directory}; available: "
+                      f"{', '.join(map(str, sorted(steps)))}")
+    mesh = mesh or sharding.make_mesh(cfg.mesh)
+    tx = make_optimizer(cfg.optimizer, cfg.train.steps)
+    graphdef, abstract, shardings = state_shardings(cfg, mesh, tx)
+    state = checkpointer.restore(step, abstract_with_sharding(abstract, shardings))
+  finally:
+    checkpointer.close()
+  return graphdef, state.params, int(step)
+
+
+def _tuples(value):
+  """JSON lists back to the tuples the frozen configs hold."""
+  return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def run_config(cfg: ExperimentConfig, workdir: str, overrides: Sequence[str] = ()
+               ) -> ExperimentConfig:
+  """The config the run in `workdir` was trained with (its config.json), on this machine's
+  mesh, with `overrides` applied; `cfg` (the named experiment) when the run has none.
+
+  So `evaluate --exp prism_tiny --workdir runs/x` sees the model that was trained there,
+  whatever overrides training used.
+  """
+  path = cli.config_path(workdir)
+  if os.path.isfile(path):
+    try:
+      with open(path, encoding="utf-8") as f:
+        saved = json.load(f)
+      if saved.get("name") != cfg.name:
+        raise UserError(f"{workdir} holds a run of {saved.get('name')!r}, not {cfg.name!r}; "
+                        f"use --exp {saved.get('name')}")
+      sections = {}
+      for field in dataclasses.fields(cfg):
+        current = getattr(cfg, field.name)
+        if dataclasses.is_dataclass(current) and field.name != "mesh":
+          known = {f.name for f in dataclasses.fields(current)}
+          values = {k: _tuples(v) for k, v in saved.get(field.name, {}).items() if k in known}
+          sections[field.name] = dataclasses.replace(current, **values)
+      cfg = dataclasses.replace(cfg, **sections)
+    except (OSError, ValueError, TypeError) as e:
+      raise UserError(f"cannot read {path}: {e}") from None
+  return config_lib.apply_overrides(cfg, list(overrides))
+
+
+def load_tokenizer(cfg: ExperimentConfig):
+  """The run's tokenizer (prepared with its data; built on first use)."""
+  from prism_jax import data as data_lib  # deferred: tfds/grain import cost
+
+  return data_lib.prepare(cfg.data, cfg.model.vocab_size).tokenizer

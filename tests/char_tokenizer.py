@@ -1,0 +1,41 @@
+"""A character-level tokenizer and text pipelines for tests that need words, not random ids."""
+
+from __future__ import annotations
+
+import grain
+import numpy as np
+
+from prism_jax.train import TrainData
+from tests.synthetic import rows_to_batch
+
+
+class CharTokenizer:
+  """ASCII characters are their own ids (vocab 128); id 1 is BOS, id 2 is EOS."""
+
+  vocab_size = 128
+
+  def encode(self, text: str) -> list[int]:
+    return [ord(c) for c in text if 3 <= ord(c) < 128]
+
+  def decode(self, ids) -> str:
+    return "".join(chr(i) for i in ids if i >= 3)
+
+  def bos_id(self) -> int:
+    return 1
+
+  def eos_id(self) -> int:
+    return 2
+
+
+def text_data(text: str, seq_len: int, batch_size: int, num_rows: int = 256,
+              seed: int = 0) -> TrainData:
+  """Random windows of a (repeated) text, starting with BOS, as a grain pipeline."""
+  tok = CharTokenizer()
+  ids = np.asarray(tok.encode(text * (1 + 4 * seq_len // len(text))), np.int32)
+  rng = np.random.default_rng(seed)
+  starts = rng.integers(0, len(ids) - seq_len, num_rows)
+  rows = [np.concatenate([[tok.bos_id()], ids[s:s + seq_len]]).astype(np.int32) for s in starts]
+  train = (grain.MapDataset.source(rows).shuffle(seed=seed).repeat().batch(batch_size)
+           .map(rows_to_batch))
+  valid = grain.MapDataset.source(rows[:batch_size]).batch(batch_size).map(rows_to_batch)
+  return TrainData(train_iterator=iter(train.to_iter_dataset()), eval_batches=lambda: iter(valid))
