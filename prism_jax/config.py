@@ -103,6 +103,10 @@ class TrainConfig:
   # A step with a non-finite loss or gradient is skipped (parameters kept); this many in a
   # row stop the run with the last good checkpoint intact.
   max_nonfinite_steps: int = 5
+  # JAX profiler trace of steps [profile_start, profile_start + profile_steps) into
+  # <workdir>/profile (TensorBoard's profile plugin reads it); 0 steps: off.
+  profile_start: int = 10
+  profile_steps: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +130,24 @@ class MeshConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+  """Multi-process runs (`jax.distributed.initialize`).
+
+  auto: initialise when a coordinator is configured here or in JAX_COORDINATOR_ADDRESS (the
+  launch scripts set it), or on a multi-host TPU slice (TPU_WORKER_HOSTNAMES lists several
+  hosts), where JAX discovers everything itself. Empty/negative fields fall back to the
+  JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID environment variables.
+  """
+  initialize: Literal["auto", "always", "never"] = "auto"
+  coordinator_address: str = ""
+  num_processes: int = 0
+  process_id: int = -1
+  # Large pods take minutes to come up; a short timeout fails healthy launches.
+  initialization_timeout_s: int = 1200
+  cpu_collectives: Literal["gloo", "none"] = "gloo"  # CPU processes need it for collectives
+
+
+@dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
   every: int = 250
   keep: int = 3
@@ -142,6 +164,7 @@ class ExperimentConfig:
   optimizer: OptimizerConfig = OptimizerConfig()
   train: TrainConfig = TrainConfig()
   mesh: MeshConfig = MeshConfig()
+  distributed: DistributedConfig = DistributedConfig()
   checkpoint: CheckpointConfig = CheckpointConfig()
 
   def __post_init__(self):

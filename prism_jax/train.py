@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from prism_jax import cli, sharding
+from prism_jax import cli, distributed, sharding
 from prism_jax.checkpoint import Checkpointer, abstract_with_sharding
 from prism_jax.config import ExperimentConfig
 from prism_jax.errors import UserError, exit_on_user_error
@@ -81,15 +81,41 @@ class _Throughput:
     return rate
 
 
+class _Profiler:
+  """JAX profiler trace over the configured step range (off when profile_steps is 0)."""
+
+  def __init__(self, cfg: ExperimentConfig, workdir: str):
+    self.start = cfg.train.profile_start
+    self.stop = self.start + cfg.train.profile_steps if cfg.train.profile_steps else -1
+    self.directory = os.path.join(workdir, "profile")
+    self.active = False
+
+  def before_step(self, step: int):
+    if step == self.start and self.stop > 0:
+      jax.profiler.start_trace(self.directory)
+      self.active = True
+    elif step == self.stop and self.active:
+      self.close()
+
+  def close(self):
+    if self.active:
+      jax.profiler.stop_trace()
+      self.active = False
+
+
 class _PreemptionFlag:
-  """Set by SIGTERM (how TPU VMs and schedulers announce preemption)."""
+  """Set by SIGTERM (how TPU VMs and schedulers announce preemption), single-process runs.
+
+  Multi-process runs leave SIGTERM to JAX's preemption service, whose sync point makes every
+  process stop at the same step (`Checkpointer.reached_preemption`).
+  """
 
   def __init__(self):
     self.raised = False
     self._previous = None
 
   def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     return self
 
@@ -113,6 +139,7 @@ def train(cfg: ExperimentConfig, workdir: str, data: TrainData | None = None) ->
   steps = compile_steps(cfg, mesh)
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint)
   log = MetricsLog(workdir)
+  profiler = _Profiler(cfg, workdir)
   is_main = jax.process_index() == 0
   say = print if is_main else (lambda *a, **k: None)
   try:
@@ -144,6 +171,7 @@ def train(cfg: ExperimentConfig, workdir: str, data: TrainData | None = None) ->
 
     with _PreemptionFlag() as preemption:
       for step in range(start + 1, total + 1):
+        profiler.before_step(step)
         batch = to_global_batch(next(data.train_iterator), steps.batch_sharding)
         state, metrics = steps.train_step(state, batch)
         if previous is not None:
@@ -171,6 +199,7 @@ def train(cfg: ExperimentConfig, workdir: str, data: TrainData | None = None) ->
     return {**last_train, **last_val, "step": int(jax.device_get(state.step)),
             "final_state": state, "preempted": False}
   finally:
+    profiler.close()
     checkpointer.close()
     log.close()
 
@@ -196,6 +225,7 @@ def main(argv=None):
   parser = cli.base_parser(__doc__.splitlines()[0])
   args = parser.parse_args(argv)
   cfg, workdir = cli.resolve(args)
+  distributed.initialize(cfg.distributed)
   started = time.perf_counter()
   result = train(cfg, workdir)
   elapsed = time.perf_counter() - started

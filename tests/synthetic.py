@@ -39,10 +39,12 @@ def random_batch(cfg: ExperimentConfig, seed: int = 0) -> dict:
 
 
 def synthetic_data(cfg: ExperimentConfig, num_rows: int = 64, seed: int = 0,
-                   nan_steps: frozenset[int] = frozenset()) -> TrainData:
+                   nan_steps: frozenset[int] = frozenset(), process_index: int = 0,
+                   process_count: int = 1) -> TrainData:
   """A checkpointable grain pipeline over fixed random token rows.
 
   Batches of the steps in `nan_steps` (1-based) carry a NaN loss mask: a poisoned batch.
+  With several processes each takes its slice of the same global batch.
   """
   rng = np.random.default_rng(seed)
   rows = list(rng.integers(0, cfg.model.vocab_size, (num_rows, cfg.data.seq_len + 1)))
@@ -52,9 +54,14 @@ def synthetic_data(cfg: ExperimentConfig, num_rows: int = 64, seed: int = 0,
       batch = dict(batch, loss_mask=np.full_like(batch["loss_mask"], np.nan))
     return batch
 
+  local = cfg.data.batch_size // process_count
+
+  def my_slice(batch):
+    return {k: v[process_index * local:(process_index + 1) * local] for k, v in batch.items()}
+
   train = (grain.MapDataset.source(rows).shuffle(seed=seed).repeat()
-           .batch(cfg.data.batch_size).map(rows_to_batch).map_with_index(poison))
+           .batch(cfg.data.batch_size).map(rows_to_batch).map_with_index(poison).map(my_slice))
   valid = grain.MapDataset.source(rows[:cfg.data.batch_size * 2]).batch(
-      cfg.data.batch_size).map(rows_to_batch)
+      cfg.data.batch_size).map(rows_to_batch).map(my_slice)
   return TrainData(train_iterator=iter(train.to_iter_dataset()),
                    eval_batches=lambda: iter(valid))

@@ -1,0 +1,37 @@
+"""One process of a local data-parallel run: `python -m tests.multiprocess_worker OUT STEPS`.
+
+Reads JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID like the real entry
+point, trains the tiny synthetic config on its slice of each global batch and (process 0)
+saves the final parameters to OUT/params.npz.
+"""
+
+import os
+import sys
+
+import jax
+import numpy as np
+
+from prism_jax import distributed
+from prism_jax.train import train
+from tests.synthetic import synthetic_data, tiny_config
+
+
+def main():
+  out, steps = sys.argv[1], sys.argv[2]
+  cfg = tiny_config(f"train.steps={steps}", "train.eval_every=1000", "checkpoint.every=1000")
+  distributed.initialize(cfg.distributed)
+  data = synthetic_data(cfg, process_index=jax.process_index(),
+                        process_count=jax.process_count())
+  result = train(cfg, os.path.join(out, "run"), data)
+  # Data parallel only: every process holds a full replica of the parameters.
+  params = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)),
+                        result["final_state"].params)
+  if jax.process_index() == 0:
+    flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    np.savez(os.path.join(out, "params.npz"), **flat)
+    print(f"processes={jax.process_count()} devices={jax.device_count()} "
+          f"loss={result['loss/total']:.6f}", flush=True)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,46 @@
+"""Two processes on localhost (jax.distributed + gloo) train like one with the same global batch."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import portpicker
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _env(**extra):
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+  env.update(XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu", **extra)
+  return env
+
+
+def _run(out, steps, processes):
+  port = portpicker.pick_unused_port()
+  procs = []
+  for pid in range(processes):
+    env = _env() if processes == 1 else _env(JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+                                              JAX_NUM_PROCESSES=str(processes),
+                                              JAX_PROCESS_ID=str(pid))
+    procs.append(subprocess.Popen([sys.executable, "-m", "tests.multiprocess_worker", str(out),
+                                   str(steps)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True))
+  outputs = [p.communicate(timeout=300) for p in procs]
+  for p, (stdout, stderr) in zip(procs, outputs):
+    assert p.returncode == 0, stderr[-3000:]
+  return outputs[0][0], dict(np.load(pathlib.Path(out) / "params.npz"))
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path):
+  steps = 4
+  out_two, two = _run(tmp_path / "two", steps, processes=2)
+  out_one, one = _run(tmp_path / "one", steps, processes=1)
+  assert "processes=2 devices=2" in out_two and "processes=1 devices=1" in out_one
+  assert one.keys() == two.keys()
+  worst = max(float(np.max(np.abs(one[k] - two[k]))) for k in one)
+  print(f"largest parameter difference, 2 processes vs 1: {worst:.3g}")
+  assert worst < 1e-5
