@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup data train test test-fast bench clean help
+.PHONY: setup data train test test-fast bench clean help train-multiprocess
 
 help:
 	@echo "make train [EXP=prism_tiny] [WORKDIR=runs/EXP] [ARGS='key=value ...']"
@@ -37,6 +37,11 @@ bench: setup
 	$(PY) -m benchmarks.train_step --configs tiny small
 	$(PY) -m benchmarks.attribution
 	$(PY) -m benchmarks.generation --configs tiny small
+
+# Two local processes (jax.distributed, gloo) vs one, same global batches: prints the difference.
+train-multiprocess: data
+	$(PY) launch/local.py --processes 2 --exp $(EXP) --workdir runs/multiprocess --compare \
+	  train.steps=20 train.eval_every=20 checkpoint.every=20 $(ARGS)
 
 clean:
 	rm -rf runs

@@ -76,6 +76,10 @@ class DataConfig:
   batch_size: int = 16  # global, across all processes
   shuffle_seed: int = 0
   prefetch: int = 2  # batches prepared ahead on a background thread
+  # examples: each process reads a disjoint slice of the example stream (scales to pods).
+  # global_batch: each process builds the whole global batch and keeps its rows, so any
+  # process count sees identical global batches (for checking multi-process runs).
+  process_sharding: Literal["examples", "global_batch"] = "examples"
 
 
 @dataclasses.dataclass(frozen=True)

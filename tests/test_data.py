@@ -178,6 +178,25 @@ def test_train_iterator_repeats_and_shards(tok, source):
     pipeline.make_train_iterator(_cfg(batch_size=3), tok, source, process_count=2)
 
 
+def test_global_batch_sharding_gives_the_same_global_batches(tok, source):
+  cfg = _cfg(batch_size=4, process_sharding="global_batch")
+  whole = pipeline.make_train_iterator(cfg, tok, source)
+  halves = [pipeline.make_train_iterator(cfg, tok, source, process_index=i, process_count=2)
+            for i in range(2)]
+  for _ in range(3):
+    expected = next(whole)
+    parts = [next(h) for h in halves]
+    for key in pipeline.BATCH_KEYS:
+      np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), expected[key])
+  evals = [list(pipeline.iterate_eval_batches(cfg, tok, source, process_index=i,
+                                              process_count=2)) for i in range(2)]
+  whole_eval = list(pipeline.iterate_eval_batches(cfg, tok, source))
+  assert len(evals[0]) == len(evals[1]) == len(whole_eval)
+  for a, b, full in zip(*evals, whole_eval):
+    np.testing.assert_array_equal(np.concatenate([a["loss_mask"], b["loss_mask"]]),
+                                  full["loss_mask"])
+
+
 def test_unigram_entropy_is_between_zero_and_uniform(tok, source):
   h = stats.unigram_entropy(source[:80], source[80:], tok, seq_len=32)
   assert 0.0 < h < np.log(tok.vocab_size)

@@ -75,6 +75,16 @@ class _Chunk(grain.experimental.FlatMapTransform):
     return [{"tokens": piece} for piece in chunk(tokens, self.max_len)]
 
 
+class _RowSlice:
+  """Keeps this process's rows of a global batch (process_sharding=global_batch)."""
+
+  def __init__(self, start: int, size: int):
+    self.start, self.size = start, size
+
+  def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: v[self.start:self.start + self.size] for k, v in batch.items()}
+
+
 def to_model_batch(packed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
   """Packed rows [B, L+1] (tokens, tokens_segment_ids, tokens_positions) -> model batch."""
   tokens = np.asarray(packed["tokens"], np.int32)
@@ -107,9 +117,13 @@ def make_train_dataset(cfg: DataConfig, tokenizer: Tokenizer, source: Sequence, 
   if len(source) == 0:
     raise UserError("the training split is empty")
   ds = grain.MapDataset.source(source).shuffle(seed=cfg.shuffle_seed).repeat()
-  ds = ds[process_index::process_count]  # each process sees a disjoint slice of the stream
+  by_examples = cfg.process_sharding == "examples"
+  if by_examples:
+    ds = ds[process_index::process_count]  # each process sees a disjoint slice of the stream
   ds = ds.map(_Tokenize(tokenizer, cfg.text_key)).to_iter_dataset()
-  ds = _packed_batches(ds, cfg, batch, shuffle_bins=True)
+  ds = _packed_batches(ds, cfg, batch if by_examples else cfg.batch_size, shuffle_bins=True)
+  if not by_examples:
+    ds = ds.map(_RowSlice(process_index * batch, batch))
   if cfg.prefetch > 0:  # a thread, not worker processes: tokenising is cheap
     ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=cfg.prefetch)
   return ds
@@ -146,9 +160,14 @@ def iterate_eval_batches(cfg: DataConfig, tokenizer: Tokenizer, source: Sequence
   every process makes the same number of (collective) eval steps.
   """
   batch = local_batch_size(cfg, process_count)
-  ds = grain.MapDataset.source(source)[process_index::process_count]
+  ds = grain.MapDataset.source(source)
+  by_examples = cfg.process_sharding == "examples"
+  if by_examples:
+    ds = ds[process_index::process_count]
   ds = ds.map(_Tokenize(tokenizer, cfg.text_key)).to_iter_dataset()
-  ds = _packed_batches(ds, cfg, batch, shuffle_bins=False)
+  ds = _packed_batches(ds, cfg, batch if by_examples else cfg.batch_size, shuffle_bins=False)
+  if not by_examples:
+    ds = ds.map(_RowSlice(process_index * batch, batch))
   count = 0
   for b in ds:
     if num_batches is not None and count >= num_batches:
