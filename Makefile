@@ -87,7 +87,6 @@ launch-dry-run: setup
 	  $(PY) launch/tpu.py $$action --name $(NAME) --zone $(ZONE) --accelerator-type $(TOPOLOGY) \
 	    --exp $(EXP) --args "$(ARGS)" --dry-run || exit $$?; done
 
-PROMPT ?= It was the best of times
 METHOD ?= prototype
 
 .PHONY: index attribute lds
@@ -100,3 +99,18 @@ attribute: setup
 
 lds: setup
 	$(PY) -m prism_jax.lds --workdir runs/lds $(ARGS)
+
+# --- prototype control and the explorer (docs/control_explore.md) ---
+TASK ?= boolq piqa sciq arc_easy
+# Which prototypes to suppress and the word family to measure (see docs/control_explore.md).
+SUPPRESS ?= --label LORD --words LORD,Lord
+.PHONY: control suppress explore
+
+control: eval-data
+	$(PY) -m prism_jax.control calibrate --exp $(EXP) --workdir $(WORKDIR) --task $(TASK) $(ARGS)
+
+suppress: setup
+	$(PY) -m prism_jax.control suppress --exp $(EXP) --workdir $(WORKDIR) $(SUPPRESS) $(ARGS)
+
+explore: setup
+	$(PY) -m prism_jax.explore --exp $(EXP) --workdir $(WORKDIR) --prompt "$(PROMPT)" $(ARGS)

@@ -29,6 +29,9 @@ setup(
     packages=find_packages(include=["prism_jax", "prism_jax.*", "experiments"]),
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "dev": ["pytest==9.2.0", "pytest-timeout==2.4.0", "tensorboard==2.21.0"],
+        # playwright drives Debian's /usr/bin/chromium in tests/test_explore.py (never
+        # `playwright install`); the test is skipped when chromium is absent.
+        "dev": ["pytest==9.2.0", "pytest-timeout==2.4.0", "tensorboard==2.21.0",
+                "playwright==1.65.2"],
     },
 )

@@ -104,7 +104,10 @@ class Generation:
 class Generator:
   """Compiled prefill / decode-step functions for one model; reusable across prompts."""
 
-  def __init__(self, graphdef, cfg: ExperimentConfig, sampling: Sampling):
+  def __init__(self, graphdef, cfg: ExperimentConfig, sampling: Sampling, *,
+               controller=None, suppressed_M=None):
+    # controller / suppressed_M: a linear prototype controller and a suppression mask
+    # (prism_jax.control), applied inside the head at every step; None: the model as trained.
     self.cfg, self.sampling = cfg, sampling
     slots = cfg.model.max_seq_len
 
@@ -112,17 +115,20 @@ class Generator:
       batch, length = prompt_BxP.shape
       positions = jnp.broadcast_to(jnp.arange(length), prompt_BxP.shape)
       out, cache = lm.decode(graphdef, params, prompt_BxP, positions,
-                             lm.init_cache(cfg, batch, slots), 0)
+                             lm.init_cache(cfg, batch, slots), 0, suppressed_M,
+                             controller=controller)
       return cache, _choose(params, out, length - 1, key, sampling)
 
     def decode_step(params, cache, token_B, index, key):
       positions = jnp.full((token_B.shape[0], 1), index)
-      out, cache = lm.decode(graphdef, params, token_B[:, None], positions, cache, index)
+      out, cache = lm.decode(graphdef, params, token_B[:, None], positions, cache, index,
+                             suppressed_M, controller=controller)
       return cache, _choose(params, out, 0, key, sampling)
 
     def full_step(params, buffer_BxS, length, key):
       # No cache: the whole (right-padded) sequence again; causal attention ignores padding.
-      out = lm.forward(graphdef, params, {"inputs": buffer_BxS})
+      out = lm.forward(graphdef, params, {"inputs": buffer_BxS}, suppressed_M,
+                       controller=controller)
       return _choose(params, out, length - 1, key, sampling)
 
     self._prefill = jax.jit(prefill)
@@ -244,6 +250,10 @@ def main(argv=None):
   parser.add_argument("--no-cache", action="store_true", help="recompute the full sequence "
                       "every step instead of using the KV cache")
   parser.add_argument("--show", type=int, default=4, help="prototypes shown per token")
+  parser.add_argument("--controller", default=None, help="a linear prototype controller "
+                      "(WORKDIR/controllers/TASK.json, from python -m prism_jax.control)")
+  parser.add_argument("--suppress", default=None, help="a prototype suppression set "
+                      "(WORKDIR/suppressions/NAME.json, from python -m prism_jax.control)")
   parser.add_argument("--output", default=None, help="JSON path (default "
                       "<workdir>/generations/<time>.json)")
   args = parser.parse_args(argv)
@@ -258,13 +268,21 @@ def main(argv=None):
   tokenizer = restore.load_tokenizer(cfg)
   prompt_ids = encode_prompt(tokenizer, args.prompt)
   eos = special_id(tokenizer, "eos_id")
-  generation = Generator(graphdef, cfg, sampling)(
+  from prism_jax.control import controller as control_lib, suppress as suppress_lib
+
+  controller = (control_lib.load(args.controller, cfg.prototypes.num_prototypes)
+                if args.controller else None)
+  suppressed = (suppress_lib.load(args.suppress, cfg.prototypes.num_prototypes)
+                if args.suppress else None)
+  generation = Generator(graphdef, cfg, sampling, controller=controller,
+                         suppressed_M=suppressed)(
       params, prompt_ids, args.max_new_tokens, seed=args.seed, use_cache=not args.no_cache,
       stop_ids=() if eos is None else (eos,), progress=True)
   result = to_json(generation, tokenizer, args.prompt,
                    {"experiment": cfg.name, "step": step, "head": cfg.model.head,
                     "sampling": dataclasses.asdict(sampling), "seed": args.seed,
-                    "kv_cache": not args.no_cache})
+                    "kv_cache": not args.no_cache, "controller": args.controller,
+                    "suppress": args.suppress})
   output = args.output or os.path.join(workdir, "generations",
                                        time.strftime("%Y%m%d-%H%M%S") + ".json")
   os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
@@ -274,7 +292,7 @@ def main(argv=None):
   print()
   print(format_contributions(result, args.show))
   print(f"\n{len(result['tokens'])} tokens at {result['tokens_per_second']:.1f} tok/s "
-        f"(step {step}); JSON: {output}")
+        f"(compilation included; step {step}); JSON: {output}")
 
 
 if __name__ == "__main__":

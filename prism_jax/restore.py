@@ -53,6 +53,8 @@ def load_params(cfg: ExperimentConfig, workdir: str, step: int | None = None,
     mesh = mesh or sharding.make_mesh(cfg.mesh)
     tx = make_optimizer(cfg.optimizer, cfg.train.steps)
     graphdef, abstract, shardings = state_shardings(cfg, mesh, tx)
+    # The whole train state is read (Checkpointer's StandardRestore takes no placeholders for
+    # the optimizer moments); only the parameters are kept.
     state = checkpointer.restore(step, abstract_with_sharding(abstract, shardings))
   finally:
     checkpointer.close()

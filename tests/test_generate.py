@@ -9,7 +9,7 @@ import pytest
 
 from prism_jax import generate
 from prism_jax.models import lm
-from tests.char_tokenizer import CharTokenizer
+from tests.text_model import CharTokenizer
 from tests.synthetic import tiny_config
 
 

@@ -54,21 +54,21 @@ class LanguageModel(nnx.Module):
     return table[...]
 
   def __call__(self, inputs_BxL, positions_BxL=None, segment_ids_BxL=None,
-               suppressed_M=None) -> LMOutput:
+               suppressed_M=None, *, controller=None) -> LMOutput:
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(jnp.arange(inputs_BxL.shape[-1]), inputs_BxL.shape)
     if segment_ids_BxL is None:
       segment_ids_BxL = jnp.ones_like(inputs_BxL)
     h_BxLxD = self.backbone(inputs_BxL, positions_BxL, segment_ids_BxL)
-    return self.readout(h_BxLxD, suppressed_M)
+    return self.readout(h_BxLxD, suppressed_M, controller=controller)
 
   def decode(self, inputs_BxT, positions_BxT, cache: LayerCache, index,
-             suppressed_M=None) -> tuple[LMOutput, LayerCache]:
+             suppressed_M=None, *, controller=None) -> tuple[LMOutput, LayerCache]:
     """Incremental forward over T new tokens with a KV cache (see `Decoder.decode`)."""
     h_BxTxD, cache = self.backbone.decode(inputs_BxT, positions_BxT, cache, index)
-    return self.readout(h_BxTxD, suppressed_M), cache
+    return self.readout(h_BxTxD, suppressed_M, controller=controller), cache
 
-  def readout(self, h_BxLxD, suppressed_M=None) -> LMOutput:
+  def readout(self, h_BxLxD, suppressed_M=None, *, controller=None) -> LMOutput:
     """The dense or PRISM head over final hidden states."""
     unembedding = self.unembedding_matrix()
     if self.head_kind == "dense":
@@ -76,7 +76,8 @@ class LanguageModel(nnx.Module):
                           unembedding.astype(jnp.float32))
       prototypes = None
     else:
-      logits, prototypes = self.prototype_head(h_BxLxD, unembedding, suppressed_M)
+      logits, prototypes = self.prototype_head(h_BxLxD, unembedding, suppressed_M,
+                                               controller=controller)
     logits = constrain(logits, ("batch", "length", "vocab"))
     return LMOutput(logits=logits, hidden=h_BxLxD, prototypes=prototypes)
 
@@ -93,10 +94,12 @@ def init(cfg: ExperimentConfig, seed: int = 0):
   return graphdef, nnx.to_pure_dict(state)
 
 
-def forward(graphdef, params: Params, batch: dict, suppressed_M=None) -> LMOutput:
+def forward(graphdef, params: Params, batch: dict, suppressed_M=None, *,
+            controller=None) -> LMOutput:
   """Pure forward pass over a batch dict (inputs, positions, segment_ids)."""
   model = nnx.merge(graphdef, params)
-  return model(batch["inputs"], batch.get("positions"), batch.get("segment_ids"), suppressed_M)
+  return model(batch["inputs"], batch.get("positions"), batch.get("segment_ids"), suppressed_M,
+               controller=controller)
 
 
 def init_cache(cfg: ExperimentConfig, batch: int, slots: int | None = None) -> LayerCache:
@@ -105,14 +108,15 @@ def init_cache(cfg: ExperimentConfig, batch: int, slots: int | None = None) -> L
 
 
 def decode(graphdef, params: Params, inputs_BxT, positions_BxT, cache: LayerCache, index,
-           suppressed_M=None) -> tuple[LMOutput, LayerCache]:
+           suppressed_M=None, *, controller=None) -> tuple[LMOutput, LayerCache]:
   """Pure incremental forward: T new tokens after `index` cached ones -> (out, new cache).
 
   Prefill with the whole prompt (index 0), then feed one token at a time; the logits equal
   those of `forward` over the full sequence at every position.
   """
   model = nnx.merge(graphdef, params)
-  return model.decode(inputs_BxT, positions_BxT, cache, index, suppressed_M)
+  return model.decode(inputs_BxT, positions_BxT, cache, index, suppressed_M,
+                      controller=controller)
 
 
 def unembedding(params: Params) -> jax.Array:

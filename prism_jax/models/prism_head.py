@@ -36,6 +36,31 @@ class PrototypeOutput:
   temperature: jax.Array  # [] tau
 
 
+@struct.dataclass
+class Controller:
+  """A linear prototype controller: a' = relu((1 + g) * a + b) on each position's active
+  prototypes (zero elsewhere), applied after the top-k so the contributions stay exact."""
+  gain_M: jax.Array  # [M] g
+  bias_M: jax.Array  # [M] b
+
+
+def apply_controller(activations_BxLxM, top_values_BxLxk, top_indices_BxLxk,
+                     controller: Controller):
+  """(a' dense [B, L, M], a' at the top-k [B, L, k]); g = b = 0 returns a unchanged.
+
+  Only active entries (a > 0) move: an inactive prototype never switches on, so the
+  sparsity pattern, and hence c_j(y) = a'_j <U_j, E_y>, is that of the top-k.
+  """
+  gain = controller.gain_M.astype(jnp.float32)
+  bias = controller.bias_M.astype(jnp.float32)
+  dense = jnp.where(activations_BxLxM > 0,
+                    jax.nn.relu((1.0 + gain) * activations_BxLxM + bias), 0.0)
+  top = jnp.where(top_values_BxLxk > 0,
+                  jax.nn.relu((1.0 + gain[top_indices_BxLxk]) * top_values_BxLxk
+                              + bias[top_indices_BxLxk]), 0.0)
+  return dense, top
+
+
 def temperature(log_temperature: jax.Array, cfg: PrototypeConfig) -> jax.Array:
   return jnp.clip(jnp.exp(log_temperature), cfg.min_temperature, cfg.max_temperature)
 
@@ -134,10 +159,13 @@ def contributions_all_tokens(top_values_BxLxk, top_indices_BxLxk, values_MxD, un
 
 
 def prototype_logits(h_BxLxD, keys_MxD, values_MxD, log_temperature, unembedding_VxD,
-                     cfg: PrototypeConfig, suppressed_M: jax.Array | None = None):
+                     cfg: PrototypeConfig, suppressed_M: jax.Array | None = None, *,
+                     controller: Controller | None = None):
   """The whole head as one pure function: (logits [B, L, V], PrototypeOutput).
 
   `suppressed_M` (bool [M]) removes prototypes before the top-k; the next best fill in.
+  `controller` rescales the selected activations (see `apply_controller`); activations and
+  top_values then hold a', so contributions computed from them still sum to the logits.
   """
   sim, dist = similarity_and_distance(h_BxLxD, keys_MxD, cfg.similarity)
   tau = temperature(log_temperature, cfg)
@@ -145,6 +173,8 @@ def prototype_logits(h_BxLxD, keys_MxD, values_MxD, log_temperature, unembedding
   if suppressed_M is not None:
     scores = jnp.where(suppressed_M, -jnp.inf, scores)
   activations, top_values, top_indices = sparse_top_k(scores, cfg.top_k)
+  if controller is not None:
+    activations, top_values = apply_controller(activations, top_values, top_indices, controller)
   activations = sharding.constrain(activations, ("batch", "length", "prototypes"))
   logits = logits_from_mixture(mix_values(activations, values_MxD), unembedding_VxD)
   return logits, PrototypeOutput(scores=scores, distances=dist, activations=activations,
@@ -167,6 +197,7 @@ class PrototypeHead(nnx.Module):
     self.log_temperature = nnx.Param(jnp.log(jnp.float32(cfg.init_temperature)))
     self.cfg = cfg
 
-  def __call__(self, h_BxLxD, unembedding_VxD, suppressed_M=None):
+  def __call__(self, h_BxLxD, unembedding_VxD, suppressed_M=None, *, controller=None):
     return prototype_logits(h_BxLxD, self.keys[...], self.values[...],
-                            self.log_temperature[...], unembedding_VxD, self.cfg, suppressed_M)
+                            self.log_temperature[...], unembedding_VxD, self.cfg, suppressed_M,
+                            controller=controller)

@@ -1,0 +1,82 @@
+"""`AttributionConfig`: every knob of the attribution methods, set as `attr.key=value`.
+
+Kept apart from `ExperimentConfig` (attribution reads a trained run; it never changes how
+the run was trained). Overrides reuse the experiment config's key/value parsing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+
+from prism_jax.config import ConfigError, flat_keys, parse_value
+
+PREFIX = "attr."
+
+
+@dataclasses.dataclass(frozen=True)
+class AttributionConfig:
+  # What is scored and shown.
+  top_examples: int = 10          # examples returned per query
+  span_tokens: int = 12           # context tokens shown before the highlighted token
+  batch_size: int = 16            # examples per forward/backward chunk (per device: index)
+  # Index (one pass over the training split, or a sample of it).
+  index_examples: int = 0         # 0: every training example; else a seeded sample of N
+  index_seed: int = 0
+  neighbourhood_size: int = 64    # top activating training positions kept per prototype
+  shard_prototypes: int = 256     # prototypes per index shard
+  index_influence: bool = True    # also store the influence method's per-prototype state
+  # Prototype influence: damped Gauss-Newton, block-diagonal by prototype.
+  damping: float = 1e-3           # added to every per-prototype GN block (mean over tokens)
+  # TRAK: Gaussian projection of per-example gradients, Gauss-Newton inverse in that space.
+  trak_projection_dim: int = 256
+  trak_damping: float = 1e-3      # times the mean diagonal of Phi^T Phi / n
+  trak_seed: int = 0
+  # EK-FAC over the attention and MLP projections (kronfluence recipe).
+  ekfac_damping: float = 0.1      # times the mean corrected eigenvalue, per layer
+  ekfac_sampled_labels: bool = True  # true Fisher (labels ~ model) rather than empirical
+  ekfac_label_seed: int = 0
+  # LDS retrain study.
+  lds_subsets: int = 100
+  lds_seeds: int = 2
+  lds_fraction: float = 0.5
+  lds_queries: int = 24
+  lds_bootstrap: int = 1000
+
+  def __post_init__(self):
+    positive = ["top_examples", "batch_size", "neighbourhood_size", "shard_prototypes",
+                "trak_projection_dim", "lds_subsets", "lds_seeds", "lds_queries",
+                "lds_bootstrap"]
+    for name in positive:
+      if getattr(self, name) <= 0:
+        raise ConfigError(f"{PREFIX}{name} must be positive, got {getattr(self, name)}")
+    if self.index_examples < 0:
+      raise ConfigError(f"{PREFIX}index_examples must be >= 0 (0 means all)")
+    for name in ("damping", "trak_damping", "ekfac_damping"):
+      if getattr(self, name) < 0:
+        raise ConfigError(f"{PREFIX}{name} must be >= 0")
+    if not 0.0 < self.lds_fraction < 1.0:
+      raise ConfigError(f"{PREFIX}lds_fraction must be in (0, 1)")
+
+
+def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
+  """(experiment overrides, attr.* overrides)."""
+  mine = [o for o in overrides if o.strip().startswith(PREFIX)]
+  return [o for o in overrides if not o.strip().startswith(PREFIX)], mine
+
+
+def apply_overrides(cfg: AttributionConfig, overrides: list[str]) -> AttributionConfig:
+  """Applies `attr.key=value` strings; unknown keys name the closest valid one."""
+  keys = flat_keys(cfg)
+  for item in overrides:
+    if "=" not in item:
+      raise ConfigError(f"override {item!r} is not of the form attr.key=value")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+    if name not in keys:
+      hint = difflib.get_close_matches(name, keys, n=1)
+      suggestion = f" (did you mean '{PREFIX}{hint[0]}'?)" if hint else ""
+      raise ConfigError(f"unknown attribution key {key!r}{suggestion}")
+    cfg = dataclasses.replace(cfg, **{name: parse_value(key, text.strip(), keys[name])})
+  return cfg

@@ -1,0 +1,99 @@
+"""Prototype attribution: one forward pass, the token's prototype slices x their neighbourhoods.
+
+For a query predicting y, the head gives c_j(y) = a_qj <U_j, E_y> for its k active
+prototypes (summing to the logit z_y). The prototypes that drive the token are those with
+c_j(y) > 0; each indexed neighbour t of such a prototype receives
+  c_j(y) * nu_j(q, t),   nu_j(q, t) = min(a_qj, a_tj) / max(a_qj, a_tj)  in [0, 1],
+the share of prototype j's evidence it carries: 1 when its activation of j matches the
+query's, less the further apart they are. A position whose code equals the query's gets
+the most any position can, sum_j max(c_j(y), 0), so a query copied from a training example
+finds that example first whenever its position is in the stored neighbourhoods
+(prototypes pushing against the token, c_j < 0, credit no one). An example's score is its best position's score. No backward
+pass; the work per query is O(k * neighbourhood_size), independent of the training size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from prism_jax.attribution.common import Query
+from prism_jax.attribution.index import Index
+from prism_jax.models import lm, prism_head
+
+
+@dataclasses.dataclass
+class QueryHead:
+  """The prototype head at the query position."""
+  top_values: np.ndarray     # [k]
+  top_indices: np.ndarray    # [k]
+  contributions: np.ndarray  # [k] c_j(y)
+  grad: np.ndarray           # [D] g_q = E^T (p - e_y)
+  log_prob: float
+
+
+@dataclasses.dataclass
+class Scores:
+  """Example-level scores over an index's examples, plus the position behind each."""
+  example_scores: np.ndarray  # [E]
+  best_token: np.ndarray      # [E] token id (index row) behind the score, -1 if none
+
+
+@functools.lru_cache(maxsize=8)
+def _head_fn(graphdef):
+  def fn(params, batch, position, target):
+    out = lm.forward(graphdef, params, batch)
+    protos = out.prototypes
+    e_VxD = lm.unembedding(params).astype(jnp.float32)
+    values = params["prototype_head"]["values"]
+    c = prism_head.prototype_contributions(protos.top_values, protos.top_indices, values, e_VxD,
+                                           batch["targets"])
+    logp = jax.nn.log_softmax(out.logits[0, position])
+    g = jnp.exp(logp) @ e_VxD - e_VxD[target]
+    return (protos.top_values[0, position], protos.top_indices[0, position], c[0, position], g,
+            logp[target])
+  return jax.jit(fn)
+
+
+def query_head(graphdef, params, query: Query, length: int) -> QueryHead:
+  values, indices, contrib, grad, logp = jax.device_get(
+      _head_fn(graphdef)(params, query.batch(length), query.position, query.target))
+  return QueryHead(np.asarray(values), np.asarray(indices), np.asarray(contrib),
+                   np.asarray(grad, np.float64), float(logp))
+
+
+def token_scores(index: Index, head: QueryHead) -> tuple[np.ndarray, np.ndarray]:
+  """(token ids, scores) of every neighbour of the query's active prototypes."""
+  toks, vals = [], []
+  for a_q, j, c in zip(head.top_values, head.top_indices, head.contributions):
+    if a_q <= 0 or c <= 0:
+      continue
+    tok, act = index.neighbours(int(j))
+    nu = np.minimum(act, a_q) / np.maximum(np.maximum(act, a_q), 1e-30)
+    toks.append(tok)
+    vals.append(c * nu)
+  if not toks:
+    return np.zeros(0, np.int64), np.zeros(0)
+  tok, val = np.concatenate(toks), np.concatenate(vals).astype(np.float64)
+  unique, inverse = np.unique(tok, return_inverse=True)
+  return unique, np.bincount(inverse, weights=val)
+
+
+def score(index: Index, head: QueryHead) -> Scores:
+  num_examples = index.manifest["num_examples"]
+  tok, val = token_scores(index, head)
+  example_scores = np.zeros(num_examples)
+  best = np.full(num_examples, -1, np.int64)
+  if len(tok):
+    ex = np.asarray(index.array("tokens/example.npy")[tok])
+    # Best position per example: sort by (example, score) and keep each example's last.
+    order = np.lexsort((val, ex))
+    last = np.r_[ex[order][1:] != ex[order][:-1], True]
+    chosen = order[last]
+    example_scores[ex[chosen]] = val[chosen]
+    best[ex[chosen]] = tok[chosen]
+  return Scores(example_scores, best)

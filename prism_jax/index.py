@@ -1,0 +1,76 @@
+"""Build the prototype index: `python -m prism_jax.index --exp prism_tiny [attr.key=value]`.
+
+One pass over the training split (or a seeded sample, attr.index_examples=N) writing, per
+prototype, its top activating training positions (example id, position, activation, text
+span) and the influence method's per-prototype state; format in
+prism_jax/attribution/index.py and docs/attribution.md.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from prism_jax import cli
+from prism_jax.attribution import common, config as attr_config, index as index_lib
+from prism_jax.errors import exit_on_user_error
+
+
+def default_index_dir(workdir: str) -> str:
+  return os.path.join(workdir, "index")
+
+
+def parse(description: str, extra=None):
+  parser = cli.base_parser(description)
+  parser.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
+  parser.add_argument("--index", default=None, help="index directory (default WORKDIR/index)")
+  if extra:
+    extra(parser)
+  return parser
+
+
+def resolve(args):
+  """(experiment config, workdir, attribution config) from parsed args."""
+  exp_overrides, attr_overrides = attr_config.split_overrides(args.overrides)
+  args.overrides = exp_overrides
+  cfg, workdir = cli.resolve(args)
+  attr = attr_config.apply_overrides(attr_config.AttributionConfig(), attr_overrides)
+  return cfg, workdir, attr
+
+
+def training_set(cfg, attr):
+  """(TrainingSet over the training split, tokenizer) through prism_jax.data."""
+  from prism_jax import data as data_lib
+
+  bundle = data_lib.prepare(cfg.data, cfg.model.vocab_size)
+  train = common.from_source(bundle.train_source, bundle.tokenizer, cfg.data.seq_len,
+                             cfg.data.text_key, attr.index_examples, attr.index_seed)
+  return train, bundle.tokenizer
+
+
+def load_model(cfg, workdir, step):
+  from prism_jax.restore import load_params
+
+  return load_params(cfg, workdir, step)
+
+
+@exit_on_user_error
+def main(argv=None):
+  args = parse(__doc__.splitlines()[0]).parse_args(argv)
+  cfg, workdir, attr = resolve(args)
+  graphdef, params, step = load_model(cfg, workdir, args.step)
+  train, tokenizer = training_set(cfg, attr)
+  out = args.index or default_index_dir(workdir)
+  started = time.perf_counter()
+  manifest = index_lib.build(cfg, graphdef, params, train, out, attr, decode=tokenizer.decode,
+                             step=step)
+  took = time.perf_counter() - started
+  print(f"indexed {manifest['num_examples']} examples, {manifest['num_tokens']} positions, "
+        f"{manifest['num_prototypes']} prototypes in {took:.1f}s -> {out}")
+  print(f"size: {manifest['bytes_total']} bytes in all; prototype method reads "
+        f"{manifest['bytes_by_method']['prototype']} bytes, influence "
+        f"{manifest['bytes_by_method']['influence']} bytes")
+
+
+if __name__ == "__main__":
+  main()

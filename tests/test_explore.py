@@ -1,0 +1,133 @@
+"""Prototype explorer: labels, taxonomy, map and the HTML report in headless Chromium."""
+
+import os
+
+import numpy as np
+import pytest
+
+from prism_jax.attribution import common, config as attr_config, index as index_lib
+from prism_jax.explore import labels, projection, taxonomy
+from prism_jax.explore.__main__ import explore
+from prism_jax.models import lm
+from tests.synthetic import tiny_config
+from tests.text_model import FACTS, CharTokenizer, text_data
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+
+def test_taxonomy_rules():
+  cases = {" the": "function", ",": "punctuation", "\n": "punctuation", "</s>": "punctuation",
+           " 1776": "number", " twenty": "number", " Washington": "name", "ing": "subword",
+           " war": "content"}
+  for piece, want in cases.items():
+    assert taxonomy.token_category(piece) == want, piece
+  assert taxonomy.categorise([" war", " peace", " the"]) == "content"
+  assert taxonomy.categorise([" war"], dead=True) == "dead"
+  assert set(taxonomy.COLORS) == set(taxonomy.CATEGORIES)
+
+
+def test_salient_ngrams_prefer_what_is_distinctive():
+  docs = [["the red fox [[ran]]", "a red fox [[jumped]]", "the dog [[sat]]"],
+          ["the blue sea [[was]]", "the blue sea [[is]]", "the dog [[ran]]"]]
+  grams = labels.salient_ngrams(docs, count=3)
+  assert grams[0][0][0] in ("red fox", "red", "fox")
+  assert grams[1][0][0] in ("blue sea", "the blue sea", "blue", "sea")
+  assert all(g != "the" for g, _ in grams[0] + grams[1])  # function words only: skipped
+
+
+def test_pca_projection_is_deterministic():
+  x = np.random.default_rng(0).normal(size=(20, 8))
+  a, method = projection.project(x, "pca")
+  b, _ = projection.project(x, "pca")
+  assert method == "pca" and a.shape == (20, 2)
+  np.testing.assert_array_equal(a, b)
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+  """A report of a tiny random-init model over FACTS text, with a small index."""
+  cfg = tiny_config("data.seq_len=32", "model.max_seq_len=64")
+  graphdef, params = lm.init(cfg, 0)
+  tok = CharTokenizer()
+  data = text_data(FACTS, cfg.data.seq_len, cfg.data.batch_size, num_rows=32)
+  rows = np.asarray([b["inputs"][0].tolist() + [b["targets"][0][-1]] for b in data.eval_batches()])
+  train = common.from_rows(np.concatenate([rows, rows[:, ::-1]]))
+  out = str(tmp_path_factory.mktemp("explore"))
+  attr = attr_config.AttributionConfig(index_influence=False, neighbourhood_size=8)
+  index_lib.build(cfg, graphdef, params, train, os.path.join(out, "index"), attr,
+                  decode=tok.decode)
+  index = index_lib.Index(os.path.join(out, "index"))
+  result = explore(cfg, out, graphdef, params, 0, tok, data.eval_batches(), index=index,
+                   prompt="a cat is", max_new_tokens=6, out_dir=os.path.join(out, "explore"),
+                   progress=False)
+  return cfg, result
+
+
+def test_labels_usage_and_files(report):
+  cfg, result = report
+  cards = result["cards"]
+  assert len(cards) == cfg.prototypes.num_prototypes
+  assert all(c["category"] in taxonomy.CATEGORIES for c in cards)
+  assert all(len(c["top_tokens"]) == 8 and c["label"] for c in cards)
+  assert sum(c["dead"] for c in cards) == result["dead"]
+  assert any(c["snippets"] for c in cards) and any(c["ngrams"] for c in cards)
+  for path in result["paths"].values():
+    assert os.path.getsize(path) > 0
+  html = open(result["paths"]["report.html"], encoding="utf-8").read()
+  assert "http://" not in html and "https://" not in html  # self-contained
+  steps = result["generation"]["tokens"]
+  for step in steps:  # the bars add up to the logit
+    assert abs(sum(p["contribution"] for p in step["prototypes"]) - step["logit"]) < 1e-3
+
+
+def test_llm_labeller_hook(report):
+  fn = labels.load_llm_labeller("tests.test_explore:_fake_labeller")
+  assert fn({"id": 3, "top_tokens": []}) == "proto-3"
+  assert labels.load_llm_labeller(None) is None
+
+
+def _fake_labeller(card):
+  return f"proto-{card['id']}"
+
+
+def test_report_renders_in_headless_chromium(report, tmp_path):
+  if not os.path.exists(CHROMIUM):
+    pytest.skip(f"{CHROMIUM} is absent: install Debian's chromium (apt-get install -y chromium)")
+  sync_api = pytest.importorskip("playwright.sync_api",
+                                 reason="the playwright package is absent (pip install "
+                                        "'.[dev]')")
+  cfg, result = report
+  errors = []
+  shot = tmp_path / "report.png"
+  with sync_api.sync_playwright() as p:
+    browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    page = browser.new_page(viewport={"width": 1280, "height": 1400})
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto("file://" + os.path.abspath(result["paths"]["report.html"]))
+    page.wait_for_load_state("load")
+    assert page.locator(".card").count() == cfg.prototypes.num_prototypes
+    assert page.locator(".card").first.is_visible()
+    assert page.locator("svg.bar").count() == len(result["generation"]["tokens"])
+    assert page.locator("rect.seg").count() > 0 and page.locator("rect.seg").first.is_visible()
+    assert page.locator("#map circle").count() == cfg.prototypes.num_prototypes
+    page.screenshot(path=str(shot), full_page=True)
+    # The search box filters the cards.
+    page.fill("#search", "p3")
+    assert page.locator(".card:not(.hidden)").count() == 1
+    assert page.locator("#shown").inner_text() == "1"
+    browser.close()
+  assert errors == []
+  assert shot.stat().st_size > 10_000
+  try:
+    from PIL import Image  # with matplotlib (make eval-data); the pixel check is optional
+  except ImportError:
+    return
+  image = np.asarray(Image.open(shot).convert("RGB"))
+  colours = {tuple(int(taxonomy.COLORS[c][i:i + 2], 16) for i in (1, 3, 5))
+             for c in taxonomy.CATEGORIES}
+  seen = {tuple(px) for px in image.reshape(-1, 3)[::7]}
+  assert len(colours & seen) >= 2  # category colours of the bars/cards/map are on screen
