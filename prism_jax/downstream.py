@@ -215,12 +215,16 @@ def scoring_row(context_ids: Sequence[int], continuation_ids: Sequence[int],
 # Batched, jitted scoring
 
 
-def make_score_fn(graphdef):
-  """jit((params, inputs, targets, mask) [B, L]) -> (sum log P(target) [B], all-greedy [B])."""
+def make_score_fn(graphdef, *, suppressed_M=None, controller=None):
+  """jit((params, inputs, targets, mask) [B, L]) -> (sum log P(target) [B], all-greedy [B]).
+
+  `suppressed_M` / `controller`: optional prototype interventions (prism_jax.control).
+  """
 
   def score(params, inputs_BxL, targets_BxL, mask_BxL):
     # One document per row; right padding is never seen by real tokens (causal attention).
-    out = lm.forward(graphdef, params, {"inputs": inputs_BxL})
+    out = lm.forward(graphdef, params, {"inputs": inputs_BxL}, suppressed_M,
+                     controller=controller)
     logp_BxLxV = jax.nn.log_softmax(out.logits, axis=-1)
     target_logp = jnp.take_along_axis(logp_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
     greedy = jnp.argmax(out.logits, axis=-1) == targets_BxL
@@ -320,10 +324,10 @@ def evaluate_task(spec: TaskSpec, examples: list[Example], tokenizer: Tokenizer,
 
 def run_tasks(specs: Iterable[TaskSpec], graphdef, params, tokenizer: Tokenizer, max_len: int,
               limit: int | None = None, batch_size: int = 32, root: str | None = None,
-              progress: bool = True) -> list[TaskResult]:
+              progress: bool = True, interventions: dict | None = None) -> list[TaskResult]:
   """Loads and scores each task; the score function compiles once per padded length."""
   specs = list(specs)
   examples = {spec.name: load_task(spec, root, limit) for spec in specs}  # fail before scoring
-  score_fn = make_score_fn(graphdef)
+  score_fn = make_score_fn(graphdef, **(interventions or {}))
   return [evaluate_task(spec, examples[spec.name], tokenizer, score_fn, params, max_len,
                         batch_size, progress) for spec in specs]

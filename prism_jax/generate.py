@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from prism_jax import cli, restore
+from prism_jax import cli, control, restore
 from prism_jax.config import ExperimentConfig
 from prism_jax.downstream import special_id
 from prism_jax.errors import UserError, exit_on_user_error
@@ -250,10 +250,7 @@ def main(argv=None):
   parser.add_argument("--no-cache", action="store_true", help="recompute the full sequence "
                       "every step instead of using the KV cache")
   parser.add_argument("--show", type=int, default=4, help="prototypes shown per token")
-  parser.add_argument("--controller", default=None, help="a linear prototype controller "
-                      "(WORKDIR/controllers/TASK.json, from python -m prism_jax.control)")
-  parser.add_argument("--suppress", default=None, help="a prototype suppression set "
-                      "(WORKDIR/suppressions/NAME.json, from python -m prism_jax.control)")
+  control.add_arguments(parser)
   parser.add_argument("--output", default=None, help="JSON path (default "
                       "<workdir>/generations/<time>.json)")
   args = parser.parse_args(argv)
@@ -264,18 +261,12 @@ def main(argv=None):
     raise UserError("--max-new-tokens must be at least 1")
   sampling = Sampling(temperature=0.0 if args.greedy else args.temperature, top_k=args.top_k,
                       top_p=args.top_p)
+  interventions = control.interventions(args, cfg)  # a bad file fails before the restore
   graphdef, params, step = restore.load_params(cfg, workdir, args.step)
   tokenizer = restore.load_tokenizer(cfg)
   prompt_ids = encode_prompt(tokenizer, args.prompt)
   eos = special_id(tokenizer, "eos_id")
-  from prism_jax.control import controller as control_lib, suppress as suppress_lib
-
-  controller = (control_lib.load(args.controller, cfg.prototypes.num_prototypes)
-                if args.controller else None)
-  suppressed = (suppress_lib.load(args.suppress, cfg.prototypes.num_prototypes)
-                if args.suppress else None)
-  generation = Generator(graphdef, cfg, sampling, controller=controller,
-                         suppressed_M=suppressed)(
+  generation = Generator(graphdef, cfg, sampling, **interventions)(
       params, prompt_ids, args.max_new_tokens, seed=args.seed, use_cache=not args.no_cache,
       stop_ids=() if eos is None else (eos,), progress=True)
   result = to_json(generation, tokenizer, args.prompt,

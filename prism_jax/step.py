@@ -72,11 +72,14 @@ def make_train_step(graphdef, cfg: ExperimentConfig, tx: optax.GradientTransform
   return train_step
 
 
-def make_eval_step(graphdef, cfg: ExperimentConfig):
-  """Sums (not means) so that batches of different token counts combine exactly."""
+def make_eval_step(graphdef, cfg: ExperimentConfig, *, suppressed_M=None, controller=None):
+  """Sums (not means) so that batches of different token counts combine exactly.
+
+  `suppressed_M` / `controller`: optional prototype interventions (prism_jax.control).
+  """
 
   def eval_step(params, batch: dict):
-    out = lm.forward(graphdef, params, batch)
+    out = lm.forward(graphdef, params, batch, suppressed_M, controller=controller)
     mask = batch["loss_mask"].astype(jnp.float32)
     per_token = optax.softmax_cross_entropy_with_integer_labels(out.logits, batch["targets"])
     sums = {"loss_sum": jnp.sum(per_token * mask), "tokens": jnp.sum(mask)}

@@ -89,3 +89,24 @@ def test_missing_checkpoint_is_a_user_error(tmp_path, capsys):
   assert exit_info.value.code == 2
   err = capsys.readouterr().err.strip()
   assert "no checkpoints in" in err and "make train EXP=prism_tiny" in err and "\n" not in err
+
+
+def test_saved_interventions_apply_to_evaluate(prepared, tmp_path):
+  """--controller with g = b = 0 changes nothing; --suppress of every prototype but the
+  top-k's worth changes the loss (the remaining prototypes must fill in)."""
+  from prism_jax.control import controller as control_lib, suppress as suppress_lib
+  from prism_jax.models import prism_head
+
+  workdir, cfg = prepared
+  m = cfg.prototypes.num_prototypes
+  zeros = np.zeros(m, np.float32)
+  identity = control_lib.save(str(tmp_path / "identity.json"),
+                              prism_head.Controller(gain_M=zeros, bias_M=zeros), {})
+  most = suppress_lib.save(str(tmp_path / "most.json"), range(m - cfg.prototypes.top_k), {})
+  plain = _evaluate(workdir, "--tasks", "none")["validation"]
+  controlled = _evaluate(workdir, "--tasks", "none", "--controller", identity)
+  suppressed = _evaluate(workdir, "--tasks", "none", "--suppress", most)["validation"]
+  assert controlled["validation"]["loss"] == plain["loss"]
+  assert controlled["controller"] == identity
+  assert suppressed["loss"] > plain["loss"] + 0.1
+  assert suppressed["dead_prototypes"] >= (m - cfg.prototypes.top_k) / m

@@ -148,9 +148,11 @@ def default_path(workdir: str, name: str) -> str:
 
 def save(path: str, prototypes: Sequence[int], meta: dict) -> str:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w", encoding="utf-8") as f:
+  tmp = path + ".tmp"  # written whole, then renamed: a reader never sees half a file
+  with open(tmp, "w", encoding="utf-8") as f:
     json.dump({"format": FORMAT, "prototypes": sorted(int(j) for j in prototypes), **meta}, f,
               indent=1)
+  os.replace(tmp, path)
   return path
 
 
