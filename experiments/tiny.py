@@ -14,7 +14,7 @@ def prism_tiny() -> ExperimentConfig:
       prototypes=PrototypeConfig(num_prototypes=256, top_k=8),
       data=DataConfig(seq_len=128, batch_size=16),
       optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=100),
-      train=TrainConfig(steps=1500, log_every=25, eval_every=500, eval_batches=16),
+      train=TrainConfig(steps=1000, log_every=25, eval_every=500, eval_batches=16),
       checkpoint=CheckpointConfig(every=500, keep=3),
   )
 

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from prism_jax import index as index_cli
+from prism_jax import restore
 from prism_jax.attribution import common, index as index_lib, run
 from prism_jax.errors import UserError, exit_on_user_error
 from prism_jax.models import lm
@@ -36,7 +37,10 @@ def _flags(parser):
 
 def make_query(cfg, graphdef, params, tokenizer, prompt: str, target: str | None
                ) -> common.Query:
-  ids = [tokenizer.bos_id, *tokenizer.encode(prompt)][-cfg.data.seq_len:]
+  ids = [tokenizer.bos_id, *tokenizer.encode(prompt)]
+  if len(ids) > cfg.data.seq_len:
+    raise UserError(f"the prompt is {len(ids)} tokens with BOS, longer than the attribution "
+                    f"context of {cfg.data.seq_len} (data.seq_len)")
   if target is not None:
     pieces = tokenizer.encode(target)
     if not pieces:
@@ -76,9 +80,8 @@ def main(argv=None):
   args = index_cli.parse(__doc__.splitlines()[0], _flags).parse_args(argv)
   cfg, workdir, attr = index_cli.resolve(args)
   graphdef, params, _ = index_cli.load_model(cfg, workdir, args.step)
-  from prism_jax import data as data_lib
-
-  tokenizer = data_lib.prepare(cfg.data, cfg.model.vocab_size).tokenizer
+  tokenizer = restore.load_tokenizer(cfg)
+  query = make_query(cfg, graphdef, params, tokenizer, args.prompt, args.target_token)
   index_dir = args.index or index_cli.default_index_dir(workdir)
   if args.method in run.PROTOTYPE_METHODS:
     index = index_lib.Index(index_dir)
@@ -87,7 +90,6 @@ def main(argv=None):
   else:
     train, _ = index_cli.training_set(cfg, attr)
     token_positions = None
-  query = make_query(cfg, graphdef, params, tokenizer, args.prompt, args.target_token)
   started = time.perf_counter()
   prepared = run.prepare(args.method, cfg, graphdef, params, train, attr, index_dir=index_dir,
                          decode=tokenizer.decode, build_index=False)

@@ -16,6 +16,14 @@ from prism_jax.config import CheckpointConfig
 from prism_jax.errors import UserError
 
 
+class CheckpointMismatch(UserError):
+  """The checkpoint is readable but is of another model: never a reason to skip it."""
+
+
+# How Orbax says the stored arrays do not have the shapes (or tree) the config asks for.
+_SHAPE_MISMATCH = ("is not compatible with the stored shape", "tree structures do not match")
+
+
 class Checkpointer:
   """`save(step, state, data_iterator)` / `restore(step, abstract_state, data_iterator)`."""
 
@@ -47,7 +55,13 @@ class Checkpointer:
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # noqa: BLE001 -- Orbax/tensorstore raise many types for bad files
-      first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      message = str(e).strip()
+      first_line = message.splitlines()[0] if message else type(e).__name__
+      if any(sign in message for sign in _SHAPE_MISMATCH):
+        shapes = first_line.split(". ")[0] if "shape" in first_line else "parameter tree differs"
+        raise CheckpointMismatch(f"checkpoint shapes differ from the config at step {step} in "
+                        f"{self.directory} ({shapes}): restore with the model settings the run "
+                        "was trained with (drop model.*/prototypes.* overrides)") from e
       raise UserError(f"cannot restore checkpoint step {step} in {self.directory}: "
                       f"{first_line}") from e
     return restored["state"]

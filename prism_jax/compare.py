@@ -202,6 +202,7 @@ def main(argv=None):
   dense_name = args.dense or args.prism.replace("prism", "dense", 1)
   prism_cfg = apply_overrides(experiments.get(args.prism), args.overrides)
   dense_cfg = apply_overrides(experiments.get(dense_name), args.overrides)
+  check_matched(prism_cfg, dense_cfg)  # before the task data: cheapest mistakes first
   tasks = [] if args.tasks == ["none"] else downstream.resolve_tasks(args.tasks)
   if tasks:
     downstream.data_root()

@@ -8,10 +8,11 @@ prism_jax/attribution/index.py and docs/attribution.md.
 
 from __future__ import annotations
 
+import argparse
 import os
 import time
 
-from prism_jax import cli
+from prism_jax import cli, restore
 from prism_jax.attribution import common, config as attr_config, index as index_lib
 from prism_jax.errors import exit_on_user_error
 
@@ -33,7 +34,9 @@ def resolve(args):
   """(experiment config, workdir, attribution config) from parsed args."""
   exp_overrides, attr_overrides = attr_config.split_overrides(args.overrides)
   args.overrides = exp_overrides
-  cfg, workdir = cli.resolve(args)
+  exp_cfg, workdir = cli.resolve(argparse.Namespace(exp=args.exp, workdir=args.workdir,
+                                                    overrides=[]))
+  cfg = restore.run_config(exp_cfg, workdir, args.overrides)  # the model trained there
   attr = attr_config.apply_overrides(attr_config.AttributionConfig(), attr_overrides)
   return cfg, workdir, attr
 

@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from prism_jax import cli, distributed, sharding
-from prism_jax.checkpoint import Checkpointer, abstract_with_sharding
+from prism_jax.checkpoint import CheckpointMismatch, Checkpointer, abstract_with_sharding
 from prism_jax.config import ExperimentConfig
 from prism_jax.errors import UserError, exit_on_user_error
 from prism_jax.metrics_log import MetricsLog
@@ -210,6 +210,8 @@ def _restore_or_init(steps: CompiledSteps, checkpointer: Checkpointer, data: Tra
   for step in sorted(checkpointer.all_steps(), reverse=True):
     try:
       state = checkpointer.restore(step, target, data.train_iterator)
+    except CheckpointMismatch:
+      raise  # a good checkpoint of another model: stop, never set it aside
     except UserError as e:
       moved = checkpointer.set_aside(step)
       say(f"warning: skipping unreadable checkpoint step {step} ({e}); kept as {moved}",

@@ -86,10 +86,10 @@ def test_suppressed_prototypes_are_never_active():
                                 np.asarray(base.top_indices)[untouched])
 
 
-@pytest.mark.parametrize("mesh_shape", [(1, 1, 8), (2, 1, 4), (4, 1, 2)])
+@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (4, 1, 2), (2, 1, 4), (1, 1, 8)])
 def test_sharded_top_k_equals_unsharded(mesh_shape):
   rng = np.random.default_rng(1)
-  scores = jnp.asarray(rng.normal(size=(4, 6, 64)).astype(np.float32))
+  scores = jnp.asarray(rng.normal(size=(8, 6, 64)).astype(np.float32))
   ref = prism_head.sparse_top_k(scores, 5)
   cfg = MeshConfig(data=mesh_shape[0], fsdp=mesh_shape[1], model=mesh_shape[2])
   mesh = sharding.make_mesh(cfg)

@@ -1,6 +1,7 @@
 """A train step on a mesh splitting data and model axes equals the single-device step."""
 
 import dataclasses
+import functools
 
 import chex
 import jax
@@ -26,11 +27,21 @@ def _run(cfg, mesh_shape, steps=2):
   return losses, jax.device_get(state.params), state
 
 
-@pytest.mark.parametrize("exp", ["prism_tiny", "dense_tiny"])
-@pytest.mark.parametrize("mesh_shape", [(2, 2, 2), (4, 1, 2), (2, 1, 4)])
+@functools.lru_cache(maxsize=None)
+def _unsharded(exp):
+  losses, params, _ = _run(tiny_config(exp=exp), (1, 1, 1))
+  return losses, params
+
+
+# (data, fsdp, model): all data, data x model both ways, all model, and all three axes.
+MESHES = [(8, 1, 1), (4, 1, 2), (2, 1, 4), (1, 1, 8), (2, 2, 2)]
+
+
+@pytest.mark.parametrize("exp, mesh_shape", [("prism_tiny", m) for m in MESHES]
+                         + [("dense_tiny", m) for m in ((4, 1, 2), (1, 1, 8), (2, 2, 2))])
 def test_sharded_step_equals_unsharded(exp, mesh_shape):
   cfg = tiny_config(exp=exp)
-  ref_losses, ref_params, _ = _run(cfg, (1, 1, 1))
+  ref_losses, ref_params = _unsharded(exp)
   losses, params, state = _run(cfg, mesh_shape)
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
   chex.assert_trees_all_close(params, ref_params, rtol=1e-4, atol=1e-6)

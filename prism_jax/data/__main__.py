@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
   handler = logging.StreamHandler()
   handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
   logger = logging.getLogger("prism_jax")
-  logger.addHandler(handler)
+  logger.handlers = [handler]  # one handler, on this call's stderr, however often main runs
   logger.setLevel(logging.INFO)
   logger.propagate = False
   cfg, _ = cli.resolve(args)
