@@ -12,9 +12,10 @@ def prism_small() -> ExperimentConfig:
       model=ModelConfig(head="prism", vocab_size=8192, d_model=256, num_layers=6, num_heads=8,
                         d_ff=704, max_seq_len=256),
       prototypes=PrototypeConfig(num_prototypes=1024, top_k=16),
-      data=DataConfig(seq_len=256, batch_size=32),
+      # 2048 tokens a step, as prism_tiny: the study's CPU budget goes to model size, not batch.
+      data=DataConfig(seq_len=128, batch_size=16),
       optimizer=OptimizerConfig(learning_rate=2e-3, warmup_steps=200),
-      train=TrainConfig(steps=4000, log_every=50, eval_every=1000, eval_batches=32),
+      train=TrainConfig(steps=2000, log_every=50, eval_every=500, eval_batches=32),
       checkpoint=CheckpointConfig(every=500, keep=3),
   )
 
