@@ -27,10 +27,10 @@ data: setup
 train: data
 	$(PY) -m prism_jax.train --exp $(EXP) --workdir $(WORKDIR) $(ARGS)
 
-test: setup
+test: eval-data
 	$(PY) -m pytest -q tests
 
-test-fast: setup
+test-fast: eval-data
 	$(PY) -m pytest -q -m "not slow" tests
 
 bench: setup
