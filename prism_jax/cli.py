@@ -46,7 +46,11 @@ def write_or_check_run_config(cfg: ExperimentConfig, workdir: str) -> None:
         if old != value and not (isinstance(value, (list, tuple)) and list(value) == old):
           raise ConfigError(f"{workdir} holds a run with {section}.{key}={old!r}, not {value!r}; "
                             "use another --workdir or the same settings")
+  import jax  # deferred: --help stays instant
+
+  if jax.process_index() != 0:
+    return  # one writer: processes of a multi-host run share the workdir
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.parent / "config.json.tmp"
+  tmp = path.parent / f"config.json.tmp{os.getpid()}"
   tmp.write_text(json.dumps(current, indent=2))
   tmp.replace(path)
