@@ -9,13 +9,12 @@ both alike. Reported: median tokens/s of each path and the speed-up of the cache
 
 from __future__ import annotations
 
-import argparse
 import statistics
 
-import jax
 import numpy as np
 
 import experiments
+from benchmarks import common
 from prism_jax.config import apply_overrides
 from prism_jax.generate import Generator, Sampling
 from prism_jax.models import lm
@@ -41,15 +40,12 @@ def measure(name: str, prompt_tokens: int, new_tokens: int, rounds: int,
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--configs", nargs="+", default=["tiny", "small"])
+  parser = common.parser(__doc__, rounds=3)
   parser.add_argument("--prompt-tokens", type=int, default=16)
   parser.add_argument("--new-tokens", type=int, default=96)
-  parser.add_argument("--rounds", type=int, default=3)
-  parser.add_argument("overrides", nargs="*", help="key=value applied to every model")
   args = parser.parse_args(argv)
-  print(f"generation, KV cache vs full recompute ({jax.device_count()} "
-        f"{jax.devices()[0].platform} device(s), greedy, batch 1, median of {args.rounds})")
+  print(f"generation, KV cache vs full recompute ({common.devices()}, greedy, batch 1, "
+        f"median of {args.rounds})")
   print(f"{'model':12} {'context':>7} {'new':>5} {'cache tok/s':>12} {'no-cache tok/s':>15} "
         f"{'speed-up':>9}")
   for size in args.configs:

@@ -9,7 +9,6 @@ ratio PRISM / dense, which is the figure to quote (absolute CPU times are noise)
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
@@ -17,6 +16,7 @@ import jax
 import numpy as np
 
 import experiments
+from benchmarks import common
 from prism_jax import sharding
 from prism_jax.config import apply_overrides
 from prism_jax.step import compile_steps, to_global_batch
@@ -62,14 +62,11 @@ def compare(size: str, rounds: int, steps: int, overrides: list[str]) -> dict:
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--configs", nargs="+", default=["tiny", "small"])
-  parser.add_argument("--rounds", type=int, default=3)
+  parser = common.parser(__doc__, rounds=3)
   parser.add_argument("--steps", type=int, default=5)
-  parser.add_argument("overrides", nargs="*", help="key=value applied to both models")
   args = parser.parse_args(argv)
-  print(f"train step, PRISM vs dense ({jax.device_count()} {jax.devices()[0].platform} "
-        f"device(s), median of {args.rounds} rounds x {args.steps} steps)")
+  print(f"train step, PRISM vs dense ({common.devices()}, median of {args.rounds} rounds x "
+        f"{args.steps} steps)")
   print(f"{'config':8} {'tokens/step':>11} {'dense s/step':>13} {'prism s/step':>13} "
         f"{'prism/dense':>12}")
   for size in args.configs:

@@ -13,7 +13,7 @@ import re
 import shlex
 import subprocess
 import sys
-from typing import Sequence
+from typing import Callable, Sequence
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # scripts run as `python launch/tpu.py` from anywhere
@@ -134,3 +134,15 @@ def execute(commands: Sequence[Command], dry_run: bool) -> None:
       print(f"error: step {i}/{len(commands)} failed with exit code {rc}: {shlex.join(cmd)}",
             file=sys.stderr)
       sys.exit(1)
+
+
+def entry_point(parse_args: Callable[[Sequence[str] | None], argparse.Namespace],
+                build: Callable[[argparse.Namespace], list[Command]]):
+  """A launch script's `main`: parse, build (validating everything), then run or print."""
+
+  @exit_on_user_error
+  def main(argv=None) -> None:
+    args = parse_args(argv)
+    execute(build(args), args.dry_run)
+
+  return main

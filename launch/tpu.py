@@ -135,10 +135,7 @@ def build(args) -> list[Command]:
   return BUILDERS[args.action](args)
 
 
-@common.exit_on_user_error
-def main(argv=None) -> None:
-  args = parse_args(argv)
-  common.execute(build(args), args.dry_run)
+main = common.entry_point(parse_args, build)
 
 
 if __name__ == "__main__":

@@ -181,7 +181,7 @@ def run_study(prism_cfg: ExperimentConfig, dense_cfg: ExperimentConfig, workdir:
     json.dump(study, f, indent=2)
   with open(os.path.join(workdir, "compare.md"), "w", encoding="utf-8") as f:
     f.write(f"# {prism_cfg.name} vs {dense_cfg.name}\n\n" + markdown_table(study))
-    f.write(f"\n![loss curves](loss_curves.png)\n")
+    f.write("\n![loss curves](loss_curves.png)\n")
   return study
 
 

@@ -247,21 +247,31 @@ def _replace_path(cfg, path: list[str], value):
   return dataclasses.replace(cfg, **{head: value})
 
 
+def parse_override(item: str, keys: dict, *, prefix: str = "", kind: str = "config",
+                   form: str = "key=value (e.g. train.steps=100)") -> tuple[str, object]:
+  """Splits one `key=value` string; returns (key without `prefix`, parsed value).
+
+  Unknown keys name the closest valid one, so a typo is a one-line fix.
+  """
+  if "=" not in item:
+    raise ConfigError(f"override {item!r} is not of the form {form}")
+  key, text = (part.strip() for part in item.split("=", 1))
+  name = key.removeprefix(prefix)
+  if name not in keys:
+    hint = difflib.get_close_matches(name, keys, n=1)
+    suggestion = f" (did you mean '{prefix}{hint[0]}'?)" if hint else ""
+    raise ConfigError(f"unknown {kind} key {key!r}{suggestion}")
+  return name, parse_value(key, text, keys[name])
+
+
 def apply_overrides(cfg: ExperimentConfig, overrides: list[str]) -> ExperimentConfig:
-  """Applies `key.sub=value` strings in order; unknown keys name the closest valid one."""
+  """Applies `key.sub=value` strings in order."""
   keys = flat_keys(cfg)
   for item in overrides:
-    if "=" not in item:
-      raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.steps=100)")
-    key, text = item.split("=", 1)
-    key = key.strip()
-    if key not in keys:
-      hint = difflib.get_close_matches(key, keys, n=1)
-      suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
-      raise ConfigError(f"unknown config key {key!r}{suggestion}")
+    key, value = parse_override(item, keys)
     if key == "name":
       raise ConfigError("name is set by the experiment; choose another with --exp")
-    cfg = _replace_path(cfg, key.split("."), parse_value(key, text.strip(), keys[key]))
+    cfg = _replace_path(cfg, key.split("."), value)
   return cfg
 
 

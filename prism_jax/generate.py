@@ -15,7 +15,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp

@@ -1,15 +1,13 @@
 """Attribution: exact maths on tiny models, index format and sharding, retrieval, LDS."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from prism_jax.attribution import common, ekfac, graddot, index as index_lib, influence
-from prism_jax.attribution import lds, prototype, trak
+from prism_jax.attribution import common, ekfac, index as index_lib, influence
+from prism_jax.attribution import lds, prototype
 from prism_jax.attribution.config import AttributionConfig, apply_overrides
 from prism_jax.config import ConfigError
 from prism_jax.models import lm

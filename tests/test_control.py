@@ -167,6 +167,14 @@ def test_controller_and_suppression_files_round_trip(tmp_path):
   np.testing.assert_array_equal(np.flatnonzero(sup.load(spath, m)), [1, 3])
   with pytest.raises(UserError, match="does not exist"):
     sup.mask_from_ids([m], m)
+  # Each reader refuses the other's file, and a truncated one, in one line.
+  with pytest.raises(UserError, match="is not a prism-suppression/1 file"):
+    sup.load(path, m)
+  with pytest.raises(UserError, match="is not a prism-controller/1 file"):
+    ctl.load(spath, m)
+  (tmp_path / "cut.json").write_text(open(path).read()[:40])
+  with pytest.raises(UserError, match="cannot read controller .*JSONDecodeError"):
+    ctl.load(str(tmp_path / "cut.json"), m)
 
 
 def test_word_family_and_neighbourhood_selection():

@@ -3,7 +3,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from prism_jax import losses
 from prism_jax.models import prism_head

@@ -1,7 +1,5 @@
 """Nothing lost: kill -9, SIGTERM, truncated checkpoints and poisoned batches."""
 
-import dataclasses
-import os
 import pathlib
 import random
 import signal

@@ -7,9 +7,8 @@ the run was trained). Overrides reuse the experiment config's key/value parsing.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 
-from prism_jax.config import ConfigError, flat_keys, parse_value
+from prism_jax.config import ConfigError, flat_keys, parse_override
 
 PREFIX = "attr."
 
@@ -66,17 +65,10 @@ def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
 
 
 def apply_overrides(cfg: AttributionConfig, overrides: list[str]) -> AttributionConfig:
-  """Applies `attr.key=value` strings; unknown keys name the closest valid one."""
+  """Applies `attr.key=value` strings in order."""
   keys = flat_keys(cfg)
   for item in overrides:
-    if "=" not in item:
-      raise ConfigError(f"override {item!r} is not of the form attr.key=value")
-    key, text = item.split("=", 1)
-    key = key.strip()
-    name = key[len(PREFIX):] if key.startswith(PREFIX) else key
-    if name not in keys:
-      hint = difflib.get_close_matches(name, keys, n=1)
-      suggestion = f" (did you mean '{PREFIX}{hint[0]}'?)" if hint else ""
-      raise ConfigError(f"unknown attribution key {key!r}{suggestion}")
-    cfg = dataclasses.replace(cfg, **{name: parse_value(key, text.strip(), keys[name])})
+    name, value = parse_override(item, keys, prefix=PREFIX, kind="attribution",
+                                 form="attr.key=value")
+    cfg = dataclasses.replace(cfg, **{name: value})
   return cfg

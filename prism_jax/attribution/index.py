@@ -113,7 +113,7 @@ def build(cfg: ExperimentConfig, graphdef, params, train: TrainingSet, out_dir: 
   if cfg.model.head != "prism":
     raise UserError(f"{cfg.name} has a dense head: the prototype index needs a PRISM model")
   run, batch_size = _placed(graphdef, params, devices, attr.batch_size)
-  m, k, d = cfg.prototypes.num_prototypes, cfg.prototypes.top_k, cfg.model.d_model
+  m = cfg.prototypes.num_prototypes
   e_VxD = np.asarray(jax.device_get(lm.unembedding(params)), np.float64)
   pi_MxV = np.zeros((m, e_VxD.shape[0]), np.float64)
   parts = {name: [] for name in ("example", "position", "target", "top_indices", "top_values",

@@ -11,7 +11,6 @@ log-likelihoods plus an L1 penalty (proximal steps, so most g are exactly zero).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Sequence
 
@@ -21,6 +20,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
+from prism_jax.control import records
 from prism_jax.errors import UserError
 from prism_jax.models.prism_head import Controller
 
@@ -229,32 +229,20 @@ def default_path(workdir: str, task: str) -> str:
 
 
 def save(path: str, controller: Controller, meta: dict) -> str:
-  record = {"format": FORMAT, **meta,
-            "num_prototypes": int(controller.gain_M.shape[0]),
-            "gain": [float(x) for x in np.asarray(controller.gain_M, np.float32)],
-            "bias": [float(x) for x in np.asarray(controller.bias_M, np.float32)]}
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(record, f, indent=1)
-  os.replace(tmp, path)
-  return path
+  return records.save(path, {
+      "format": FORMAT, **meta,
+      "num_prototypes": int(controller.gain_M.shape[0]),
+      "gain": [float(x) for x in np.asarray(controller.gain_M, np.float32)],
+      "bias": [float(x) for x in np.asarray(controller.bias_M, np.float32)]})
 
 
 def load(path: str, num_prototypes: int | None = None) -> Controller:
   """A saved controller; UserError when missing, malformed or for another bank size."""
-  if not os.path.isfile(path):
-    raise UserError(f"no controller at {path}; fit one with python -m prism_jax.control "
-                    "calibrate --task NAME")
-  try:
-    with open(path, encoding="utf-8") as f:
-      record = json.load(f)
-    gain = np.asarray(record["gain"], np.float32)
-    bias = np.asarray(record["bias"], np.float32)
-  except (OSError, ValueError, KeyError, TypeError) as e:
-    raise UserError(f"cannot read controller {path}: {type(e).__name__}: {e}") from None
-  if record.get("format") != FORMAT or gain.shape != bias.shape or gain.ndim != 1:
-    raise UserError(f"{path} is not a {FORMAT} controller file")
+  gain, bias = records.load(
+      path, FORMAT, "controller", "fit one with python -m prism_jax.control calibrate --task NAME",
+      lambda r: (np.asarray(r["gain"], np.float32), np.asarray(r["bias"], np.float32)))
+  if gain.shape != bias.shape or gain.ndim != 1:
+    raise UserError(f"controller {path}: gain and bias must be two lists of the same length")
   if num_prototypes is not None and gain.shape[0] != num_prototypes:
     raise UserError(f"controller {path} has {gain.shape[0]} prototypes, the model has "
                     f"{num_prototypes}")

@@ -10,7 +10,6 @@ of the family where it is the real next token, and the validation loss.
 
 from __future__ import annotations
 
-import json
 import os
 import string
 from typing import Iterable, Sequence
@@ -21,6 +20,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
+from prism_jax.control import records
 from prism_jax.errors import UserError
 from prism_jax.models import lm
 
@@ -147,26 +147,13 @@ def default_path(workdir: str, name: str) -> str:
 
 
 def save(path: str, prototypes: Sequence[int], meta: dict) -> str:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp"  # written whole, then renamed: a reader never sees half a file
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump({"format": FORMAT, "prototypes": sorted(int(j) for j in prototypes), **meta}, f,
-              indent=1)
-  os.replace(tmp, path)
-  return path
+  return records.save(path, {"format": FORMAT,
+                             "prototypes": sorted(int(j) for j in prototypes), **meta})
 
 
 def load(path: str, num_prototypes: int) -> np.ndarray:
   """The saved set as bool [M]; UserError when missing or malformed."""
-  if not os.path.isfile(path):
-    raise UserError(f"no suppression set at {path}; make one with python -m prism_jax.control "
-                    "suppress ...")
-  try:
-    with open(path, encoding="utf-8") as f:
-      record = json.load(f)
-    ids = [int(j) for j in record["prototypes"]]
-  except (OSError, ValueError, KeyError, TypeError) as e:
-    raise UserError(f"cannot read suppression set {path}: {type(e).__name__}: {e}") from None
-  if record.get("format") != FORMAT:
-    raise UserError(f"{path} is not a {FORMAT} suppression file")
+  ids = records.load(path, FORMAT, "suppression set",
+                     "make one with python -m prism_jax.control suppress ...",
+                     lambda r: [int(j) for j in r["prototypes"]])
   return mask_from_ids(ids, num_prototypes)
