@@ -245,6 +245,14 @@ def score_rows(score_fn, params, rows: list[ScoringRow], batch_size: int, max_le
   order = sorted(range(len(rows)), key=lambda i: len(rows[i].inputs))
   logprob, greedy = np.zeros(len(rows), np.float64), np.zeros(len(rows), bool)
   starts = range(0, len(order), batch_size)
+
+  def store(chunk, result):
+    lp, gr = jax.device_get(result)
+    logprob[chunk], greedy[chunk] = lp[:len(chunk)], gr[:len(chunk)]
+
+  # Each batch's result is fetched only after the next batch is dispatched, so building a
+  # batch on the host overlaps the device's work on the one before.
+  pending = None
   for start in tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False):
     chunk = order[start:start + batch_size]
     length = _bucket(max(len(rows[i].inputs) for i in chunk), max_len)
@@ -254,8 +262,12 @@ def score_rows(score_fn, params, rows: list[ScoringRow], batch_size: int, max_le
     for j, i in enumerate(chunk):  # short batches keep the fixed shape with empty rows
       n = len(rows[i].inputs)
       inputs[j, :n], targets[j, :n], mask[j, :n] = rows[i].inputs, rows[i].targets, rows[i].mask
-    lp, gr = jax.device_get(score_fn(params, inputs, targets, mask))
-    logprob[chunk], greedy[chunk] = lp[:len(chunk)], gr[:len(chunk)]
+    result = score_fn(params, inputs, targets, mask)
+    if pending is not None:
+      store(*pending)
+    pending = (chunk, result)
+  if pending is not None:
+    store(*pending)
   return logprob, greedy
 
 
