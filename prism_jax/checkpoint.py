@@ -6,6 +6,7 @@ half-written step is never listed; `latest_step` only sees finished ones.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import grain
@@ -30,10 +31,19 @@ class Checkpointer:
   def __init__(self, directory: str, cfg: CheckpointConfig, *, read_only: bool = False):
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save and not read_only,
+        max_to_keep=None if read_only else cfg.keep, save_interval_steps=0 if read_only else 1,
+        enable_async_checkpointing=cfg.async_save and not read_only,
         create=not read_only, read_only=read_only)
-    self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_names=("state", "data"))
+    # Orbax warns that a read-only directory is read-only; readers asked for exactly that.
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    if read_only:
+      absl_logger.setLevel(logging.ERROR)
+    try:
+      self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                           item_names=("state", "data"))
+    finally:
+      absl_logger.setLevel(level)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
