@@ -12,8 +12,6 @@ use the same training examples (attr.index_examples / attr.index_seed).
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 import time
 
@@ -21,7 +19,7 @@ import jax
 import numpy as np
 
 from prism_jax import index as index_cli
-from prism_jax import restore
+from prism_jax import outputs, restore
 from prism_jax.attribution import common, index as index_lib, run
 from prism_jax.errors import UserError, exit_on_user_error
 from prism_jax.models import lm
@@ -79,12 +77,12 @@ def results(prepared_scores, train, query, top: int, span: int, decode, token_po
 def main(argv=None):
   args = index_cli.parse(__doc__.splitlines()[0], _flags).parse_args(argv)
   cfg, workdir, attr = index_cli.resolve(args)
-  graphdef, params, _ = index_cli.load_model(cfg, workdir, args.step)
+  graphdef, params, step = index_cli.load_model(cfg, workdir, args.step)
   tokenizer = restore.load_tokenizer(cfg)
   query = make_query(cfg, graphdef, params, tokenizer, args.prompt, args.target_token)
   index_dir = args.index or index_cli.default_index_dir(workdir)
   if args.method in run.PROTOTYPE_METHODS:
-    index = index_lib.Index(index_dir)
+    index = index_cli.open_index(args, cfg, workdir, step)
     train = index.training_set()
     token_positions = index.array("tokens/position.npy")
   else:
@@ -106,12 +104,10 @@ def main(argv=None):
   for r in found:
     print(f"{r['rank']:3d}. {r['score']:+.4g}  example {r['example_id']}: {r['text']}")
   if args.json:
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w", encoding="utf-8") as f:
-      json.dump({"method": args.method, "prompt": args.prompt, "target_token": target_text,
-                 "target_id": query.target, "prepare_seconds": prepare_s,
-                 "query_seconds": query_s, "stored_bytes": prepared.stored_bytes,
-                 "results": found}, f, indent=1)
+    outputs.write_json(args.json, {
+        "method": args.method, "prompt": args.prompt, "target_token": target_text,
+        "target_id": query.target, "prepare_seconds": prepare_s, "query_seconds": query_s,
+        "stored_bytes": prepared.stored_bytes, "results": found})
 
 
 if __name__ == "__main__":

@@ -1,17 +1,22 @@
-"""Orbax checkpoints of the train state and the input pipeline's position, in one step dir.
+"""Orbax checkpoints of the train state, the input pipeline's position and the model config.
 
 Orbax writes each step to a temporary directory and renames it when complete, so a
-half-written step is never listed; `latest_step` only sees finished ones.
+half-written step is never listed; `latest_step` only sees finished ones. Every step also
+carries the model settings that made it (`config` item), so a restore with other settings
+is refused even when the run's config.json is gone.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from prism_jax.config import CheckpointConfig
 from prism_jax.errors import UserError
@@ -21,6 +26,52 @@ class CheckpointMismatch(UserError):
   """The checkpoint is readable but is of another model: never a reason to skip it."""
 
 
+class CheckpointUnreachable(UserError):
+  """The checkpoint could not be read for a reason outside its bytes (permissions, I/O):
+  stop and touch nothing, never set it aside."""
+
+
+# Errors of access, not of content: the same bytes may read fine once access is restored.
+_ACCESS_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO, errno.ENOSPC,
+                  errno.ETIMEDOUT, errno.ENOTCONN, errno.EHOSTUNREACH, errno.ECONNREFUSED,
+                  errno.EMFILE, errno.ENFILE, errno.ENOMEM}
+_ACCESS_WORDS = ("PERMISSION_DENIED", "Permission denied", "UNAVAILABLE", "DEADLINE_EXCEEDED",
+                 "UNAUTHENTICATED", "No space left on device", "RESOURCE_EXHAUSTED")
+
+
+def access_error(e: BaseException) -> OSError | str | None:
+  """The access failure (OSError or message) behind `e`, or None if `e` is about content."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in _ACCESS_ERRNOS:
+      return e
+    text = str(e)
+    if any(word in text for word in _ACCESS_WORDS):
+      return text.strip().splitlines()[0]
+    e = e.__cause__ or e.__context__
+  return None
+
+
+def model_settings(cfg) -> dict:
+  """The settings that decide the parameters' shapes and meaning (model + prototypes)."""
+  from prism_jax import config as config_lib  # the dataclass -> dict the run config uses
+
+  full = config_lib.to_dict(cfg)
+  return {section: full[section] for section in ("model", "prototypes")}
+
+
+def settings_difference(saved: dict, current: dict) -> str | None:
+  """`section.key=old, not new` for the first setting that differs; None when they agree."""
+  for section, values in current.items():
+    for key, value in values.items():
+      old = saved.get(section, {}).get(key, value)
+      same = old == value or (isinstance(value, (list, tuple)) and list(value) == old)
+      if not same:
+        return f"{section}.{key}={old!r}, not {value!r}"
+  return None
+
+
 # How Orbax says the stored arrays do not have the shapes (or tree) the config asks for.
 _SHAPE_MISMATCH = ("is not compatible with the stored shape", "tree structures do not match")
 
@@ -28,8 +79,12 @@ _SHAPE_MISMATCH = ("is not compatible with the stored shape", "tree structures d
 class Checkpointer:
   """`save(step, state, data_iterator)` / `restore(step, abstract_state, data_iterator)`."""
 
-  def __init__(self, directory: str, cfg: CheckpointConfig, *, read_only: bool = False):
-    self.directory = os.path.abspath(directory)
+  def __init__(self, directory: str, cfg: CheckpointConfig, *, read_only: bool = False,
+               settings: dict | None = None):
+    # epath keeps gs:// paths whole (os.path.abspath would turn them into local paths).
+    self.directory = epath.Path(directory if "://" in str(directory)
+                                else os.path.abspath(directory))
+    self.settings = settings  # model settings saved with, and checked at, every step
     options = ocp.CheckpointManagerOptions(
         max_to_keep=None if read_only else cfg.keep, save_interval_steps=0 if read_only else 1,
         enable_async_checkpointing=cfg.async_save and not read_only,
@@ -41,7 +96,10 @@ class Checkpointer:
       absl_logger.setLevel(logging.ERROR)
     try:
       self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                           item_names=("state", "data"))
+                                           item_names=("state", "data", "config"))
+    except OSError as e:
+      raise UserError(f"cannot open checkpoints in {self.directory}: "
+                      f"{e.strerror or e}") from None
     finally:
       absl_logger.setLevel(level)
 
@@ -55,38 +113,93 @@ class Checkpointer:
     items = {"state": ocp.args.StandardSave(state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-    return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    if self.settings is not None:
+      items["config"] = ocp.args.JsonSave(self.settings)
+    with self._saving(f"saving checkpoint step {step}"):
+      return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  @contextlib.contextmanager
+  def _saving(self, doing: str):
+    """A save (or the wait for an async one) that fails for lack of disk or access is one
+    line; the steps already committed stay as they were."""
+    try:
+      yield
+    except Exception as e:  # noqa: BLE001 -- Orbax wraps I/O failures in many types
+      access = access_error(e)
+      if access is None:
+        raise
+      reason = access.strerror if isinstance(access, OSError) and access.strerror else access
+      full = "No space left" in str(reason) or getattr(access, "errno", None) == errno.ENOSPC
+      what = "disk full" if full else f"cannot write ({reason})"
+      raise UserError(f"{what} while {doing} in {self.directory}; completed checkpoints "
+                      f"are intact (latest: {self._committed()})") from e
+
+  def _committed(self):
+    try:
+      self.manager.reload()
+      return self.manager.latest_step()
+    except Exception:  # noqa: BLE001 -- only for the message
+      return "unknown"
+
+  def check_settings(self, step: int) -> None:
+    """Refuses a step made with other model settings (steps saved before this check: none)."""
+    if self.settings is None or not (self.directory / str(step) / "config").exists():
+      return
+    try:
+      saved = self.manager.restore(step, args=ocp.args.Composite(
+          config=ocp.args.JsonRestore()))["config"]
+    except Exception as e:  # noqa: BLE001 -- decoded below
+      self._raise_unreadable(step, e)
+    difference = settings_difference(saved, self.settings)
+    if difference:
+      raise CheckpointMismatch(
+          f"checkpoint step {step} in {self.directory} was made with {difference}: use the "
+          "settings the run was trained with (drop model.*/prototypes.* overrides) or another "
+          "--workdir")
 
   def restore(self, step: int, abstract_state, data_iterator=None):
     """Restores into `abstract_state`'s shapes and shardings; the iterator in place."""
+    self.check_settings(step)
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # noqa: BLE001 -- Orbax/tensorstore raise many types for bad files
-      message = str(e).strip()
-      first_line = message.splitlines()[0] if message else type(e).__name__
-      if any(sign in message for sign in _SHAPE_MISMATCH):
-        shapes = first_line.split(". ")[0] if "shape" in first_line else "parameter tree differs"
-        raise CheckpointMismatch(f"checkpoint shapes differ from the config at step {step} in "
-                        f"{self.directory} ({shapes}): restore with the model settings the run "
-                        "was trained with (drop model.*/prototypes.* overrides)") from e
-      raise UserError(f"cannot restore checkpoint step {step} in {self.directory}: "
-                      f"{first_line}") from e
+      self._raise_unreadable(step, e)
     return restored["state"]
+
+  def _raise_unreadable(self, step: int, e: Exception):
+    """The one-line error for a failed restore: access, another model, or damaged bytes."""
+    access = access_error(e)
+    if access is not None:
+      reason = access.strerror if isinstance(access, OSError) and access.strerror else access
+      where = f" ({access.filename})" if getattr(access, "filename", None) else ""
+      raise CheckpointUnreachable(
+          f"cannot read checkpoint step {step} in {self.directory}: {reason}{where}; "
+          "nothing was changed: fix access and run again") from e
+    message = str(e).strip()
+    first_line = message.splitlines()[0] if message else type(e).__name__
+    if any(sign in message for sign in _SHAPE_MISMATCH):
+      shapes = first_line.split(". ")[0] if "shape" in first_line else "parameter tree differs"
+      raise CheckpointMismatch(f"checkpoint shapes differ from the config at step {step} in "
+                               f"{self.directory} ({shapes}): restore with the model settings "
+                               "the run was trained with (drop model.*/prototypes.* "
+                               "overrides)") from e
+    raise UserError(f"cannot restore checkpoint step {step} in {self.directory}: "
+                    f"{first_line}") from e
 
   def set_aside(self, step: int) -> str:
     """Renames an unreadable step out of Orbax's view (kept for inspection, not deleted)."""
-    source = os.path.join(self.directory, str(step))
-    target = f"{source}.unreadable"
+    source = self.directory / str(step)
+    target = self.directory / f"{step}.unreadable"
     suffix = 1
-    while os.path.exists(target):
-      target, suffix = f"{source}.unreadable{suffix}", suffix + 1
+    while target.exists():
+      target, suffix = self.directory / f"{step}.unreadable{suffix}", suffix + 1
     if jax.process_index() == 0:
-      os.rename(source, target)
+      source.rename(target)
     self.manager.reload()
-    return target
+    return str(target)
 
   def reached_preemption(self, step: int) -> bool:
     """JAX's preemption notice (multi-host runs with the coordination service)."""
@@ -99,11 +212,14 @@ class Checkpointer:
 
   def wait(self):
     """Blocks until pending async saves are committed (and surfaces their errors)."""
-    self.manager.wait_until_finished()
+    with self._saving("finishing a checkpoint"):
+      self.manager.wait_until_finished()
 
   def close(self):
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
 
 
 def abstract_with_sharding(abstract_state, shardings):

@@ -5,15 +5,56 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 from etils import epath
 
 from prism_jax import config as config_lib
+from prism_jax import limits
 from prism_jax.config import ConfigError, ExperimentConfig
+from prism_jax.errors import UserError
+
+
+class Parser(argparse.ArgumentParser):
+  """argparse with one-line errors (`error: ...`, exit 2) and ranged numeric flags only."""
+
+  def error(self, message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+  def parse_known_args(self, args=None, namespace=None):
+    for action in self._actions:
+      if action.type in (int, float):  # a programming error: the flag has no range
+        raise TypeError(f"{'/'.join(action.option_strings)} must use cli.number_flag "
+                        "(prism_jax/limits.py FLAG_RANGES)")
+    return super().parse_known_args(args, namespace)
+
+
+def number_flag(flag: str):
+  """argparse `type=` for a numeric flag: parses and checks it against its FLAG_RANGES row."""
+  valid, _ = limits.FLAG_RANGES[flag]
+
+  def parse(text: str):
+    try:
+      value = valid.kind(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"{text!r} is not a valid {valid.kind.__name__}"
+                                       ) from None
+    if not valid.contains(value):
+      raise argparse.ArgumentTypeError(f"must be {valid.describe()}, got {text}")
+    return value
+
+  parse.flag = flag
+  parse.__name__ = valid.kind.__name__
+  return parse
+
+
+def parser(description: str) -> Parser:
+  return Parser(description=description)
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(description=description)
+  parser = Parser(description=description)
   parser.add_argument("--exp", default="prism_tiny", help="experiment name (see experiments/)")
   parser.add_argument("--workdir", default=None, help="run directory (default runs/<exp>)")
   parser.add_argument("overrides", nargs="*", metavar="key=value",
@@ -26,7 +67,10 @@ def resolve(args: argparse.Namespace) -> tuple[ExperimentConfig, str]:
   import experiments  # deferred: the registry imports every family
 
   cfg = config_lib.apply_overrides(experiments.get(args.exp), args.overrides)
-  return cfg, args.workdir or os.path.join("runs", cfg.name)
+  workdir = args.workdir or os.path.join("runs", cfg.name)
+  if epath.Path(workdir).exists() and not epath.Path(workdir).is_dir():
+    raise UserError(f"--workdir {workdir} is a file, not a run directory")
+  return cfg, workdir
 
 
 def config_path(workdir: str) -> epath.Path:
@@ -34,23 +78,46 @@ def config_path(workdir: str) -> epath.Path:
   return epath.Path(workdir) / "config.json"
 
 
-def write_or_check_run_config(cfg: ExperimentConfig, workdir: str) -> None:
-  """Records the run's config; refuses to resume a run whose model differs from `cfg`."""
+def read_run_config(path) -> dict:
+  """The saved config.json as a dict; a hand-edit that broke it is one line, not a traceback."""
+  try:
+    saved = json.loads(epath.Path(path).read_text())
+  except (OSError, UnicodeDecodeError) as e:
+    raise UserError(f"cannot read {path}: {e}") from None
+  except ValueError as e:
+    raise UserError(f"{path} is not valid JSON ({e}); fix it or restore it from the "
+                    "checkpoint's config (see README, What survives what)") from None
+  if not isinstance(saved, dict):
+    raise UserError(f"{path} is not a config object")
+  return saved
+
+
+def check_run_config(cfg: ExperimentConfig, workdir: str) -> None:
+  """Refuses to resume a run whose model differs from `cfg` (its config.json says so)."""
   path = config_path(workdir)
+  if not path.exists():
+    return
+  saved = read_run_config(path)
   current = config_lib.to_dict(cfg)
-  if path.exists():
-    saved = json.loads(path.read_text())
-    for section in ("model", "prototypes"):
-      for key, value in current[section].items():
-        old = saved.get(section, {}).get(key)
-        if old != value and not (isinstance(value, (list, tuple)) and list(value) == old):
-          raise ConfigError(f"{workdir} holds a run with {section}.{key}={old!r}, not {value!r}; "
-                            "use another --workdir or the same settings")
+  for section in ("model", "prototypes"):
+    for key, value in current[section].items():
+      old = saved.get(section, {}).get(key) if isinstance(saved.get(section), dict) else None
+      if old != value and not (isinstance(value, (list, tuple)) and list(value) == old):
+        raise ConfigError(f"{workdir} holds a run with {section}.{key}={old!r}, not {value!r}; "
+                          "use another --workdir or the same settings")
+
+
+def write_run_config(cfg: ExperimentConfig, workdir: str) -> None:
+  """Records the run's resolved config (process 0; processes of a pod share the workdir)."""
   import jax  # deferred: --help stays instant
 
   if jax.process_index() != 0:
-    return  # one writer: processes of a multi-host run share the workdir
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.parent / f"config.json.tmp{os.getpid()}"
-  tmp.write_text(json.dumps(current, indent=2))
-  tmp.replace(path)
+    return
+  from prism_jax import outputs  # deferred: outputs imports nothing heavy, but keep cli light
+
+  outputs.write_json(config_path(workdir), config_lib.to_dict(cfg))
+
+
+def write_or_check_run_config(cfg: ExperimentConfig, workdir: str) -> None:
+  check_run_config(cfg, workdir)
+  write_run_config(cfg, workdir)

@@ -8,14 +8,12 @@ JSON plus a loss-curve plot (PNG) under --workdir (default runs/compare).
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
 import sys
 import time
 
-from prism_jax import downstream, evaluate, restore
+from prism_jax import cli, downstream, evaluate, outputs, restore
 from prism_jax.config import ExperimentConfig, apply_overrides, to_dict
 from prism_jax.errors import UserError, exit_on_user_error
 from prism_jax.metrics_log import read_jsonl
@@ -177,23 +175,23 @@ def run_study(prism_cfg: ExperimentConfig, dense_cfg: ExperimentConfig, workdir:
   study["step_time_ratio"] = prism_s / dense_s if prism_s and dense_s else None
   os.makedirs(workdir, exist_ok=True)
   study["plot"] = plot_loss_curves(run_dirs, os.path.join(workdir, "loss_curves.png"))
-  with open(os.path.join(workdir, "compare.json"), "w", encoding="utf-8") as f:
-    json.dump(study, f, indent=2)
-  with open(os.path.join(workdir, "compare.md"), "w", encoding="utf-8") as f:
-    f.write(f"# {prism_cfg.name} vs {dense_cfg.name}\n\n" + markdown_table(study))
-    f.write("\n![loss curves](loss_curves.png)\n")
+  outputs.write_json(os.path.join(workdir, "compare.json"), study)
+  outputs.write_text(os.path.join(workdir, "compare.md"),
+                     f"# {prism_cfg.name} vs {dense_cfg.name}\n\n" + markdown_table(study)
+                     + "\n![loss curves](loss_curves.png)\n")
   return study
 
 
 @exit_on_user_error
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli.parser(__doc__.splitlines()[0])
   parser.add_argument("--prism", default="prism_small", help="the PRISM experiment")
   parser.add_argument("--dense", default=None, help="its dense twin (default: dense_<size>)")
   parser.add_argument("--workdir", default="runs/compare")
   parser.add_argument("--tasks", nargs="+", default=["all"], help="'none' to skip")
-  parser.add_argument("--limit", type=int, default=500, help="documents per task (0: all)")
-  parser.add_argument("--val-batches", type=int, default=None,
+  parser.add_argument("--limit", type=cli.number_flag("--limit"),
+                      default=500, help="documents per task (0: all)")
+  parser.add_argument("--val-batches", type=cli.number_flag("--val-batches"), default=None,
                       help="validation batches (default: the whole split)")
   parser.add_argument("overrides", nargs="*", metavar="key=value", help="applied to both runs")
   args = parser.parse_args(argv)
@@ -207,8 +205,9 @@ def main(argv=None):
   if tasks:
     downstream.data_root()
   started = time.perf_counter()
-  study = run_study(prism_cfg, dense_cfg, args.workdir, tasks, args.limit or None,
-                    args.val_batches)
+  with outputs.WorkdirLock(args.workdir, "compare", create=True):
+    study = run_study(prism_cfg, dense_cfg, args.workdir, tasks, args.limit or None,
+                      args.val_batches)
   print()
   print(markdown_table(study))
   print(f"done in {time.perf_counter() - started:.0f}s: {args.workdir}/compare.md, "

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from typing import Literal
 
+from prism_jax import limits
 from prism_jax.errors import UserError
 
 
@@ -175,8 +177,26 @@ class ExperimentConfig:
     validate(self)
 
 
+def check_ranges(cfg, prefix: str = "") -> None:
+  """Every numeric field against its row in `limits.CONFIG_RANGES` (one-line ConfigError)."""
+  for key, annotation in flat_keys(cfg).items():
+    if annotation in (int, float):
+      name = prefix + key
+      limits.CONFIG_RANGES[name].check(name, getattr_path(cfg, key))
+
+
+def getattr_path(cfg, key: str):
+  for part in key.split("."):
+    cfg = getattr(cfg, part)
+  return cfg
+
+
 def validate(cfg: ExperimentConfig) -> None:
-  """Cross-field checks that a single type annotation cannot express."""
+  """Ranges of every number, then cross-field checks a single range cannot express."""
+  try:
+    check_ranges(cfg)
+  except ConfigError as e:
+    raise ConfigError(f"{cfg.name}: {e}") from None
   m, p, d = cfg.model, cfg.prototypes, cfg.data
   checks = [
       (m.d_model % m.num_heads == 0,
@@ -188,16 +208,20 @@ def validate(cfg: ExperimentConfig) -> None:
        "need 0 < prototypes.min_temperature <= init_temperature <= max_temperature"),
       (d.seq_len <= m.max_seq_len,
        f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}"),
-      (d.batch_size > 0, "data.batch_size must be positive"),
-      (0.0 < d.validation_fraction < 1.0, "data.validation_fraction must be in (0, 1)"),
-      (cfg.train.steps > 0, "train.steps must be positive"),
-      (cfg.checkpoint.keep > 0, "checkpoint.keep must be positive"),
-      (cfg.checkpoint.every > 0, "checkpoint.every must be positive"),
-      (cfg.train.max_nonfinite_steps > 0, "train.max_nonfinite_steps must be positive"),
+      (_valid_address(cfg.distributed.coordinator_address),
+       f"distributed.coordinator_address={cfg.distributed.coordinator_address!r} is not "
+       "HOST:PORT with a port in [1, 65535]"),
   ]
   for ok, message in checks:
     if not ok:
       raise ConfigError(f"{cfg.name}: {message}")
+
+
+def _valid_address(address: str) -> bool:
+  if not address:
+    return True  # unset: JAX_COORDINATOR_ADDRESS or TPU discovery
+  host, _, port = address.rpartition(":")
+  return bool(host) and port.isdigit() and 1 <= int(port) <= 65535
 
 
 # ------------------------------------------------------------------------------------------
@@ -234,9 +258,12 @@ def parse_value(key: str, text: str, annotation) -> object:
     raise ConfigError(f"{key}={text!r} is not a boolean (use true/false)")
   if annotation in (int, float, str):
     try:
-      return annotation(text)
+      value = annotation(text)
     except ValueError:
       raise ConfigError(f"{key}={text!r} is not a valid {annotation.__name__}") from None
+    if annotation is float and not math.isfinite(value):
+      raise ConfigError(f"{key}={text!r} is not a finite number")
+    return value
   raise ConfigError(f"{key} cannot be set from the command line (type {annotation})")
 
 

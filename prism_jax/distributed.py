@@ -7,6 +7,7 @@ import os
 import jax
 
 from prism_jax.config import ConfigError, DistributedConfig
+from prism_jax.errors import UserError
 
 
 def _setting(value, env: str, empty):
@@ -33,5 +34,10 @@ def initialize(cfg: DistributedConfig) -> bool:
                   process_id=process_id)
   if cfg.cpu_collectives != "none":
     jax.config.update("jax_cpu_collectives_implementation", cfg.cpu_collectives)
-  jax.distributed.initialize(**kwargs)
+  try:
+    jax.distributed.initialize(**kwargs)
+  except (RuntimeError, ValueError) as e:  # unreachable coordinator, bad id, timeout
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise UserError(f"cannot join the distributed run (coordinator {address or 'auto'}, "
+                    f"{cfg.initialization_timeout_s}s timeout): {first}") from None
   return True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import sys
 
@@ -19,6 +20,11 @@ def exit_on_user_error(main):
       return main(*args, **kwargs)
     except UserError as e:
       print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
+    except OSError as e:  # a path the user gave: missing, unwritable, read-only, disk full
+      reason = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+      where = f": {e.filename}" if e.filename else ""
+      print(f"error: {reason}{where}", file=sys.stderr)
       sys.exit(2)
     except KeyboardInterrupt:
       print("interrupted", file=sys.stderr)

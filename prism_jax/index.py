@@ -12,8 +12,9 @@ import argparse
 import os
 import time
 
-from prism_jax import cli, restore
+from prism_jax import cli, outputs, restore
 from prism_jax.attribution import common, config as attr_config, index as index_lib
+from prism_jax.checkpoint import model_settings
 from prism_jax.errors import exit_on_user_error
 
 
@@ -23,8 +24,12 @@ def default_index_dir(workdir: str) -> str:
 
 def parse(description: str, extra=None):
   parser = cli.base_parser(description)
-  parser.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
+  parser.add_argument("--step", type=cli.number_flag("--step"),
+                      default=None, help="checkpoint step (default latest)")
   parser.add_argument("--index", default=None, help="index directory (default WORKDIR/index)")
+  parser.add_argument("--allow-index-mismatch", action="store_true",
+                      help="use an index built from another checkpoint step or model settings "
+                      "(warns instead of refusing)")
   if extra:
     extra(parser)
   return parser
@@ -57,13 +62,25 @@ def load_model(cfg, workdir, step):
   return load_params(cfg, workdir, step)
 
 
+def open_index(args, cfg, workdir: str, step: int) -> index_lib.Index:
+  """The run's index (--index or WORKDIR/index), checked against the loaded step."""
+  return index_lib.open_for(args.index or default_index_dir(workdir), step,
+                            model_settings(cfg), args.allow_index_mismatch)
+
+
 @exit_on_user_error
 def main(argv=None):
   args = parse(__doc__.splitlines()[0]).parse_args(argv)
   cfg, workdir, attr = resolve(args)
+  out = args.index or default_index_dir(workdir)
+  outputs.check_folder(out, "prototype index", index_lib.is_index, "--index")
+  with outputs.WorkdirLock(workdir, "index"):
+    _build(args, cfg, workdir, attr, out)
+
+
+def _build(args, cfg, workdir, attr, out):
   graphdef, params, step = load_model(cfg, workdir, args.step)
   train, tokenizer = training_set(cfg, attr)
-  out = args.index or default_index_dir(workdir)
   started = time.perf_counter()
   manifest = index_lib.build(cfg, graphdef, params, train, out, attr, decode=tokenizer.decode,
                              step=step)

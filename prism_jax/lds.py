@@ -12,7 +12,6 @@ the seed-agreement noise ceiling.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -21,10 +20,12 @@ import time
 import jax
 import numpy as np
 
+from prism_jax import cli
 from prism_jax.attribution import common, lds as lds_lib, retrain, run
 from prism_jax.attribution import config as attr_config
 from prism_jax.config import apply_overrides, to_dict
-from prism_jax.errors import exit_on_user_error
+from prism_jax.errors import UserError, exit_on_user_error
+from prism_jax.outputs import WorkdirLock, write_json
 from prism_jax.models import lm
 
 STUDY_OVERRIDES = [
@@ -149,7 +150,7 @@ def run_study(cfg, attr, workdir: str, methods=run.METHODS, say=print) -> dict:
 
 @exit_on_user_error
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli.parser(__doc__.splitlines()[0])
   parser.add_argument("--workdir", default="runs/lds")
   parser.add_argument("--methods", default=",".join(run.METHODS))
   parser.add_argument("overrides", nargs="*", metavar="key=value")
@@ -158,17 +159,20 @@ def main(argv=None):
   cfg = study_config(exp_overrides)
   attr = attr_config.apply_overrides(attr_config.AttributionConfig(batch_size=16),
                                      attr_overrides)
+  methods = tuple(m.strip() for m in args.methods.split(","))
+  for method in methods:  # before hours of retraining
+    if method not in run.METHODS:
+      raise UserError(f"unknown method {method!r}; choose from {', '.join(run.METHODS)}")
   started = time.perf_counter()
-  results = run_study(cfg, attr, args.workdir, tuple(args.methods.split(",")))
+  with WorkdirLock(args.workdir, "lds", create=True):
+    results = run_study(cfg, attr, args.workdir, methods)
   c, m = results["noise_ceiling"], results["noise_ceiling_seed_mean"]
   print(f"noise ceiling: one seed vs another {c['mean']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]"
         f"; for the {results['seeds']}-seed mean (Spearman-Brown) {m['mean']:+.3f} "
         f"[{m['low']:+.3f}, {m['high']:+.3f}]; "
         f"{results['subsets']} subsets x {results['seeds']} seeds, {results['num_queries']} "
         f"queries; total {time.perf_counter() - started:.0f}s")
-  with open(os.path.join(args.workdir, "results.json"), "w", encoding="utf-8") as f:
-    json.dump(results, f, indent=1)
-  print(f"wrote {os.path.join(args.workdir, 'results.json')}")
+  print(f"wrote {write_json(os.path.join(args.workdir, 'results.json'), results)}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ mesh gives the train state, so a model that trained sharded is restored sharded.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Sequence
 
@@ -18,7 +17,7 @@ import jax
 
 from prism_jax import cli, sharding
 from prism_jax import config as config_lib
-from prism_jax.checkpoint import Checkpointer, abstract_with_sharding
+from prism_jax.checkpoint import Checkpointer, abstract_with_sharding, model_settings
 from prism_jax.config import ExperimentConfig
 from prism_jax.errors import UserError
 from prism_jax.optim import make_optimizer
@@ -39,7 +38,8 @@ def load_params(cfg: ExperimentConfig, workdir: str, step: int | None = None,
   if not os.path.isdir(directory):
     raise UserError(f"no checkpoints in {workdir} (expected {directory}); train first, e.g. "
                     f"make train EXP={cfg.name} WORKDIR={workdir}")
-  checkpointer = Checkpointer(directory, cfg.checkpoint, read_only=True)
+  checkpointer = Checkpointer(directory, cfg.checkpoint, read_only=True,
+                              settings=model_settings(cfg))
   try:
     steps = checkpointer.all_steps()
     if not steps:
@@ -75,10 +75,9 @@ def run_config(cfg: ExperimentConfig, workdir: str, overrides: Sequence[str] = (
   whatever overrides training used.
   """
   path = cli.config_path(workdir)
-  if os.path.isfile(path):
+  if path.is_file():
+    saved = cli.read_run_config(path)
     try:
-      with open(path, encoding="utf-8") as f:
-        saved = json.load(f)
       if saved.get("name") != cfg.name:
         raise UserError(f"{workdir} holds a run of {saved.get('name')!r}, not {cfg.name!r}; "
                         f"use --exp {saved.get('name')}")
@@ -90,8 +89,9 @@ def run_config(cfg: ExperimentConfig, workdir: str, overrides: Sequence[str] = (
           values = {k: _tuples(v) for k, v in saved.get(field.name, {}).items() if k in known}
           sections[field.name] = dataclasses.replace(current, **values)
       cfg = dataclasses.replace(cfg, **sections)
-    except (OSError, ValueError, TypeError) as e:
-      raise UserError(f"cannot read {path}: {e}") from None
+    except (AttributeError, ValueError, TypeError) as e:
+      raise UserError(f"{path} does not hold a valid config ({e}); fix it or move it away "
+                      "(the checkpoints carry the model settings)") from None
   return config_lib.apply_overrides(cfg, list(overrides))
 
 

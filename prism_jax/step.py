@@ -41,6 +41,13 @@ def prototype_keys(params):
   return None if head is None else head["keys"]
 
 
+def all_finite(tree) -> jax.Array:
+  """True when every float in `tree` is finite (one fused reduction per leaf)."""
+  leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
 def make_train_step(graphdef, cfg: ExperimentConfig, tx: optax.GradientTransformation):
   schedule = learning_rate_schedule(cfg.optimizer, cfg.train.steps)
 
@@ -54,8 +61,10 @@ def make_train_step(graphdef, cfg: ExperimentConfig, tx: optax.GradientTransform
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads)
-    # A non-finite loss or gradient leaves parameters and optimizer state untouched.
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # A non-finite loss, gradient or update (a bad learning rate, an overflowing moment)
+    # leaves parameters and optimizer state untouched, so no checkpoint is ever poisoned.
+    finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(params)
+              & all_finite(opt_state))
     keep_if_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
     new_state = TrainState(step=state.step + 1,

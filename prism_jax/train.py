@@ -21,8 +21,9 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from prism_jax import cli, distributed, sharding
-from prism_jax.checkpoint import CheckpointMismatch, Checkpointer, abstract_with_sharding
+from prism_jax import cli, distributed, outputs, sharding
+from prism_jax.checkpoint import (CheckpointMismatch, Checkpointer, CheckpointUnreachable,
+                                  abstract_with_sharding, model_settings)
 from prism_jax.config import ExperimentConfig
 from prism_jax.errors import UserError, exit_on_user_error
 from prism_jax.metrics_log import MetricsLog
@@ -133,11 +134,28 @@ def train(cfg: ExperimentConfig, workdir: str, data: TrainData | None = None) ->
   On SIGTERM (or JAX's preemption notice) it saves a checkpoint at the current step, waits
   for it to be committed and returns with `preempted=True`.
   """
-  cli.write_or_check_run_config(cfg, workdir)
+  with outputs.WorkdirLock(workdir, "train", create=True):
+    return _train(cfg, workdir, data)
+
+
+def _train(cfg: ExperimentConfig, workdir: str, data: TrainData | None) -> dict:
+  cli.check_run_config(cfg, workdir)
+  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint,
+                              settings=model_settings(cfg))
+  try:
+    if checkpointer.latest_step() is not None:  # before anything is written
+      checkpointer.check_settings(checkpointer.latest_step())
+    cli.write_run_config(cfg, workdir)
+    return _train_loop(cfg, workdir, data, checkpointer)
+  finally:
+    checkpointer.close()
+
+
+def _train_loop(cfg: ExperimentConfig, workdir: str, data: TrainData | None,
+                checkpointer: Checkpointer) -> dict:
   data = data or corpus_data(cfg)
   mesh = sharding.make_mesh(cfg.mesh)
   steps = compile_steps(cfg, mesh)
-  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint)
   log = MetricsLog(workdir)
   profiler = _Profiler(cfg, workdir)
   is_main = jax.process_index() == 0
@@ -158,8 +176,8 @@ def train(cfg: ExperimentConfig, workdir: str, data: TrainData | None = None) ->
       if streak >= cfg.train.max_nonfinite_steps:
         checkpointer.wait()
         raise UserError(f"stopping at step {step}: {streak} steps in a row had a non-finite loss "
-                        f"or gradient; last good checkpoint: step {checkpointer.latest_step()} "
-                        f"in {checkpointer.directory}")
+                        f"or gradient or update; last good checkpoint: step "
+                        f"{checkpointer.latest_step()} in {checkpointer.directory}")
       if not log_it:
         return None
       metrics = {k: v for k, v in jax.device_get(metrics).items() if np.ndim(v) == 0}
@@ -200,26 +218,38 @@ def train(cfg: ExperimentConfig, workdir: str, data: TrainData | None = None) ->
             "final_state": state, "preempted": False}
   finally:
     profiler.close()
-    checkpointer.close()
     log.close()
 
 
 def _restore_or_init(steps: CompiledSteps, checkpointer: Checkpointer, data: TrainData, say):
-  """The newest checkpoint that restores; unreadable ones are reported and set aside."""
+  """The newest checkpoint that restores; ones whose bytes cannot be decoded are reported
+  and set aside. Starts from step 0 only when the workdir never had a checkpoint."""
   target = abstract_with_sharding(steps.abstract_state, steps.state_sharding)
+  set_aside = []
   for step in sorted(checkpointer.all_steps(), reverse=True):
     try:
       state = checkpointer.restore(step, target, data.train_iterator)
-    except CheckpointMismatch:
-      raise  # a good checkpoint of another model: stop, never set it aside
+    except (CheckpointMismatch, CheckpointUnreachable):
+      raise  # another model's, or unreachable (permissions, I/O): stop, touch nothing
     except UserError as e:
       moved = checkpointer.set_aside(step)
+      set_aside.append(moved)
       say(f"warning: skipping unreadable checkpoint step {step} ({e}); kept as {moved}",
           flush=True)
       continue
     say(f"resuming from step {step} in {checkpointer.directory}", flush=True)
     return state
+  if set_aside or _set_aside_before(checkpointer):
+    raise UserError(f"no checkpoint in {checkpointer.directory} could be restored (set aside: "
+                    f"{', '.join(set_aside or ['earlier'])}); to start again from step 0, "
+                    "move that folder away first")
   return steps.init()
+
+
+def _set_aside_before(checkpointer: Checkpointer) -> bool:
+  """True when an earlier start set checkpoints aside: the run is not new."""
+  return any(".unreadable" in p.name for p in checkpointer.directory.iterdir()) \
+      if checkpointer.directory.exists() else False
 
 
 @exit_on_user_error

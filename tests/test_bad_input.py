@@ -1,26 +1,37 @@
-"""Every entry point answers every bad input a user can type with one line and exit code 2.
+"""Every entry point answers every bad input a user can type with one line and exit code 2,
+before any work and without writing a file.
 
-The table below is the contract: (entry point, arguments, what the message must say). Each row
-runs the entry point's `main` in-process against a small trained run (the FACTS model of
-tests/text_model.py) and checks stderr is exactly one `error: ...` line containing the text.
+The tables below are the contract: (entry point, arguments, what the message must say). Each
+row runs the entry point's `main` in-process against a small trained run (the FACTS model of
+tests/text_model.py) and checks that stderr is exactly one `error: ...` line containing the
+text, and that no file under the run or the test's folder was created, changed or removed.
+Rows for every number come from prism_jax/limits.py, so a new setting or flag gets its rows
+by being added there (and tests/test_config.py fails if one is missing).
 """
 
 from __future__ import annotations
 
 import gzip
 import importlib
+import json
+import os
+import shutil
+import socket
 
 import pytest
 
 from prism_jax import data as data_lib
-from prism_jax import downstream, restore
+from prism_jax import downstream, limits, restore
+from prism_jax.attribution import index as index_lib
+from prism_jax.checkpoint import model_settings
+from prism_jax.control import controller as ctl, suppress as sup
 from prism_jax.data import corpus
 from tests.test_downstream import synthetic_docs, write_requests
 from tests.text_model import FACTS, CharTokenizer, trained_text_model
 
 RUN = "{run}"          # replaced by the trained run's workdir
 MISSING = "{missing}"  # replaced by a workdir that does not exist
-TMP = "{tmp}"          # replaced by a fresh temporary folder
+TMP = "{tmp}"          # replaced by the test's folder of prepared bad files
 LONG_PROMPT = "a cat is red. " * 10  # 140 characters: past the run's 64-token context
 
 # Inputs every entry point with --exp/--workdir/key=value shares.
@@ -29,12 +40,34 @@ COMMON = [
      "unknown experiment 'prism_tiyn' (did you mean 'prism_tiny'?)"),
     ("unknown key", ["train.stepz=3"], "unknown config key 'train.stepz' (did you mean"),
     ("wrong value type", ["train.steps=ten"], "train.steps='ten' is not a valid int"),
+    ("non-finite float", ["optimizer.learning_rate=nan"],
+     "optimizer.learning_rate='nan' is not a finite number"),
+    ("workdir that is a file", ["--workdir", f"{TMP}/a_file"], "is a file, not a run directory"),
 ]
 # ... and every entry point that reads a checkpoint.
 CHECKPOINT = [
     ("missing workdir", ["--workdir", MISSING], "no checkpoints in"),
     ("missing checkpoint step", ["--step", "7"], "no checkpoint for step 7"),
-    ("mismatched checkpoint", ["model.d_model=64"], "checkpoint shapes differ from the config"),
+    ("mismatched checkpoint", ["model.d_model=64"], "was made with model.d_model=32, not 64"),
+    ("checkpoint of other settings, config.json gone", ["--workdir", f"{TMP}/no_config"],
+     "was made with model.vocab_size=128, not 8192"),
+    ("config.json broken by hand", ["--workdir", f"{TMP}/broken_config"], "is not valid JSON"),
+]
+# ... and every entry point that reads the run's prototype index.
+INDEX = [
+    ("index of another checkpoint step", ["--index", f"{TMP}/old_index"],
+     "was built from checkpoint step 7, not 150"),
+]
+# ... and every entry point that applies saved interventions.
+INTERVENTIONS = [
+    ("missing controller", ["--controller", "/nonexistent/c.json"], "no controller at"),
+    ("controller with a non-finite gain", ["--controller", f"{TMP}/nan_gain.json"],
+     "gain and bias must be finite numbers"),
+    ("missing suppression set", ["--suppress", "/nonexistent/s.json"], "no suppression set at"),
+    ("suppression ids given as a string", ["--suppress", f"{TMP}/string_ids.json"],
+     "'prototypes' must be a list of integer prototype ids"),
+    ("suppression of every prototype", ["--suppress", f"{TMP}/every_id.json"],
+     "leaving 0, fewer than prototypes.top_k=4"),
 ]
 
 ENTRY_POINTS = {
@@ -42,22 +75,31 @@ ENTRY_POINTS = {
     "train": ("prism_jax.train", [], [
         ("workdir of another model", ["--workdir", RUN, "model.d_model=64"],
          "holds a run with model."),
+        ("checkpoints of other settings, config.json gone", ["--workdir", f"{TMP}/no_config"],
+         "was made with model.vocab_size=128, not 8192"),
+        ("config.json broken by hand", ["--workdir", f"{TMP}/broken_config"],
+         "is not valid JSON"),
+        ("workdir held by another writer", ["--workdir", f"{TMP}/locked"],
+         "is in use by train (pid 1"),
+        ("coordinator that is no address", ["distributed.coordinator_address=nohost"],
+         "is not HOST:PORT"),
     ]),
-    "evaluate": ("prism_jax.evaluate", ["--tasks", "none"], CHECKPOINT + [
+    "evaluate": ("prism_jax.evaluate", ["--tasks", "none"], CHECKPOINT + INTERVENTIONS + [
         ("unknown task", ["--tasks", "piqaa"], "unknown task 'piqaa' (did you mean 'piqa'?)"),
         ("missing text file", ["--text-file", "/nonexistent/x.txt"], "does not exist"),
         ("non-UTF-8 text file", ["--text-file", f"{TMP}/latin1.txt"], "is not UTF-8 text"),
-        ("missing controller", ["--controller", "/nonexistent/c.json"], "no controller at"),
     ]),
-    "generate": ("prism_jax.generate", ["--prompt", "a cat is"], CHECKPOINT + [
+    "generate": ("prism_jax.generate", ["--prompt", "a cat is"], CHECKPOINT + INTERVENTIONS + [
         ("prompt longer than the context", ["--prompt", LONG_PROMPT], "context"),
-        ("missing suppression set", ["--suppress", "/nonexistent/s.json"],
-         "no suppression set at"),
     ]),
     "index": ("prism_jax.index", [], CHECKPOINT + [
         ("unknown attribution key", ["attr.dampin=1"], "unknown attribution key 'attr.dampin'"),
+        ("index folder that is the run", ["--index", RUN], "exists and is not a prototype index"),
+        ("index folder that is a file", ["--index", f"{TMP}/a_file"], "is a file, not a"),
+        ("workdir held by another writer", ["--workdir", f"{TMP}/locked"],
+         "is in use by train (pid 1"),
     ]),
-    "attribute": ("prism_jax.attribute", ["--prompt", "a cat is"], CHECKPOINT + [
+    "attribute": ("prism_jax.attribute", ["--prompt", "a cat is"], CHECKPOINT + INDEX + [
         ("prompt longer than the context", ["--prompt", LONG_PROMPT], "context"),
         ("missing index", [], "no prototype index"),
     ]),
@@ -67,11 +109,17 @@ ENTRY_POINTS = {
     ]),
     "control suppress": ("prism_jax.control.__main__", ["suppress", "--prototypes", "1",
                                                         "--words", "red"],
-                         CHECKPOINT + [
+                         CHECKPOINT + INDEX + [
         ("unknown prototype id", ["--prototypes", "999"], "prototype 999 does not exist"),
+        ("name that is a path", ["--name", "../config"], "--name '../config' is not a plain name"),
+        ("hidden name", ["--name", ".x"], "is not a plain name"),
+        ("suppressing every prototype", ["--prototypes", *map(str, range(32))],
+         "leaving 0, fewer than prototypes.top_k=4"),
     ]),
-    "explore": ("prism_jax.explore.__main__", ["--no-progress"], CHECKPOINT + [
+    "explore": ("prism_jax.explore.__main__", ["--no-progress"], CHECKPOINT + INDEX + [
         ("prompt longer than the context", ["--prompt", LONG_PROMPT], "context"),
+        ("workdir held by another writer", ["--workdir", f"{TMP}/locked"],
+         "is in use by train (pid 1"),
     ]),
     "data": ("prism_jax.data.__main__", ["--data-dir", f"{TMP}/cache", "--bench-batches", "0"], [
         ("source folder without the corpus", ["--source-dir", f"{TMP}/nothing"], "lacks"),
@@ -82,27 +130,56 @@ ENTRY_POINTS = {
         ("unknown topology", ["--topology", "tpu-8"], "tpu-8"),
         ("mesh that does not divide", ["mesh.model=3"], "mesh"),
     ]),
+    "lds": ("prism_jax.lds", [], [
+        ("unknown method", ["--methods", "prototype,bogus"], "unknown method 'bogus'"),
+        ("attribution setting out of range", ["attr.lds_fraction=2"],
+         "attr.lds_fraction=2 must be in (0, 1)"),
+        ("workdir held by another writer", ["--workdir", f"{TMP}/locked"],
+         "is in use by train (pid 1"),
+    ]),
+    "compare": ("prism_jax.compare", [], [
+        ("unknown experiment", ["--prism", "prism_tiyn"], "unknown experiment 'prism_tiyn'"),
+        ("runs that are not matched", ["--prism", "prism_tiny", "--dense", "prism_small"],
+         "are not matched: they differ in"),
+        ("workdir held by another writer", ["--workdir", f"{TMP}/locked", "--tasks", "none",
+                                            "train.steps=1"],
+         "is in use by train (pid 1"),
+    ]),
 }
-# The entry points that take no experiment of their own.
-OWN_ARGUMENTS = [
-    ("lds", "prism_jax.lds", ["--methods", "prototype,bogus"], "unknown method 'bogus'"),
-    ("lds", "prism_jax.lds", ["attr.lds_fraction=2"], "lds_fraction must be in (0, 1)"),
-    ("compare", "prism_jax.compare", ["--prism", "prism_tiyn"],
-     "unknown experiment 'prism_tiyn'"),
-    ("compare", "prism_jax.compare", ["--prism", "prism_tiny", "--dense", "prism_small"],
-     "are not matched: they differ in"),
-]
+# Entry points without --workdir of a trained run take only some of the common rows.
+COMMON_ROWS = {
+    "data": COMMON[:4],
+    "plan": [("unknown experiment", ["--exp", "prism_tiyn"], "unknown experiment")] + COMMON[1:4],
+    "lds": [], "compare": [],
+}
+
+
+def _number_rows():
+  """A row for every value just outside the range of every numeric setting and flag."""
+  for key, valid in limits.CONFIG_RANGES.items():
+    entry = "index" if key.startswith("attr.") else "train"
+    for value in valid.outside():
+      message = (f"{key}='nan' is not a finite number" if value != value
+                 else f"{key}={limits._fmt(value)} must be {valid.describe()}")
+      yield entry, (f"out of range: {key}={value}", [f"{key}={value}"], message)
+  for flag, (valid, entries) in limits.FLAG_RANGES.items():
+    for entry in entries:
+      for value in valid.outside():
+        yield entry, (f"out of range: {flag} {value}", [flag, str(value)],
+                      f"argument {flag}: must be {valid.describe()}")
+
+
+def _rows():
+  for entry, (module, lead, extra) in ENTRY_POINTS.items():
+    for row in COMMON_ROWS.get(entry, COMMON) + extra:
+      yield entry, row
+  yield from _number_rows()
 
 
 def _cases():
-  for entry, (module, lead, extra) in ENTRY_POINTS.items():
-    rows = ([] if entry == "plan" else COMMON[:1]) + COMMON[1:] + extra
-    if entry == "plan":
-      rows = [("unknown experiment", ["--exp", "prism_tiyn"], "unknown experiment")] + rows
-    for what, argv, message in rows:
-      yield pytest.param(module, lead, argv, message, id=f"{entry}: {what}")
-  for entry, module, argv, message in OWN_ARGUMENTS:
-    yield pytest.param(module, [], argv, message, id=f"{entry}: {message}", marks=())
+  for entry, (what, argv, message) in _rows():
+    module, lead, _ = ENTRY_POINTS[entry]
+    yield pytest.param(entry, module, lead, argv, message, id=f"{entry}: {what}")
 
 
 def _latin1_sources(folder):
@@ -119,33 +196,70 @@ def _empty_sources(folder):
       pass
 
 
+def _bad_files(tmp, run, cfg):
+  """The files the rows point at: each is wrong in exactly one way."""
+  (tmp / "a_file").write_text("not a folder")
+  (tmp / "latin1.txt").write_bytes(b"caf\xe9 au lait\n")
+  write_requests(tmp, downstream.TASKS["piqa"], synthetic_docs(downstream.TASKS["piqa"], 4))
+  (tmp / "nothing").mkdir()
+  _empty_sources(tmp / "empty")
+  _latin1_sources(tmp / "latin1")
+  shutil.copytree(run, tmp / "no_config")
+  (tmp / "no_config" / "config.json").unlink()
+  shutil.copytree(run, tmp / "broken_config")
+  (tmp / "broken_config" / "config.json").write_text('{"name": "prism_tiny", "model": {')
+  (tmp / "locked").mkdir()
+  # pid 1 is alive on every machine: a live holder, so the lock is not stale.
+  (tmp / "locked" / "writer.lock").write_text(json.dumps(
+      {"tool": "train", "pid": 1, "host": socket.gethostname(), "since": "earlier"}))
+  m = cfg.prototypes.num_prototypes
+  ctl.save(str(tmp / "nan_gain.json"), ctl.zeros(m), {})
+  record = json.loads((tmp / "nan_gain.json").read_text())
+  record["gain"][3] = float("nan")
+  (tmp / "nan_gain.json").write_text(json.dumps(record))
+  sup.save(str(tmp / "string_ids.json"), [1], {})
+  record = json.loads((tmp / "string_ids.json").read_text())
+  record["prototypes"] = "123"
+  (tmp / "string_ids.json").write_text(json.dumps(record))
+  sup.save(str(tmp / "every_id.json"), range(m), {})
+  (tmp / "old_index").mkdir()
+  (tmp / "old_index" / "manifest.json").write_text(json.dumps({
+      "format": index_lib.FORMAT, "step": 7, "model_settings": model_settings(cfg),
+      "shards": [{"start": 0, "stop": m, "path": "shards/00000"}]}))
+
+
 @pytest.fixture(scope="module")
-def trained():
-  return trained_text_model()
-
-
-@pytest.fixture
-def workspace(trained, tmp_path, monkeypatch):
+def workspace(tmp_path_factory):
   """The trained run, its data layer answering with FACTS, and the files rows point at."""
-  workdir, cfg = trained
+  workdir, cfg = trained_text_model()
+  tmp = tmp_path_factory.mktemp("bad_input")
+  _bad_files(tmp, workdir, cfg)
   bundle = data_lib.DataBundle(tokenizer=CharTokenizer(), train_source=[FACTS],
                                validation_source=[{"text": FACTS * 4}])
   real_prepare = data_lib.prepare
-  # The data entry point builds for real (its rows are about the corpus); the others read
-  # the FACTS run's text and character tokenizer.
-  monkeypatch.setattr(data_lib, "prepare", lambda data_cfg, *a, **k: (
-      real_prepare(data_cfg, *a, **k) if str(tmp_path) in data_cfg.data_dir else bundle))
-  monkeypatch.setattr(restore, "load_tokenizer", lambda cfg: bundle.tokenizer)
-  (tmp_path / "latin1.txt").write_bytes(b"caf\xe9 au lait\n")
-  write_requests(tmp_path, downstream.TASKS["piqa"], synthetic_docs(downstream.TASKS["piqa"], 4))
-  (tmp_path / "nothing").mkdir()
-  _empty_sources(tmp_path / "empty")
-  _latin1_sources(tmp_path / "latin1")
-  return {RUN: workdir, MISSING: str(tmp_path / "no_such_run"), TMP: str(tmp_path)}
+  with pytest.MonkeyPatch.context() as patch:
+    # The data entry point builds for real (its rows are about the corpus); the others read
+    # the FACTS run's text and character tokenizer.
+    patch.setattr(data_lib, "prepare", lambda data_cfg, *a, **k: (
+        real_prepare(data_cfg, *a, **k) if str(tmp) in data_cfg.data_dir else bundle))
+    patch.setattr(restore, "load_tokenizer", lambda cfg: bundle.tokenizer)
+    yield {RUN: workdir, MISSING: str(tmp / "no_such_run"), TMP: str(tmp)}
 
 
-@pytest.mark.parametrize("module, lead, argv, message", _cases())
-def test_bad_input_is_one_line_and_exit_2(workspace, capsys, module, lead, argv, message):
+def _snapshot(*folders) -> dict:
+  """path -> (size, mtime) of every file, and every folder, under `folders`. (A folder's own
+  mtime is left out: a lock taken and released touches it and changes nothing.)"""
+  seen = {}
+  for folder in folders:
+    for root, dirs, files in os.walk(folder):
+      seen.update({os.path.join(root, name): "folder" for name in dirs})
+      for name in files:
+        stat = os.stat(os.path.join(root, name))
+        seen[os.path.join(root, name)] = (stat.st_size, stat.st_mtime_ns)
+  return seen
+
+
+def _arguments(entry, module, lead, argv, workspace):
   fill = lambda arg: (workspace[arg] if arg in workspace
                       else arg.replace(TMP, workspace[TMP]))
   lead, argv = [fill(a) for a in lead], [fill(a) for a in argv]
@@ -155,19 +269,32 @@ def test_bad_input_is_one_line_and_exit_2(workspace, capsys, module, lead, argv,
   # them. A row's options come after the entry point's own, so the row's value wins.
   overrides = [a for a in argv if "=" in a and not a.startswith("-")]
   flags = [a for a in argv if a not in overrides]
-  if module in ("prism_jax.lds", "prism_jax.compare"):
-    args = overrides + options + flags + ["--workdir", workspace[TMP]]
-  elif module == "prism_jax.plan":
-    args = ["--exp", "prism_tiny"] + overrides + options + flags
-  else:
-    args = (command + ["--exp", "prism_tiny", "--workdir", workspace[RUN]] + overrides
-            + options + flags)
+  if entry in ("lds", "compare"):
+    workdir = [] if "--workdir" in flags else ["--workdir", f"{workspace[TMP]}/study"]
+    return overrides + options + flags + workdir
+  if entry in ("plan", "data"):
+    return ["--exp", "prism_tiny"] + overrides + options + flags
+  return (command + ["--exp", "prism_tiny", "--workdir", workspace[RUN]] + overrides
+          + options + flags)
+
+
+@pytest.mark.parametrize("entry, module, lead, argv, message", _cases())
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(workspace, capsys, entry, module, lead,
+                                                         argv, message):
+  args = _arguments(entry, module, lead, argv, workspace)
+  before = _snapshot(workspace[RUN], workspace[TMP])
   main = importlib.import_module(module).main
   with pytest.raises(SystemExit) as exit_info:
     main(args)
   err = capsys.readouterr().err.strip()
   assert exit_info.value.code == 2, err
-  # Progress logs may come before it (the data build); the error is the last line, whole.
-  assert "Traceback" not in err, err
-  last = err.splitlines()[-1]
-  assert last.startswith("error: ") and message in last, err
+  assert err.splitlines() == [err] and err.startswith("error: ") and message in err, err
+  assert _snapshot(workspace[RUN], workspace[TMP]) == before, "a refused command wrote files"
+
+
+def test_every_entry_point_has_rows():
+  counts = {}
+  for entry, _ in _rows():
+    counts[entry] = counts.get(entry, 0) + 1
+  assert set(counts) == set(ENTRY_POINTS)
+  assert all(n >= 3 for n in counts.values()), counts

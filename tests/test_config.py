@@ -42,7 +42,7 @@ def test_unknown_experiment_suggests_nearest():
 @pytest.mark.parametrize("argv, message", [
     (["--exp", "prism_tiyn"], "error: unknown experiment 'prism_tiyn'"),
     (["train.stepz=3"], "error: unknown config key 'train.stepz' (did you mean 'train.steps'?)"),
-    (["train.steps=-1"], "error: prism_tiny: train.steps must be positive"),
+    (["train.steps=-1"], "error: prism_tiny: train.steps=-1 must be in [1, "),
 ])
 def test_train_entry_point_exits_2_with_one_line(argv, message, tmp_path):
   result = subprocess.run([sys.executable, "-m", "prism_jax.train", "--workdir",

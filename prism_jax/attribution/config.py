@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from prism_jax.config import ConfigError, flat_keys, parse_override
+from prism_jax.config import check_ranges, flat_keys, parse_override
 
 PREFIX = "attr."
 
@@ -43,19 +43,7 @@ class AttributionConfig:
   lds_bootstrap: int = 1000
 
   def __post_init__(self):
-    positive = ["top_examples", "batch_size", "neighbourhood_size", "shard_prototypes",
-                "trak_projection_dim", "lds_subsets", "lds_seeds", "lds_queries",
-                "lds_bootstrap"]
-    for name in positive:
-      if getattr(self, name) <= 0:
-        raise ConfigError(f"{PREFIX}{name} must be positive, got {getattr(self, name)}")
-    if self.index_examples < 0:
-      raise ConfigError(f"{PREFIX}index_examples must be >= 0 (0 means all)")
-    for name in ("damping", "trak_damping", "ekfac_damping"):
-      if getattr(self, name) < 0:
-        raise ConfigError(f"{PREFIX}{name} must be >= 0")
-    if not 0.0 < self.lds_fraction < 1.0:
-      raise ConfigError(f"{PREFIX}lds_fraction must be in (0, 1)")
+    check_ranges(self, prefix=PREFIX)  # every number against prism_jax/limits.py
 
 
 def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:

@@ -37,16 +37,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from prism_jax import sharding
+from prism_jax import outputs, sharding
 from prism_jax.attribution.common import TrainingSet, chunks
 from prism_jax.attribution.config import AttributionConfig
+from prism_jax.checkpoint import model_settings, settings_difference
 from prism_jax.config import ExperimentConfig, MeshConfig
 from prism_jax.errors import UserError
 from prism_jax.models import lm
@@ -112,6 +115,7 @@ def build(cfg: ExperimentConfig, graphdef, params, train: TrainingSet, out_dir: 
   """One pass over `train`; writes the index to `out_dir` and returns its manifest."""
   if cfg.model.head != "prism":
     raise UserError(f"{cfg.name} has a dense head: the prototype index needs a PRISM model")
+  outputs.check_folder(out_dir, "prototype index", is_index, "--index")  # before the pass
   run, batch_size = _placed(graphdef, params, devices, attr.batch_size)
   m = cfg.prototypes.num_prototypes
   e_VxD = np.asarray(jax.device_get(lm.unembedding(params)), np.float64)
@@ -230,6 +234,7 @@ def _write(cfg, attr, train, tokens, pi_MxV, e_VxD, out_dir, decode, step, num_t
       "num_examples": train.num_examples, "num_tokens": num_tokens,
       "neighbourhood_size": t_keep, "span_tokens": attr.span_tokens,
       "has_influence": attr.index_influence, "shards": shards, "files": files,
+      "model_settings": model_settings(cfg),
   }
   manifest["bytes_total"] = sum(f["bytes"] for f in files.values())
   manifest["bytes_by_method"] = {
@@ -240,9 +245,39 @@ def _write(cfg, attr, train, tokens, pi_MxV, e_VxD, out_dir, decode, step, num_t
   manifest["bytes_total"] += os.path.getsize(os.path.join(tmp, "manifest.json"))
   with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as f:
     json.dump(manifest, f, indent=1)
-  shutil.rmtree(out_dir, ignore_errors=True)
-  os.replace(tmp, out_dir)  # a half-written index is never seen under out_dir
+  # Replaces only an earlier index (recognised by its manifest), never another folder.
+  outputs.replace_folder(tmp, out_dir, "prototype index", is_index, "--index")
   return manifest
+
+
+def is_index(path) -> bool:
+  """True when `path` holds a prototype index (its manifest names the format)."""
+  manifest = epath.Path(path) / "manifest.json"
+  try:
+    return str(json.loads(manifest.read_text()).get("format", "")).startswith("prism-index/")
+  except (OSError, ValueError, AttributeError):
+    return False
+
+
+def open_for(path: str, step: int, settings: dict, allow_mismatch: bool = False) -> "Index":
+  """The index at `path`, refused (or, with `allow_mismatch`, warned about) when it was built
+  from another checkpoint step or other model settings than the parameters in use."""
+  index = Index(path)
+  why = check_source(index.manifest, step, settings)
+  if why and not allow_mismatch:
+    raise UserError(f"the index at {path} {why}: rebuild it (make index) or pass "
+                    "--allow-index-mismatch")
+  if why:
+    print(f"warning: the index at {path} {why}; scores describe that model", file=sys.stderr)
+  return index
+
+
+def check_source(manifest: dict, step: int, settings: dict) -> str | None:
+  """Why an index does not belong to the model at `step` (None when it does)."""
+  if manifest.get("step") != step:
+    return f"was built from checkpoint step {manifest.get('step')}, not {step}"
+  difference = settings_difference(manifest.get("model_settings", settings), settings)
+  return f"was built with {difference}" if difference else None
 
 
 # ------------------------------------------------------------------------------------------

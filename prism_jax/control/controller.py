@@ -243,6 +243,8 @@ def load(path: str, num_prototypes: int | None = None) -> Controller:
       lambda r: (np.asarray(r["gain"], np.float32), np.asarray(r["bias"], np.float32)))
   if gain.shape != bias.shape or gain.ndim != 1:
     raise UserError(f"controller {path}: gain and bias must be two lists of the same length")
+  if not (np.isfinite(gain).all() and np.isfinite(bias).all()):
+    raise UserError(f"controller {path}: gain and bias must be finite numbers")
   if num_prototypes is not None and gain.shape[0] != num_prototypes:
     raise UserError(f"controller {path} has {gain.shape[0]} prototypes, the model has "
                     f"{num_prototypes}")

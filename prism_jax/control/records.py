@@ -6,16 +6,12 @@ import json
 import os
 from typing import Any, Callable
 
+from prism_jax import outputs
 from prism_jax.errors import UserError
 
 
 def save(path: str, record: dict) -> str:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp"  # written whole, then renamed: a reader never sees half a file
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(record, f, indent=1)
-  os.replace(tmp, path)
-  return path
+  return outputs.write_json(path, record)  # whole, then renamed: never half a file
 
 
 def load(path: str, fmt: str, what: str, how_to_make: str,

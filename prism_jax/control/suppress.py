@@ -151,9 +151,27 @@ def save(path: str, prototypes: Sequence[int], meta: dict) -> str:
                              "prototypes": sorted(int(j) for j in prototypes), **meta})
 
 
-def load(path: str, num_prototypes: int) -> np.ndarray:
-  """The saved set as bool [M]; UserError when missing or malformed."""
+def _prototype_ids(record: dict) -> list[int]:
+  ids = record["prototypes"]
+  if not isinstance(ids, list) or not all(type(j) is int for j in ids):  # noqa: E721 (no bool)
+    raise ValueError("'prototypes' must be a list of integer prototype ids")
+  return ids
+
+
+def load(path: str, num_prototypes: int, top_k: int | None = None) -> np.ndarray:
+  """The saved set as bool [M]; UserError when missing, malformed, or when it would leave
+  fewer than `top_k` prototypes to choose from."""
   ids = records.load(path, FORMAT, "suppression set",
-                     "make one with python -m prism_jax.control suppress ...",
-                     lambda r: [int(j) for j in r["prototypes"]])
-  return mask_from_ids(ids, num_prototypes)
+                     "make one with python -m prism_jax.control suppress ...", _prototype_ids)
+  mask = mask_from_ids(ids, num_prototypes)
+  if top_k is not None:
+    check_leaves_enough(mask, top_k, path)
+  return mask
+
+
+def check_leaves_enough(mask: np.ndarray, top_k: int, what: str) -> None:
+  """Suppressing must leave at least top-k prototypes: else positions mix nothing."""
+  left = int(mask.size - mask.sum())
+  if left < top_k:
+    raise UserError(f"{what} suppresses {int(mask.sum())} of {mask.size} prototypes, leaving "
+                    f"{left}, fewer than prototypes.top_k={top_k}")

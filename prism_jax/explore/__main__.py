@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 
 import jax
@@ -19,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from prism_jax import cli, restore
+from prism_jax import cli, outputs, restore
 from prism_jax.errors import UserError, exit_on_user_error
 from prism_jax.explore import labels as labels_lib
 from prism_jax.explore import projection, report
@@ -77,16 +76,13 @@ def explore(cfg, workdir, graphdef, params, step, tokenizer, batches, *, index=N
              "dead": f"{dead} ({dead / m:.1%})", "projection": method,
              "index": "yes" if index is not None else "no (n-grams/snippets need make index)"}
   out_dir = out_dir or os.path.join(workdir, "explore")
-  os.makedirs(out_dir, exist_ok=True)
   paths = {name: os.path.join(out_dir, name) for name in ("labels.json", "map.json",
                                                            "report.html")}
-  with open(paths["labels.json"], "w", encoding="utf-8") as f:
-    json.dump(cards, f, indent=1)
-  with open(paths["map.json"], "w", encoding="utf-8") as f:
-    json.dump({"method": method, "coords": np.asarray(coords).tolist(),
-               "categories": [c["category"] for c in cards]}, f)
-  with open(paths["report.html"], "w", encoding="utf-8") as f:
-    f.write(report.render(summary, cards, coords, generation))
+  outputs.write_json(paths["labels.json"], cards)
+  outputs.write_json(paths["map.json"], {"method": method,
+                                         "coords": np.asarray(coords).tolist(),
+                                         "categories": [c["category"] for c in cards]})
+  outputs.write_text(paths["report.html"], report.render(summary, cards, coords, generation))
   return {"paths": paths, "dead": dead, "categories": dict(categories), "projection": method,
           "generation": generation, "cards": cards}
 
@@ -94,16 +90,19 @@ def explore(cfg, workdir, graphdef, params, step, tokenizer, batches, *, index=N
 @exit_on_user_error
 def main(argv=None):
   parser = cli.base_parser(__doc__.splitlines()[0])
-  parser.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
+  parser.add_argument("--step", type=cli.number_flag("--step"),
+                      default=None, help="checkpoint step (default latest)")
   parser.add_argument("--index", default=None, help="prototype index (default WORKDIR/index)")
   parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt for the contribution "
                       "view ('' to skip)")
-  parser.add_argument("--max-new-tokens", type=int, default=24)
+  parser.add_argument("--max-new-tokens", type=cli.number_flag("--max-new-tokens"), default=24)
   parser.add_argument("--projection", choices=["auto", "umap", "pca"], default="auto")
   parser.add_argument("--llm-labeller", default=None,
                       help="package.module:function taking a card dict, returning a label")
-  parser.add_argument("--val-batches", type=int, default=None)
+  parser.add_argument("--val-batches", type=cli.number_flag("--val-batches"), default=None)
   parser.add_argument("--output", default=None, help="folder (default WORKDIR/explore)")
+  parser.add_argument("--allow-index-mismatch", action="store_true",
+                      help="use an index built from another checkpoint step (warns)")
   parser.add_argument("--no-progress", action="store_true")
   args = parser.parse_args(argv)
   exp_cfg, workdir = cli.resolve(argparse.Namespace(exp=args.exp, workdir=args.workdir,
@@ -116,14 +115,22 @@ def main(argv=None):
     import importlib.util
     if importlib.util.find_spec("umap") is None:
       raise UserError("--projection umap needs umap-learn (pip install umap-learn)")
+  with outputs.WorkdirLock(workdir, "explore"):
+    _explore(args, cfg, workdir, labeller)
+
+
+def _explore(args, cfg, workdir, labeller):
   graphdef, params, step = restore.load_params(cfg, workdir, args.step)
   from prism_jax import data as data_lib
-  from prism_jax.attribution.index import Index
+  from prism_jax.attribution import index as index_lib
+  from prism_jax.checkpoint import model_settings
 
   bundle = data_lib.prepare(cfg.data, cfg.model.vocab_size)
   index_dir = args.index or os.path.join(workdir, "index")
-  index = Index(index_dir) if os.path.isfile(os.path.join(index_dir, "manifest.json")) else None
-  if args.index and index is None:
+  index = None
+  if os.path.isfile(os.path.join(index_dir, "manifest.json")):
+    index = index_lib.open_for(index_dir, step, model_settings(cfg), args.allow_index_mismatch)
+  elif args.index:
     raise UserError(f"no prototype index at {args.index}")
   batches = data_lib.iterate_eval_batches(cfg.data, bundle.tokenizer, bundle.validation_source,
                                           num_batches=args.val_batches or cfg.train.eval_batches)

@@ -1,0 +1,218 @@
+"""The one way tools write: atomic files, guarded folders, plain names, a lock per workdir.
+
+  name = outputs.plain_name(args.name, "--name")          # no '/', '..', hidden names
+  outputs.check_folder(out, "prototype index", is_index)  # before any work
+  outputs.write_json(path, record)                        # whole or not at all
+  with outputs.WorkdirLock(workdir, "index"): ...         # one writer per run directory
+
+Errors are one-line `UserError`s; a full disk says so. Paths go through `etils.epath`, so
+the same calls write local folders and gs:// buckets.
+"""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import json
+import os
+import re
+import shutil
+import socket
+import sys
+from typing import Callable
+
+from etils import epath
+
+from prism_jax.errors import UserError
+
+_PLAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def plain_name(name: str, flag: str) -> str:
+  """`name` if it is a plain file name (letters, digits, '.', '_', '-'; no path, not hidden)."""
+  if not _PLAIN.fullmatch(name or "") or ".." in name:
+    raise UserError(f"{flag} {name!r} is not a plain name: use letters, digits, '.', '_' or "
+                    "'-' (at most 128, not starting with '.'), no '/' or '..'")
+  return name
+
+
+def os_error(e: OSError, doing: str) -> UserError:
+  """One line for an OSError; a full disk is named as such."""
+  if e.errno == errno.ENOSPC:
+    return UserError(f"disk full while {doing}: free space and run again "
+                     "(completed checkpoints and files are intact)")
+  reason = e.strerror or str(e)
+  where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+  return UserError(f"cannot complete {doing}: {reason}{where}")
+
+
+def write_text(path, text: str) -> str:
+  """Writes `text` to `path` whole: a temporary sibling, then a rename."""
+  path = epath.Path(path)
+  tmp = path.parent / f".{path.name}.tmp{os.getpid()}"
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp.write_text(text)
+    tmp.replace(path)
+  except OSError as e:
+    _remove_quietly(tmp)
+    raise os_error(e, f"writing {path}") from None
+  return str(path)
+
+
+def write_json(path, record) -> str:
+  return write_text(path, json.dumps(record, indent=1))
+
+
+def _remove_quietly(path: epath.Path):
+  try:
+    if path.exists():
+      path.unlink()
+  except OSError:
+    pass
+
+
+def check_folder(path, kind: str, is_own: Callable[[epath.Path], bool], flag: str) -> None:
+  """Refuses, before any work, to replace a folder that is not a `kind` (nor empty)."""
+  path = epath.Path(path)
+  if not path.exists():
+    return
+  if not path.is_dir():
+    raise UserError(f"{flag} {path} is a file, not a {kind} folder")
+  if any(path.iterdir()) and not is_own(path):
+    raise UserError(f"{flag} {path} exists and is not a {kind} (nothing was changed); "
+                    f"give a new or empty folder, or the {kind} to rebuild")
+
+
+def replace_folder(tmp, target, kind: str, is_own: Callable[[epath.Path], bool],
+                   flag: str) -> None:
+  """Moves the finished `tmp` folder to `target`, replacing only a previous `kind` there."""
+  target, tmp = epath.Path(target), epath.Path(tmp)
+  check_folder(target, kind, is_own, flag)
+  old = target.parent / f".{target.name}.old{os.getpid()}"
+  try:
+    if target.exists():
+      target.rename(old)
+    tmp.rename(target)  # a reader sees the old folder or the new one, never half of one
+  except OSError as e:
+    raise os_error(e, f"replacing {target}") from None
+  if old.exists():
+    shutil.rmtree(old, ignore_errors=True) if _is_local(old) else old.rmtree()
+
+
+def _is_local(path: epath.Path) -> bool:
+  return "://" not in str(path)
+
+
+# ------------------------------------------------------------------------------------------
+# One writer per workdir
+
+
+def _process_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True  # someone else's live process
+  return True
+
+
+class WorkdirLock:
+  """`workdir/writer.lock` names the process writing the run; a second writer is refused.
+
+  A lock left by a process that is gone (kill -9, a crash) is taken over with a note. On a
+  multi-process run only process 0 holds it (the others write through process 0 or into
+  their own shards). Reentrant within a process (compare -> train share nothing, but a
+  library call under an entry point that already holds the lock is fine).
+  """
+
+  FILE = "writer.lock"
+  _held: dict[str, int] = {}
+
+  def __init__(self, workdir, tool: str, *, create: bool = False):
+    self.workdir = epath.Path(workdir)
+    self.path = self.workdir / self.FILE
+    self.tool = tool
+    self.create = create  # tools that read a run leave a missing workdir for their own error
+    self.active = False
+
+  def __enter__(self):
+    import jax  # deferred: --help stays instant
+
+    if jax.process_index() != 0:
+      return self
+    key = str(self.path)
+    if key in self._held:
+      self._held[key] += 1
+      self.active = True
+      return self
+    if not self.create and not self.workdir.exists():
+      return self  # nothing there to protect: the tool reports the missing run itself
+    try:
+      self.workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+      raise os_error(e, f"creating the run directory {self.workdir}") from None
+    record = {"tool": self.tool, "pid": os.getpid(), "host": socket.gethostname(),
+              "since": datetime.datetime.now().isoformat(timespec="seconds"),
+              "command": " ".join(sys.argv)[:200]}
+    for _ in range(3):
+      if self._create(record):
+        self._held[key] = 1
+        self.active = True
+        return self
+      holder = self._holder()
+      if holder == {}:
+        continue  # released between our create and our read
+      if holder is None or self._stale(holder):
+        what = ("an unreadable lock" if holder is None else
+                f"a stale lock of {holder.get('tool')} (pid {holder.get('pid')}, gone)")
+        print(f"note: taking over {what} in {self.workdir}", file=sys.stderr)
+        _remove_quietly(self.path)
+        continue
+      raise UserError(
+          f"{self.workdir} is in use by {holder.get('tool')} (pid {holder.get('pid')} on "
+          f"{holder.get('host')} since {holder.get('since')}); wait for it or stop it "
+          f"(remove {self.path} only if that process is really gone)")
+    raise UserError(f"cannot take the lock {self.path}: another writer keeps taking it")
+
+  def _create(self, record) -> bool:
+    text = json.dumps(record)
+    try:
+      if _is_local(self.path):
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        with os.fdopen(fd, "w") as f:
+          f.write(text)
+        return True
+      if self.path.exists():  # object stores: best effort, no atomic create
+        return False
+      self.path.write_text(text)
+      return True
+    except FileExistsError:
+      return False
+    except OSError as e:
+      raise os_error(e, f"taking the lock {self.path}") from None
+
+  def _holder(self) -> dict | None:
+    try:
+      holder = json.loads(self.path.read_text())
+      return holder if isinstance(holder, dict) else None
+    except FileNotFoundError:
+      return {}
+    except (OSError, ValueError):
+      return None
+
+  def _stale(self, holder: dict) -> bool:
+    pid = holder.get("pid")
+    same_host = holder.get("host") == socket.gethostname()
+    return same_host and isinstance(pid, int) and not _process_alive(pid)
+
+  def __exit__(self, *exc):
+    if not self.active:
+      return
+    key = str(self.path)
+    self._held[key] -= 1
+    if self._held[key] == 0:
+      del self._held[key]
+      _remove_quietly(self.path)
+    self.active = False

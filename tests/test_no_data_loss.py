@@ -1,0 +1,225 @@
+"""Ordinary mistakes and faults never lose or poison a run (the behaviours behind the refusals
+of tests/test_bad_input.py): one writer per workdir, checkpoints set aside only when their
+bytes are bad, no silent restart, no poisoned update kept, torn logs repaired, a full disk
+named."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import chex
+import jax
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+from prism_jax import compare, outputs
+from prism_jax.attribution import index as index_lib
+from prism_jax.checkpoint import model_settings
+from prism_jax.errors import UserError, exit_on_user_error
+from prism_jax.metrics_log import MetricsLog, read_jsonl
+from prism_jax.models import lm
+from prism_jax.step import TrainState, make_train_step
+from prism_jax.train import train
+from tests.synthetic import random_batch, synthetic_data, tiny_config
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _steps(workdir):
+  return sorted(p.name for p in (pathlib.Path(workdir) / "checkpoints").iterdir())
+
+
+@pytest.fixture(scope="module")
+def two_step_run(tmp_path_factory):
+  """A run with checkpoints at steps 1 and 2 (copied per test before it is damaged)."""
+  cfg = tiny_config("train.steps=2", "checkpoint.every=1", "train.eval_every=100")
+  workdir = tmp_path_factory.mktemp("run") / "run"
+  train(cfg, str(workdir), synthetic_data(cfg))
+  return cfg, workdir
+
+
+def _copy(run, tmp_path):
+  import shutil
+
+  target = tmp_path / "copy"
+  shutil.copytree(run, target)
+  return str(target)
+
+
+def test_permission_error_stops_and_sets_nothing_aside(two_step_run, tmp_path, monkeypatch):
+  cfg, run = two_step_run
+  workdir = _copy(run, tmp_path)
+  before = _steps(workdir)
+
+  def denied(self, step, *a, **k):
+    # As Orbax reports it: an error whose cause is the OSError.
+    raise ValueError("could not read array") from PermissionError(
+        errno.EACCES, "Permission denied", f"{workdir}/checkpoints/{step}/state")
+
+  monkeypatch.setattr(ocp.CheckpointManager, "restore", denied)
+  with pytest.raises(UserError, match="Permission denied.*nothing was changed"):
+    train(tiny_config("train.steps=4", "checkpoint.every=1"), workdir, synthetic_data(cfg))
+  assert _steps(workdir) == before  # nothing renamed .unreadable, nothing deleted
+  assert not (pathlib.Path(workdir) / outputs.WorkdirLock.FILE).exists()  # lock released
+
+
+def test_all_checkpoints_unreadable_never_restarts_from_step_0(two_step_run, tmp_path, capsys):
+  cfg, run = two_step_run
+  workdir = _copy(run, tmp_path)
+  for path in (pathlib.Path(workdir) / "checkpoints").rglob("*"):
+    if path.is_file() and path.stat().st_size > 0 and "metadata" not in path.name:
+      path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+  for _ in range(2):  # the second start finds only set-aside steps: still no silent restart
+    with pytest.raises(UserError, match="no checkpoint .* could be restored"):
+      train(tiny_config("train.steps=4"), workdir, synthetic_data(cfg))
+  assert sorted(_steps(workdir)) == ["1.unreadable", "2.unreadable"]  # kept, not deleted
+  assert "skipping unreadable checkpoint step 2" in capsys.readouterr().out
+
+
+def test_a_non_finite_update_is_never_kept():
+  """Finite loss and gradient, NaN update (as a NaN learning rate gives): params unchanged."""
+  cfg = tiny_config()
+  graphdef, params = lm.init(cfg, 0)
+  tx = optax.chain(optax.sgd(1e-3), optax.scale(float("nan")))
+  zero = jax.numpy.zeros((), jax.numpy.int32)
+  state = TrainState(step=zero, params=params, opt_state=tx.init(params), nonfinite_streak=zero,
+                     nonfinite_total=zero)
+  new, metrics = jax.jit(make_train_step(graphdef, cfg, tx))(state, random_batch(cfg))
+  assert np.isfinite(float(metrics["loss/total"])) and np.isfinite(float(metrics["grad_norm"]))
+  chex.assert_trees_all_equal(new.params, params)
+  assert int(new.nonfinite_streak) == 1 and int(new.nonfinite_total) == 1
+
+
+def test_two_writers_in_one_workdir(tmp_path, capsys):
+  """A second train is refused while the first runs; after a kill -9 its lock is stale and
+  the next start takes it over and resumes."""
+  workdir = tmp_path / "run"
+  env = dict(os.environ, PRISM_WORKER_HOLD="before_step:3",
+             PRISM_WORKER_MARKER=str(tmp_path / "holding"))
+  first = subprocess.Popen([sys.executable, "-m", "tests.train_worker", str(workdir), "6"],
+                           cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.time() + 180
+    while not (tmp_path / "holding").exists():
+      assert first.poll() is None and time.time() < deadline, "worker never reached step 3"
+      time.sleep(0.05)
+    cfg = tiny_config("train.steps=6", "checkpoint.every=1", "train.eval_every=100")
+    with pytest.raises(UserError, match=f"is in use by train \\(pid {first.pid} on"):
+      train(cfg, str(workdir), synthetic_data(cfg))
+    assert _steps(workdir) == ["1", "2"]  # the first writer's checkpoints are untouched
+  finally:
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+  result = train(cfg, str(workdir), synthetic_data(cfg))
+  captured = capsys.readouterr()
+  assert f"taking over a stale lock of train (pid {first.pid}, gone)" in captured.err
+  assert "resuming from step 2" in captured.out and result["step"] == 6
+
+
+def test_lock_is_reentrant_and_released(tmp_path):
+  with outputs.WorkdirLock(tmp_path, "index"):
+    with outputs.WorkdirLock(tmp_path, "index"):  # a library call under the entry point
+      assert (tmp_path / outputs.WorkdirLock.FILE).exists()
+    assert (tmp_path / outputs.WorkdirLock.FILE).exists()
+  assert not (tmp_path / outputs.WorkdirLock.FILE).exists()
+
+
+def test_torn_metrics_line_is_repaired_and_skipped(tmp_path, capsys):
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"step": 1, "loss/cross_entropy": 5.0, "tokens_per_second": 10.0}\n'
+                  'garbage in the middle\n'
+                  '{"step": 2, "loss/cross_entropy": 4.0, "tokens_per_second": 20.0}\n'
+                  '{"step": 3, "loss/cross_en')  # killed mid-write
+  assert [r["step"] for r in read_jsonl(path)] == [1, 2]  # readers skip what does not parse
+  assert compare.loss_curves(str(tmp_path))["train"] == [(1, 5.0), (2, 4.0)]
+  log = MetricsLog(str(tmp_path))
+  log.write(3, {"loss/cross_entropy": 3.0})
+  log.close()
+  assert "dropped a torn last line" in capsys.readouterr().err
+  lines = path.read_text().splitlines()
+  assert json.loads(lines[-1]) == {"step": 3, "loss/cross_entropy": 3.0}
+  assert [r["step"] for r in read_jsonl(path)] == [1, 2, 3]
+
+
+def test_full_disk_while_saving_is_one_line_and_keeps_earlier_steps(two_step_run, tmp_path,
+                                                                     monkeypatch):
+  cfg, run = two_step_run
+  workdir = _copy(run, tmp_path)
+
+  def full(self, step, *a, **k):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(ocp.CheckpointManager, "save", full)
+  with pytest.raises(UserError, match="disk full while saving checkpoint step 3 .* intact"):
+    train(tiny_config("train.steps=3", "checkpoint.every=1", "train.eval_every=100"), workdir,
+          synthetic_data(cfg))
+  assert _steps(workdir) == ["1", "2"]
+
+
+def test_os_errors_reaching_an_entry_point_are_one_line(capsys):
+  @exit_on_user_error
+  def main():
+    raise OSError(errno.ENOSPC, "No space left on device", "/runs/x/metrics.jsonl")
+
+  with pytest.raises(SystemExit) as exit_info:
+    main()
+  assert exit_info.value.code == 2
+  assert capsys.readouterr().err == "error: disk full: /runs/x/metrics.jsonl\n"
+
+
+def test_checkpoints_carry_the_model_settings(two_step_run):
+  cfg, run = two_step_run
+  manager = ocp.CheckpointManager(run / "checkpoints", item_names=("config",),
+                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  saved = manager.restore(2, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+  manager.close()
+  assert saved == json.loads(json.dumps(model_settings(cfg)))
+
+
+def test_an_index_of_another_step_warns_only_when_allowed(tmp_path, capsys):
+  cfg = tiny_config()
+  (tmp_path / "manifest.json").write_text(json.dumps({
+      "format": index_lib.FORMAT, "step": 7, "model_settings": model_settings(cfg),
+      "shards": [{"start": 0, "stop": 32, "path": "shards/00000"}]}))
+  with pytest.raises(UserError, match="built from checkpoint step 7, not 9"):
+    index_lib.open_for(str(tmp_path), 9, model_settings(cfg))
+  index_lib.open_for(str(tmp_path), 9, model_settings(cfg), allow_mismatch=True)
+  assert "warning: the index" in capsys.readouterr().err
+  other = model_settings(tiny_config("prototypes.top_k=2"))
+  with pytest.raises(UserError, match="built with prototypes.top_k=4, not 2"):
+    index_lib.open_for(str(tmp_path), 7, other)
+  index_lib.open_for(str(tmp_path), 7, model_settings(cfg))  # its own step and settings
+
+
+@pytest.mark.parametrize("name", ["../config", "a/b", ".hidden", "", "x" * 200, "a\0b"])
+def test_plain_names_only(name):
+  with pytest.raises(UserError, match="is not a plain name"):
+    outputs.plain_name(name, "--name")
+
+
+def test_replace_folder_never_replaces_a_foreign_folder(tmp_path):
+  foreign = tmp_path / "run"
+  foreign.mkdir()
+  (foreign / "checkpoints").mkdir()
+  new = tmp_path / "new.partial"
+  new.mkdir()
+  (new / "manifest.json").write_text(json.dumps({"format": index_lib.FORMAT}))
+  with pytest.raises(UserError, match="exists and is not a prototype index"):
+    outputs.replace_folder(new, foreign, "prototype index", index_lib.is_index, "--index")
+  assert (foreign / "checkpoints").is_dir() and new.is_dir()
+  old_index = tmp_path / "index"
+  old_index.mkdir()
+  (old_index / "manifest.json").write_text(json.dumps({"format": index_lib.FORMAT, "old": 1}))
+  outputs.replace_folder(new, old_index, "prototype index", index_lib.is_index, "--index")
+  assert "old" not in json.loads((old_index / "manifest.json").read_text())
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["index", "run"]
