@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from prism_jax import index as index_cli
-from prism_jax import outputs, restore
+from prism_jax import outputs
 from prism_jax.attribution import common, index as index_lib, run
 from prism_jax.errors import UserError, exit_on_user_error
 from prism_jax.models import lm
@@ -76,11 +76,17 @@ def results(prepared_scores, train, query, top: int, span: int, decode, token_po
 @exit_on_user_error
 def main(argv=None):
   args = index_cli.parse(__doc__.splitlines()[0], _flags).parse_args(argv)
-  cfg, workdir, attr = index_cli.resolve(args)
-  graphdef, params, step = index_cli.load_model(cfg, workdir, args.step)
-  tokenizer = restore.load_tokenizer(cfg)
+  opened, attr = index_cli.resolve(args)
+  with opened:
+    _attribute(args, opened, attr)
+
+
+def _attribute(args, opened, attr):
+  cfg, workdir = opened.cfg, opened.workdir
+  graphdef, params, step = opened.params(args.step)
+  tokenizer = opened.tokenizer()
   query = make_query(cfg, graphdef, params, tokenizer, args.prompt, args.target_token)
-  index_dir = args.index or index_cli.default_index_dir(workdir)
+  index_dir = args.index or opened.index
   if args.method in run.PROTOTYPE_METHODS:
     index = index_cli.open_index(args, cfg, workdir, step)
     train = index.training_set()

@@ -21,10 +21,11 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from prism_jax import cli, control, downstream, outputs, restore
+from prism_jax import cli, control, downstream, outputs
 from prism_jax.config import ExperimentConfig
 from prism_jax.downstream import special_id
 from prism_jax.errors import UserError, exit_on_user_error
+from prism_jax.run import Run
 from prism_jax.step import BATCH_KEYS, make_eval_step
 
 # ------------------------------------------------------------------------------------------
@@ -205,9 +206,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> dict:
   """The command line's work, returned as the results dict (also written to the workdir)."""
-  exp_cfg, workdir = cli.resolve(argparse.Namespace(exp=args.exp, workdir=args.workdir,
-                                                    overrides=[]))
-  cfg = restore.run_config(exp_cfg, workdir, args.overrides)
+  with Run.open(args.exp, args.workdir, args.overrides) as opened:
+    return _run(args, opened)
+
+
+def _run(args: argparse.Namespace, opened: Run) -> dict:
+  cfg, workdir = opened.cfg, opened.workdir
   tasks = [] if args.tasks == ["none"] else downstream.resolve_tasks(args.tasks)
   task_root = args.task_data
   if tasks and task_root is None:
@@ -216,7 +220,7 @@ def run(args: argparse.Namespace) -> dict:
     raise UserError("--limit must be at least 1")
   text = read_text_file(args.text_file) if args.text_file else None
   interventions = control.interventions(args, cfg)
-  graphdef, params, step = restore.load_params(cfg, workdir, args.step)
+  graphdef, params, step = opened.params(args.step)
   from prism_jax import data as data_lib  # deferred: tfds/grain import cost
 
   bundle = data_lib.prepare(cfg.data, cfg.model.vocab_size)

@@ -8,18 +8,15 @@ prism_jax/attribution/index.py and docs/attribution.md.
 
 from __future__ import annotations
 
-import argparse
-import os
 import time
 
-from prism_jax import cli, outputs, restore
+from etils import epath
+
+from prism_jax import cli, outputs
 from prism_jax.attribution import common, config as attr_config, index as index_lib
 from prism_jax.checkpoint import model_settings
 from prism_jax.errors import exit_on_user_error
-
-
-def default_index_dir(workdir: str) -> str:
-  return os.path.join(workdir, "index")
+from prism_jax.run import INDEX, Run
 
 
 def parse(description: str, extra=None):
@@ -35,15 +32,12 @@ def parse(description: str, extra=None):
   return parser
 
 
-def resolve(args):
-  """(experiment config, workdir, attribution config) from parsed args."""
+def resolve(args) -> tuple[Run, attr_config.AttributionConfig]:
+  """(the run, on its mesh once entered; the attribution config) from parsed args."""
   exp_overrides, attr_overrides = attr_config.split_overrides(args.overrides)
-  args.overrides = exp_overrides
-  exp_cfg, workdir = cli.resolve(argparse.Namespace(exp=args.exp, workdir=args.workdir,
-                                                    overrides=[]))
-  cfg = restore.run_config(exp_cfg, workdir, args.overrides)  # the model trained there
+  opened = Run.open(args.exp, args.workdir, exp_overrides)  # the model trained there
   attr = attr_config.apply_overrides(attr_config.AttributionConfig(), attr_overrides)
-  return cfg, workdir, attr
+  return opened, attr
 
 
 def training_set(cfg, attr):
@@ -56,30 +50,25 @@ def training_set(cfg, attr):
   return train, bundle.tokenizer
 
 
-def load_model(cfg, workdir, step):
-  from prism_jax.restore import load_params
-
-  return load_params(cfg, workdir, step)
-
-
 def open_index(args, cfg, workdir: str, step: int) -> index_lib.Index:
   """The run's index (--index or WORKDIR/index), checked against the loaded step."""
-  return index_lib.open_for(args.index or default_index_dir(workdir), step,
+  return index_lib.open_for(args.index or str(epath.Path(workdir) / INDEX), step,
                             model_settings(cfg), args.allow_index_mismatch)
 
 
 @exit_on_user_error
 def main(argv=None):
   args = parse(__doc__.splitlines()[0]).parse_args(argv)
-  cfg, workdir, attr = resolve(args)
-  out = args.index or default_index_dir(workdir)
+  opened, attr = resolve(args)
+  out = args.index or opened.index
   outputs.check_folder(out, "prototype index", index_lib.is_index, "--index")
-  with outputs.WorkdirLock(workdir, "index"):
-    _build(args, cfg, workdir, attr, out)
+  with opened, outputs.WorkdirLock(opened.workdir, "index"):
+    _build(args, opened, attr, out)
 
 
-def _build(args, cfg, workdir, attr, out):
-  graphdef, params, step = load_model(cfg, workdir, args.step)
+def _build(args, opened: Run, attr, out):
+  cfg = opened.cfg
+  graphdef, params, step = opened.params(args.step)
   train, tokenizer = training_set(cfg, attr)
   started = time.perf_counter()
   manifest = index_lib.build(cfg, graphdef, params, train, out, attr, decode=tokenizer.decode,

@@ -41,9 +41,7 @@ def os_error(e: OSError, doing: str) -> UserError:
   if e.errno == errno.ENOSPC:
     return UserError(f"disk full while {doing}: free space and run again "
                      "(completed checkpoints and files are intact)")
-  reason = e.strerror or str(e)
-  where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-  return UserError(f"cannot complete {doing}: {reason}{where}")
+  return UserError(f"{doing} failed: {e.strerror or e}")
 
 
 def write_text(path, text: str) -> str:

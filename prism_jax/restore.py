@@ -20,8 +20,7 @@ from prism_jax import config as config_lib
 from prism_jax.checkpoint import Checkpointer, abstract_with_sharding, model_settings
 from prism_jax.config import ExperimentConfig
 from prism_jax.errors import UserError
-from prism_jax.optim import make_optimizer
-from prism_jax.step import state_shardings
+from prism_jax.step import abstract_params
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -51,14 +50,12 @@ def load_params(cfg: ExperimentConfig, workdir: str, step: int | None = None,
       raise UserError(f"no checkpoint for step {step} in {directory}; available: "
                       f"{', '.join(map(str, sorted(steps)))}")
     mesh = mesh or sharding.make_mesh(cfg.mesh)
-    tx = make_optimizer(cfg.optimizer, cfg.train.steps)
-    graphdef, abstract, shardings = state_shardings(cfg, mesh, tx)
-    # The whole train state is read (Checkpointer's StandardRestore takes no placeholders for
-    # the optimizer moments); only the parameters are kept.
-    state = checkpointer.restore(step, abstract_with_sharding(abstract, shardings))
+    graphdef, abstract, specs = abstract_params(cfg)
+    params = checkpointer.restore_params(
+        step, abstract_with_sharding(abstract, sharding.named(mesh, specs)))
   finally:
     checkpointer.close()
-  return graphdef, state.params, int(step)
+  return graphdef, params, int(step)
 
 
 def _tuples(value):

@@ -39,10 +39,30 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> j
   if math.prod(shape) != len(devices):
     raise ConfigError(f"mesh {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices, "
                       f"found {len(devices)}")
-  device_grid = np.asarray(devices).reshape(shape)
   # Auto axes: XLA's partitioner propagates shardings between the constraints we write.
-  return jax.sharding.Mesh(device_grid, MESH_AXES,
-                           axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+  axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  slices = sorted({getattr(d, "slice_index", 0) or 0 for d in devices})
+  if len(slices) > 1:
+    return jax.sharding.Mesh(_hybrid_grid(shape, devices, len(slices)), MESH_AXES,
+                             axis_types=axis_types)
+  try:
+    # Device order that follows the chips' interconnect (ICI) on TPU and GPU.
+    return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=axis_types, devices=devices)
+  except (ValueError, NotImplementedError, AssertionError):
+    # A shape the physical topology cannot tile (e.g. on a partial slice): plain order.
+    return jax.sharding.Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
+                             axis_types=axis_types)
+
+
+def _hybrid_grid(shape: list[int], devices, num_slices: int) -> np.ndarray:
+  """Multi-slice pods: the data axis spans slices (DCN), everything else stays in a slice."""
+  from jax.experimental import mesh_utils
+
+  if shape[0] % num_slices:
+    raise ConfigError(f"{num_slices} slices need mesh.data divisible by {num_slices} (data "
+                      f"parallelism crosses slices over DCN); got mesh {shape}")
+  ici = (shape[0] // num_slices, shape[1], shape[2])
+  return mesh_utils.create_hybrid_device_mesh(ici, (num_slices, 1, 1), devices)
 
 
 @contextlib.contextmanager

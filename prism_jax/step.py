@@ -112,12 +112,17 @@ class CompiledSteps:
   abstract_state: TrainState
 
 
+def abstract_params(cfg: ExperimentConfig):
+  """(graphdef, abstract parameters, their PartitionSpecs) from the logical names."""
+  graphdef, abstract_state = lm.abstract_model(cfg)
+  specs = sharding.param_specs(abstract_state, cfg.mesh.rules)
+  return graphdef, nnx.to_pure_dict(abstract_state), specs
+
+
 def state_shardings(cfg: ExperimentConfig, mesh, tx):
   """(graphdef, abstract TrainState, its NamedShardings) from logical names on parameters."""
-  graphdef, abstract_params_state = lm.abstract_model(cfg)
-  param_specs = sharding.param_specs(abstract_params_state, cfg.mesh.rules)
-  abstract_params = nnx.to_pure_dict(abstract_params_state)
-  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  graphdef, params_abstract, param_specs = abstract_params(cfg)
+  abstract_opt = jax.eval_shape(tx.init, params_abstract)
   # Optimizer moments mirror the parameters; counters are replicated.
   opt_specs = optax.tree_map_params(tx, lambda _, spec: spec, abstract_opt, param_specs,
                                     transform_non_params=lambda _: P(),
@@ -125,7 +130,7 @@ def state_shardings(cfg: ExperimentConfig, mesh, tx):
   specs = TrainState(step=P(), params=param_specs, opt_state=opt_specs, nonfinite_streak=P(),
                      nonfinite_total=P())
   scalar = jax.ShapeDtypeStruct((), jnp.int32)
-  abstract = TrainState(step=scalar, params=abstract_params, opt_state=abstract_opt,
+  abstract = TrainState(step=scalar, params=params_abstract, opt_state=abstract_opt,
                         nonfinite_streak=scalar, nonfinite_total=scalar)
   return graphdef, abstract, sharding.named(mesh, specs)
 

@@ -83,6 +83,8 @@ ENTRY_POINTS = {
          "is in use by train (pid 1"),
         ("coordinator that is no address", ["distributed.coordinator_address=nohost"],
          "is not HOST:PORT"),
+        ("workdir that cannot be created", ["--workdir", "/proc/prism_run"],
+         "creating the run directory /proc/prism_run failed: No such file or directory"),
     ]),
     "evaluate": ("prism_jax.evaluate", ["--tasks", "none"], CHECKPOINT + INTERVENTIONS + [
         ("unknown task", ["--tasks", "piqaa"], "unknown task 'piqaa' (did you mean 'piqa'?)"),

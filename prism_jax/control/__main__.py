@@ -27,6 +27,7 @@ from prism_jax.control import controller as ctl
 from prism_jax.control import suppress as sup
 from prism_jax.control import tasks as task_lib
 from prism_jax.errors import UserError, exit_on_user_error
+from prism_jax.run import Run
 
 
 def _common(parser: argparse.ArgumentParser):
@@ -39,13 +40,12 @@ def _common(parser: argparse.ArgumentParser):
 
 
 def _setup(args):
-  exp_cfg, workdir = cli.resolve(argparse.Namespace(exp=args.exp, workdir=args.workdir,
-                                                    overrides=[]))
-  cfg = restore.run_config(exp_cfg, workdir, args.overrides)
+  opened = Run.open(args.exp, args.workdir, args.overrides)
+  cfg = opened.cfg
   if cfg.model.head != "prism":
     raise UserError(f"{cfg.name} has a dense head: control needs a PRISM model")
-  graphdef, params, step = restore.load_params(cfg, workdir, args.step)
-  return cfg, workdir, graphdef, params, step
+  graphdef, params, step = opened.params(args.step)
+  return opened, cfg, opened.workdir, graphdef, params, step
 
 
 def _open_index(args, cfg, workdir, step):
@@ -116,8 +116,8 @@ def calibrate(argv) -> dict:
                       "choice tasks")
   root = args.task_data or downstream.data_root()
   examples = {s.name: downstream.load_task(s, root, args.limit) for s in specs}
-  cfg, workdir, graphdef, params, step = _setup(args)
-  with outputs.WorkdirLock(workdir, "control calibrate"):
+  opened, cfg, workdir, graphdef, params, step = _setup(args)
+  with opened, outputs.WorkdirLock(workdir, "control calibrate"):
     tokenizer = restore.load_tokenizer(cfg)
     index = _open_index(args, cfg, workdir, step)
     cards = _cards(workdir, params, tokenizer)
@@ -233,8 +233,8 @@ def suppress(argv) -> dict:
   default_name = "_".join("".join(c for c in w if c.isalnum()) for w in words)[:40] or "set"
   if args.name:
     outputs.plain_name(args.name, "--name")
-  cfg, workdir, graphdef, params, step = _setup(args)
-  with outputs.WorkdirLock(workdir, "control suppress"):
+  opened, cfg, workdir, graphdef, params, step = _setup(args)
+  with opened, outputs.WorkdirLock(workdir, "control suppress"):
     tokenizer = restore.load_tokenizer(cfg)
     m = cfg.prototypes.num_prototypes
     chosen = list(args.prototypes)

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import re
 import time
 from typing import Any, Iterator, Mapping, Sequence
 
+from etils import epath
 from tqdm import tqdm
 
 from prism_jax.config import DataConfig
@@ -50,9 +50,9 @@ def tokenizer_path(cfg: DataConfig, vocab_size: int) -> str:
   if cfg.tokenizer:
     return cfg.tokenizer
   if cfg.dataset == DEFAULT_DATASET:
-    return os.path.join(cfg.data_dir, f"tokenizer_{vocab_size}.model")
+    return str(epath.Path(cfg.data_dir) / f"tokenizer_{vocab_size}.model")
   tag = re.sub(r"[^\w.-]+", "_", cfg.dataset)
-  return os.path.join(cfg.data_dir, f"tokenizer_{tag}_{vocab_size}.model")
+  return str(epath.Path(cfg.data_dir) / f"tokenizer_{tag}_{vocab_size}.model")
 
 
 def _check_text_key(source: Sequence, text_key: str, what: str) -> None:
@@ -88,7 +88,7 @@ def load_sources(cfg: DataConfig) -> tuple[Sequence, Sequence, dict[str, Any]]:
       raise UserError(f"tfds dataset {cfg.dataset!r} needs a train and a validation (or test) "
                       f"split; it has {', '.join(sources)}")
     train, validation = sources["train"], sources[valid_name]
-    info = {"dataset_dir": os.path.join(cfg.data_dir, cfg.dataset)}
+    info = {"dataset_dir": str(epath.Path(cfg.data_dir) / cfg.dataset)}
   _check_text_key(train, cfg.text_key, f"the train split of {cfg.dataset}")
   _check_text_key(validation, cfg.text_key, f"the validation split of {cfg.dataset}")
   info["passages"] = {"train": len(train), "validation": len(validation)}
@@ -118,7 +118,7 @@ def prepare(cfg: DataConfig, vocab_size: int) -> DataBundle:
   log.info("dataset ready in %.1f s: %s", info["seconds_dataset"], info["passages"])
   path = tokenizer_path(cfg, vocab_size)
   t0 = time.perf_counter()
-  if os.path.exists(path):
+  if epath.Path(path).exists():
     log.info("tokenizer: loading %s", path)
     tok = Tokenizer.load(path)
   elif cfg.tokenizer:

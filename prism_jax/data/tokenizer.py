@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import random
 from typing import Iterable, Sequence
 
 import sentencepiece as spm
+from etils import epath
 
 from prism_jax.errors import UserError
 
@@ -36,10 +36,9 @@ class Tokenizer:
   @classmethod
   def load(cls, path: str) -> Tokenizer:
     try:
-      with open(path, "rb") as f:
-        proto = f.read()
+      proto = epath.Path(path).read_bytes()  # epath: local paths and gs:// alike
     except OSError as e:
-      raise UserError(f"cannot read tokenizer {path}: {e.strerror}") from None
+      raise UserError(f"cannot read tokenizer {path}: {e.strerror or e}") from None
     try:
       return cls(proto, path)
     except (RuntimeError, OSError) as e:
@@ -124,9 +123,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, path: str, *,
     # e.g. "Vocabulary size is smaller than required_chars" / "too high": one line for users.
     raise UserError(f"sentencepiece training failed for vocab_size={vocab_size}: "
                     f"{str(e).splitlines()[-1]}") from None
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
-    f.write(model.getvalue())
-  os.replace(tmp, path)  # atomic: a crashed run never leaves a half-written model
+  target = epath.Path(path)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  tmp = target.parent / f"{target.name}.tmp"
+  tmp.write_bytes(model.getvalue())
+  tmp.replace(target)  # atomic: a crashed run never leaves a half-written model
   return Tokenizer(model.getvalue(), path)

@@ -9,7 +9,6 @@ maps the prototype keys to 2-D (UMAP if installed, else PCA) and writes
 
 from __future__ import annotations
 
-import argparse
 import collections
 import os
 
@@ -18,8 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from prism_jax import cli, outputs, restore
+from prism_jax import cli, outputs
 from prism_jax.errors import UserError, exit_on_user_error
+from prism_jax.run import Run
 from prism_jax.explore import labels as labels_lib
 from prism_jax.explore import projection, report
 from prism_jax.models import lm
@@ -105,9 +105,8 @@ def main(argv=None):
                       help="use an index built from another checkpoint step (warns)")
   parser.add_argument("--no-progress", action="store_true")
   args = parser.parse_args(argv)
-  exp_cfg, workdir = cli.resolve(argparse.Namespace(exp=args.exp, workdir=args.workdir,
-                                                    overrides=[]))
-  cfg = restore.run_config(exp_cfg, workdir, args.overrides)
+  opened = Run.open(args.exp, args.workdir, args.overrides)
+  cfg, workdir = opened.cfg, opened.workdir
   if cfg.model.head != "prism":
     raise UserError(f"{cfg.name} has a dense head: the explorer needs a PRISM model")
   labeller = labels_lib.load_llm_labeller(args.llm_labeller)
@@ -115,12 +114,13 @@ def main(argv=None):
     import importlib.util
     if importlib.util.find_spec("umap") is None:
       raise UserError("--projection umap needs umap-learn (pip install umap-learn)")
-  with outputs.WorkdirLock(workdir, "explore"):
-    _explore(args, cfg, workdir, labeller)
+  with opened, outputs.WorkdirLock(workdir, "explore"):
+    _explore(args, opened, labeller)
 
 
-def _explore(args, cfg, workdir, labeller):
-  graphdef, params, step = restore.load_params(cfg, workdir, args.step)
+def _explore(args, opened: Run, labeller):
+  cfg, workdir = opened.cfg, opened.workdir
+  graphdef, params, step = opened.params(args.step)
   from prism_jax import data as data_lib
   from prism_jax.attribution import index as index_lib
   from prism_jax.checkpoint import model_settings
