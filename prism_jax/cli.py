@@ -10,7 +10,7 @@ import sys
 from etils import epath
 
 from prism_jax import config as config_lib
-from prism_jax import limits
+from prism_jax import layout, limits
 from prism_jax.config import ConfigError, ExperimentConfig
 from prism_jax.errors import UserError
 
@@ -75,7 +75,7 @@ def resolve(args: argparse.Namespace) -> tuple[ExperimentConfig, str]:
 
 def config_path(workdir: str) -> epath.Path:
   # epath: the same code reads and writes local paths and gs:// buckets (shared pod workdirs).
-  return epath.Path(workdir) / "config.json"
+  return epath.Path(workdir) / layout.CONFIG
 
 
 def read_run_config(path) -> dict:

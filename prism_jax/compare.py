@@ -13,7 +13,7 @@ import statistics
 import sys
 import time
 
-from prism_jax import cli, downstream, evaluate, outputs, restore
+from prism_jax import cli, downstream, evaluate, layout, outputs, restore
 from prism_jax.config import ExperimentConfig, apply_overrides, to_dict
 from prism_jax.errors import UserError, exit_on_user_error
 from prism_jax.metrics_log import read_jsonl
@@ -48,7 +48,7 @@ def check_matched(prism: ExperimentConfig, dense: ExperimentConfig) -> None:
 def step_seconds(workdir: str, tokens_per_step: int) -> float | None:
   """Median train-step time from the run's logged tokens/s (the first report, which includes
   compilation, is left out)."""
-  path = os.path.join(workdir, "metrics.jsonl")
+  path = layout.path(workdir, layout.METRICS)
   if not os.path.isfile(path):
     return None
   rates = [r["tokens_per_second"] for r in read_jsonl(path) if "tokens_per_second" in r]
@@ -57,7 +57,7 @@ def step_seconds(workdir: str, tokens_per_step: int) -> float | None:
 
 
 def loss_curves(workdir: str) -> dict[str, list[tuple[int, float]]]:
-  rows = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  rows = read_jsonl(layout.path(workdir, layout.METRICS))
   curves = {"train": [(r["step"], r["loss/cross_entropy"]) for r in rows
                       if "loss/cross_entropy" in r],
             "validation": [(r["step"], r["val/loss"]) for r in rows if "val/loss" in r]}

@@ -26,6 +26,7 @@ from prism_jax.config import ExperimentConfig
 from prism_jax.downstream import special_id
 from prism_jax.errors import UserError, exit_on_user_error
 from prism_jax.run import Run
+from prism_jax import layout
 from prism_jax.step import BATCH_KEYS, make_eval_step
 
 # ------------------------------------------------------------------------------------------
@@ -170,7 +171,7 @@ def format_table(results: dict) -> str:
 
 
 def write_results(results: dict, workdir: str) -> str:
-  path = os.path.join(workdir, "eval", f"step_{results.get('step', 0)}.json")
+  path = layout.path(workdir, layout.EVAL, f"step_{results.get('step', 0)}.json")
   return outputs.write_json(path, results)
 
 

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import time
 
-from etils import epath
-
-from prism_jax import cli, outputs
+from prism_jax import cli, layout, outputs
 from prism_jax.attribution import common, config as attr_config, index as index_lib
 from prism_jax.checkpoint import model_settings
 from prism_jax.errors import exit_on_user_error
-from prism_jax.run import INDEX, Run
+from prism_jax.run import Run
 
 
 def parse(description: str, extra=None):
@@ -52,7 +50,7 @@ def training_set(cfg, attr):
 
 def open_index(args, cfg, workdir: str, step: int) -> index_lib.Index:
   """The run's index (--index or WORKDIR/index), checked against the loaded step."""
-  return index_lib.open_for(args.index or str(epath.Path(workdir) / INDEX), step,
+  return index_lib.open_for(args.index or layout.path(workdir, layout.INDEX), step,
                             model_settings(cfg), args.allow_index_mismatch)
 
 

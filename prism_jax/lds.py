@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from prism_jax import cli
+from prism_jax import layout
 from prism_jax.attribution import common, lds as lds_lib, retrain, run
 from prism_jax.attribution import config as attr_config
 from prism_jax.config import apply_overrides, to_dict
@@ -134,7 +135,7 @@ def run_study(cfg, attr, workdir: str, methods=run.METHODS, say=print) -> dict:
   for method in methods:
     started = time.perf_counter()
     prepared = run.prepare(method, cfg, graphdef, params, train, attr,
-                           index_dir=os.path.join(workdir, "index"))
+                           index_dir=layout.path(workdir, layout.INDEX))
     prepare_s = time.perf_counter() - started
     started = time.perf_counter()
     scores = np.stack([prepared.query(q).example_scores for q in queries])

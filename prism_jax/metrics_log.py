@@ -14,6 +14,8 @@ import jax
 import numpy as np
 from tensorboardX import SummaryWriter
 
+from prism_jax import layout
+
 
 class MetricsLog:
 
@@ -21,9 +23,9 @@ class MetricsLog:
     self.enabled = jax.process_index() == 0
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
-      path = os.path.join(workdir, "metrics.jsonl")
+      path = layout.path(workdir, layout.METRICS)
       repair_torn_tail(path)
-      self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self.writer = SummaryWriter(layout.path(workdir, layout.TENSORBOARD))
       self.jsonl = open(path, "a", encoding="utf-8")
 
   def write(self, step: int, metrics: dict):

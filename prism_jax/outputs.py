@@ -23,6 +23,7 @@ from typing import Callable
 
 from etils import epath
 
+from prism_jax import layout
 from prism_jax.errors import UserError
 
 _PLAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -125,7 +126,7 @@ class WorkdirLock:
   library call under an entry point that already holds the lock is fine).
   """
 
-  FILE = "writer.lock"
+  FILE = layout.LOCK
   _held: dict[str, int] = {}
 
   def __init__(self, workdir, tool: str, *, create: bool = False):

@@ -20,11 +20,12 @@ from prism_jax import config as config_lib
 from prism_jax.checkpoint import Checkpointer, abstract_with_sharding, model_settings
 from prism_jax.config import ExperimentConfig
 from prism_jax.errors import UserError
+from prism_jax import layout
 from prism_jax.step import abstract_params
 
 
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(workdir, "checkpoints")
+  return layout.path(workdir, layout.CHECKPOINTS)
 
 
 def load_params(cfg: ExperimentConfig, workdir: str, step: int | None = None,

@@ -19,9 +19,8 @@ import dataclasses
 from typing import Any, Sequence
 
 import jax
-from etils import epath
 
-from prism_jax import cli, distributed, restore, sharding
+from prism_jax import cli, distributed, layout, restore, sharding
 from prism_jax.config import ExperimentConfig
 
 
@@ -42,6 +41,17 @@ class Run:
     distributed.initialize(cfg.distributed)
     return cls(cfg=cfg, workdir=workdir, mesh=sharding.make_mesh(cfg.mesh))
 
+  @classmethod
+  def create(cls, exp: str, workdir: str | None, overrides: Sequence[str] = ()) -> Run:
+    """A run to train: the experiment with `overrides` (train refuses a workdir that holds
+    a run of other model settings)."""
+    import argparse
+
+    cfg, workdir = cli.resolve(argparse.Namespace(exp=exp, workdir=workdir,
+                                                  overrides=list(overrides)))
+    distributed.initialize(cfg.distributed)
+    return cls(cfg=cfg, workdir=workdir, mesh=sharding.make_mesh(cfg.mesh))
+
   def __enter__(self) -> Run:
     self._stack = contextlib.ExitStack()
     self._stack.enter_context(jax.set_mesh(self.mesh))
@@ -52,17 +62,13 @@ class Run:
     self._stack.close()
     self._stack = None
 
-  # The run directory's layout.
   def path(self, *parts: str) -> str:
-    return str(epath.Path(self.workdir).joinpath(*parts))
-
-  @property
-  def checkpoints(self) -> str:
-    return self.path(CHECKPOINTS)
+    """A path in the run directory (names in prism_jax/layout.py)."""
+    return layout.path(self.workdir, *parts)
 
   @property
   def index(self) -> str:
-    return self.path(INDEX)
+    return self.path(layout.INDEX)
 
   def params(self, step: int | None = None) -> tuple[Any, Any, int]:
     """(graphdef, parameters, step): the parameters alone (no optimizer state is read),
@@ -72,6 +78,3 @@ class Run:
   def tokenizer(self):
     return restore.load_tokenizer(self.cfg)
 
-
-CHECKPOINTS = "checkpoints"
-INDEX = "index"

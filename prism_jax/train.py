@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import signal
 import sys
 import threading
@@ -21,12 +20,13 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from prism_jax import cli, distributed, outputs, sharding
+from prism_jax import cli, layout, outputs, sharding
 from prism_jax.checkpoint import (CheckpointMismatch, Checkpointer, CheckpointUnreachable,
                                   abstract_with_sharding, model_settings)
 from prism_jax.config import ExperimentConfig
 from prism_jax.errors import UserError, exit_on_user_error
 from prism_jax.metrics_log import MetricsLog
+from prism_jax.run import Run
 from prism_jax.step import CompiledSteps, compile_steps, to_global_batch
 
 
@@ -88,7 +88,7 @@ class _Profiler:
   def __init__(self, cfg: ExperimentConfig, workdir: str):
     self.start = cfg.train.profile_start
     self.stop = self.start + cfg.train.profile_steps if cfg.train.profile_steps else -1
-    self.directory = os.path.join(workdir, "profile")
+    self.directory = layout.path(workdir, layout.PROFILE)
     self.active = False
 
   def before_step(self, step: int):
@@ -128,33 +128,33 @@ class _PreemptionFlag:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def train(cfg: ExperimentConfig, workdir: str, data: TrainData | None = None) -> dict:
+def train(cfg: ExperimentConfig, workdir: str, data: TrainData | None = None,
+          mesh: jax.sharding.Mesh | None = None) -> dict:
   """Runs (or resumes) training to `cfg.train.steps`; returns the last metrics.
 
   On SIGTERM (or JAX's preemption notice) it saves a checkpoint at the current step, waits
   for it to be committed and returns with `preempted=True`.
   """
   with outputs.WorkdirLock(workdir, "train", create=True):
-    return _train(cfg, workdir, data)
+    return _train(cfg, workdir, data, mesh)
 
 
-def _train(cfg: ExperimentConfig, workdir: str, data: TrainData | None) -> dict:
+def _train(cfg: ExperimentConfig, workdir: str, data: TrainData | None, mesh) -> dict:
   cli.check_run_config(cfg, workdir)
-  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint,
+  checkpointer = Checkpointer(layout.path(workdir, layout.CHECKPOINTS), cfg.checkpoint,
                               settings=model_settings(cfg))
   try:
     if checkpointer.latest_step() is not None:  # before anything is written
       checkpointer.check_settings(checkpointer.latest_step())
     cli.write_run_config(cfg, workdir)
-    return _train_loop(cfg, workdir, data, checkpointer)
+    return _train_loop(cfg, workdir, data, checkpointer, mesh or sharding.make_mesh(cfg.mesh))
   finally:
     checkpointer.close()
 
 
 def _train_loop(cfg: ExperimentConfig, workdir: str, data: TrainData | None,
-                checkpointer: Checkpointer) -> dict:
+                checkpointer: Checkpointer, mesh: jax.sharding.Mesh) -> dict:
   data = data or corpus_data(cfg)
-  mesh = sharding.make_mesh(cfg.mesh)
   steps = compile_steps(cfg, mesh)
   log = MetricsLog(workdir)
   profiler = _Profiler(cfg, workdir)
@@ -256,17 +256,18 @@ def _set_aside_before(checkpointer: Checkpointer) -> bool:
 def main(argv=None):
   parser = cli.base_parser(__doc__.splitlines()[0])
   args = parser.parse_args(argv)
-  cfg, workdir = cli.resolve(args)
-  distributed.initialize(cfg.distributed)
+  opened = Run.create(args.exp, args.workdir, args.overrides)
+  cfg, workdir = opened.cfg, opened.workdir
   started = time.perf_counter()
-  result = train(cfg, workdir)
+  with opened:
+    result = train(cfg, workdir, mesh=opened.mesh)
   elapsed = time.perf_counter() - started
   if result["preempted"]:
     return
   shown = {k: v for k, v in result.items() if k.startswith("val/") or k == "step"}
   print(f"done in {elapsed:.0f}s: " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()))
-  print(f"checkpoints: {os.path.join(workdir, 'checkpoints')}  "
-        f"tensorboard: {os.path.join(workdir, 'tensorboard')}")
+  print(f"checkpoints: {layout.path(workdir, layout.CHECKPOINTS)}  "
+        f"tensorboard: {layout.path(workdir, layout.TENSORBOARD)}")
 
 
 if __name__ == "__main__":

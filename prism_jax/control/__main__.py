@@ -28,6 +28,7 @@ from prism_jax.control import suppress as sup
 from prism_jax.control import tasks as task_lib
 from prism_jax.errors import UserError, exit_on_user_error
 from prism_jax.run import Run
+from prism_jax import layout
 
 
 def _common(parser: argparse.ArgumentParser):
@@ -53,7 +54,7 @@ def _open_index(args, cfg, workdir, step):
   from prism_jax.attribution import index as index_lib
   from prism_jax.checkpoint import model_settings
 
-  path = args.index or os.path.join(workdir, "index")
+  path = args.index or layout.path(workdir, layout.INDEX)
   if not os.path.isfile(os.path.join(path, "manifest.json")):
     return None
   return index_lib.open_for(path, step, model_settings(cfg), args.allow_index_mismatch)
@@ -167,7 +168,7 @@ def calibrate(argv) -> dict:
            "heldout_before": before["accuracy"], "heldout_after": after["accuracy"]})
       report["tasks"][spec.name] = result
       print(format_calibration(spec.name, result))
-    path = outputs.write_json(os.path.join(workdir, "controllers", "report.json"), report)
+    path = outputs.write_json(layout.path(workdir, layout.CONTROLLERS, "report.json"), report)
     print(f"JSON: {path}")
     return report
 

@@ -11,7 +11,6 @@ log-likelihoods plus an L1 penalty (proximal steps, so most g are exactly zero).
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Sequence
 
 import jax
@@ -21,6 +20,7 @@ import optax
 from tqdm import tqdm
 
 from prism_jax.control import records
+from prism_jax import layout
 from prism_jax.errors import UserError
 from prism_jax.models.prism_head import Controller
 
@@ -225,7 +225,7 @@ def strongest(controller: Controller, count: int) -> list[dict]:
 
 
 def default_path(workdir: str, task: str) -> str:
-  return os.path.join(workdir, "controllers", f"{task}.json")
+  return layout.path(workdir, layout.CONTROLLERS, f"{task}.json")
 
 
 def save(path: str, controller: Controller, meta: dict) -> str:

@@ -10,7 +10,6 @@ of the family where it is the real next token, and the validation loss.
 
 from __future__ import annotations
 
-import os
 import string
 from typing import Iterable, Sequence
 
@@ -21,6 +20,7 @@ import optax
 from tqdm import tqdm
 
 from prism_jax.control import records
+from prism_jax import layout
 from prism_jax.errors import UserError
 from prism_jax.models import lm
 
@@ -143,7 +143,7 @@ def mention_rate(generator, params, tokenizer, prompts: Sequence[str], family_V:
 
 
 def default_path(workdir: str, name: str) -> str:
-  return os.path.join(workdir, "suppressions", f"{name}.json")
+  return layout.path(workdir, layout.SUPPRESSIONS, f"{name}.json")
 
 
 def save(path: str, prototypes: Sequence[int], meta: dict) -> str:

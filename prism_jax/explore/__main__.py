@@ -20,6 +20,7 @@ from tqdm import tqdm
 from prism_jax import cli, outputs
 from prism_jax.errors import UserError, exit_on_user_error
 from prism_jax.run import Run
+from prism_jax import layout
 from prism_jax.explore import labels as labels_lib
 from prism_jax.explore import projection, report
 from prism_jax.models import lm
@@ -75,7 +76,7 @@ def explore(cfg, workdir, graphdef, params, step, tokenizer, batches, *, index=N
              "top_k": cfg.prototypes.top_k, "validation positions": positions,
              "dead": f"{dead} ({dead / m:.1%})", "projection": method,
              "index": "yes" if index is not None else "no (n-grams/snippets need make index)"}
-  out_dir = out_dir or os.path.join(workdir, "explore")
+  out_dir = out_dir or layout.path(workdir, layout.EXPLORE)
   paths = {name: os.path.join(out_dir, name) for name in ("labels.json", "map.json",
                                                            "report.html")}
   outputs.write_json(paths["labels.json"], cards)
@@ -126,7 +127,7 @@ def _explore(args, opened: Run, labeller):
   from prism_jax.checkpoint import model_settings
 
   bundle = data_lib.prepare(cfg.data, cfg.model.vocab_size)
-  index_dir = args.index or os.path.join(workdir, "index")
+  index_dir = args.index or opened.index
   index = None
   if os.path.isfile(os.path.join(index_dir, "manifest.json")):
     index = index_lib.open_for(index_dir, step, model_settings(cfg), args.allow_index_mismatch)
