@@ -9,10 +9,8 @@ as JSON under <workdir>/generations/.
 
 from __future__ import annotations
 
-import argparse
+import collections
 import dataclasses
-import json
-import os
 import sys
 import time
 from typing import Sequence
@@ -22,10 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from prism_jax import cli, control, restore
+from prism_jax import cli, control, outputs
 from prism_jax.config import ExperimentConfig
 from prism_jax.downstream import special_id
 from prism_jax.errors import UserError, exit_on_user_error
+from prism_jax.run import Run
+from prism_jax import layout
 from prism_jax.models import lm, prism_head
 
 
@@ -110,8 +110,13 @@ class Generator:
     # (prism_jax.control), applied inside the head at every step; None: the model as trained.
     self.cfg, self.sampling = cfg, sampling
     slots = cfg.model.max_seq_len
+    # Recompile guard: how often jax traced each step function (the bodies below run only
+    # while tracing). The decode step is traced once per Generator whatever the position
+    # or token (both are traced values); prefill once per prompt length. Tests pin this.
+    self.traces = collections.Counter()
 
     def prefill(params, prompt_BxP, key):
+      self.traces["prefill"] += 1
       batch, length = prompt_BxP.shape
       positions = jnp.broadcast_to(jnp.arange(length), prompt_BxP.shape)
       out, cache = lm.decode(graphdef, params, prompt_BxP, positions,
@@ -120,12 +125,14 @@ class Generator:
       return cache, _choose(params, out, length - 1, key, sampling)
 
     def decode_step(params, cache, token_B, index, key):
+      self.traces["decode_step"] += 1
       positions = jnp.full((token_B.shape[0], 1), index)
       out, cache = lm.decode(graphdef, params, token_B[:, None], positions, cache, index,
                              suppressed_M, controller=controller)
       return cache, _choose(params, out, 0, key, sampling)
 
     def full_step(params, buffer_BxS, length, key):
+      self.traces["full_step"] += 1
       # No cache: the whole (right-padded) sequence again; causal attention ignores padding.
       out = lm.forward(graphdef, params, {"inputs": buffer_BxS}, suppressed_M,
                        controller=controller)
@@ -240,30 +247,38 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
 def main(argv=None):
   parser = cli.base_parser(__doc__.splitlines()[0])
   parser.add_argument("--prompt", required=True, help="text to continue")
-  parser.add_argument("--max-new-tokens", type=int, default=48)
-  parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-  parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely (0: all)")
-  parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (1: all)")
+  parser.add_argument("--max-new-tokens", type=cli.number_flag("--max-new-tokens"), default=48)
+  parser.add_argument("--temperature", type=cli.number_flag("--temperature"),
+                      default=0.8, help="0 = greedy")
+  parser.add_argument("--top-k", type=cli.number_flag("--top-k"),
+                      default=0, help="keep the k most likely (0: all)")
+  parser.add_argument("--top-p", type=cli.number_flag("--top-p"),
+                      default=1.0, help="nucleus mass (1: all)")
   parser.add_argument("--greedy", action="store_true", help="argmax decoding (temperature 0)")
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
+  parser.add_argument("--seed", type=cli.number_flag("--seed"), default=0)
+  parser.add_argument("--step", type=cli.number_flag("--step"),
+                      default=None, help="checkpoint step (default latest)")
   parser.add_argument("--no-cache", action="store_true", help="recompute the full sequence "
                       "every step instead of using the KV cache")
-  parser.add_argument("--show", type=int, default=4, help="prototypes shown per token")
+  parser.add_argument("--show", type=cli.number_flag("--show"),
+                      default=4, help="prototypes shown per token")
   control.add_arguments(parser)
   parser.add_argument("--output", default=None, help="JSON path (default "
                       "<workdir>/generations/<time>.json)")
   args = parser.parse_args(argv)
-  exp_cfg, workdir = cli.resolve(argparse.Namespace(exp=args.exp, workdir=args.workdir,
-                                                    overrides=[]))
-  cfg = restore.run_config(exp_cfg, workdir, args.overrides)
+  with Run.open(args.exp, args.workdir, args.overrides) as opened:
+    _generate(args, opened)
+
+
+def _generate(args, opened: Run):
+  cfg, workdir = opened.cfg, opened.workdir
   if args.max_new_tokens < 1:
     raise UserError("--max-new-tokens must be at least 1")
   sampling = Sampling(temperature=0.0 if args.greedy else args.temperature, top_k=args.top_k,
                       top_p=args.top_p)
   interventions = control.interventions(args, cfg)  # a bad file fails before the restore
-  graphdef, params, step = restore.load_params(cfg, workdir, args.step)
-  tokenizer = restore.load_tokenizer(cfg)
+  graphdef, params, step = opened.params(args.step)
+  tokenizer = opened.tokenizer()
   prompt_ids = encode_prompt(tokenizer, args.prompt)
   eos = special_id(tokenizer, "eos_id")
   generation = Generator(graphdef, cfg, sampling, **interventions)(
@@ -274,11 +289,9 @@ def main(argv=None):
                     "sampling": dataclasses.asdict(sampling), "seed": args.seed,
                     "kv_cache": not args.no_cache, "controller": args.controller,
                     "suppress": args.suppress})
-  output = args.output or os.path.join(workdir, "generations",
+  output = args.output or layout.path(workdir, layout.GENERATIONS,
                                        time.strftime("%Y%m%d-%H%M%S") + ".json")
-  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-  with open(output, "w", encoding="utf-8") as f:
-    json.dump(result, f, indent=2)
+  outputs.write_json(output, result)
   print(args.prompt + result["completion"])
   print()
   print(format_contributions(result, args.show))

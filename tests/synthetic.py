@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import grain
+import jax
 import numpy as np
 
 import experiments
 from prism_jax.config import ExperimentConfig, apply_overrides
 from prism_jax.train import TrainData
+
+# jax.monitoring event recorded once per XLA compilation (jax._src.dispatch).
+_BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 TINY_OVERRIDES = [
     "model.vocab_size=128", "model.d_model=32", "model.d_ff=64", "model.num_layers=2",
@@ -65,3 +71,24 @@ def synthetic_data(cfg: ExperimentConfig, num_rows: int = 64, seed: int = 0,
       cfg.data.batch_size).map(rows_to_batch).map(my_slice)
   return TrainData(train_iterator=iter(train.to_iter_dataset()),
                    eval_batches=lambda: iter(valid))
+
+
+class _CompileCount:
+  count = 0
+
+
+@contextlib.contextmanager
+def count_backend_compiles():
+  """Counts XLA backend compilations (any function) while the block runs: `.count`."""
+  counter = _CompileCount()
+
+  def listener(event, duration_secs, **kwargs):
+    del duration_secs, kwargs
+    if event == _BACKEND_COMPILE_EVENT:
+      counter.count += 1
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield counter
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)

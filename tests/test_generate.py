@@ -1,5 +1,6 @@
 """KV-cache decoding, sampling, and generation with prototype contributions."""
 
+import functools
 import json
 
 import jax
@@ -10,7 +11,7 @@ import pytest
 from prism_jax import generate
 from prism_jax.models import lm
 from tests.text_model import CharTokenizer
-from tests.synthetic import tiny_config
+from tests.synthetic import count_backend_compiles, tiny_config
 
 
 @pytest.mark.parametrize("exp,layout", [("prism_tiny", "false"), ("prism_tiny", "true"),
@@ -68,11 +69,17 @@ def test_generated_contributions_sum_to_the_tokens_logit():
   assert len(text.splitlines()) == 10 and "more" in text
 
 
-@pytest.mark.parametrize("exp", ["prism_tiny", "dense_tiny"])
-def test_cache_and_no_cache_generate_the_same_tokens(exp):
+@functools.lru_cache(maxsize=None)
+def _greedy(exp):
+  """(graphdef, params, Generator), shared so that its compiled steps are reused."""
   cfg = tiny_config("model.max_seq_len=32", exp=exp)
   graphdef, params = lm.init(cfg, 2)
-  gen = generate.Generator(graphdef, cfg, generate.Sampling(temperature=0.0))
+  return graphdef, params, generate.Generator(graphdef, cfg, generate.Sampling(temperature=0.0))
+
+
+@pytest.mark.parametrize("exp", ["prism_tiny", "dense_tiny"])
+def test_cache_and_no_cache_generate_the_same_tokens(exp):
+  graphdef, params, gen = _greedy(exp)
   with_cache = gen(params, [1, 5, 9, 11], 12, use_cache=True)
   without = gen(params, [1, 5, 9, 11], 12, use_cache=False)
   assert with_cache.token_ids == without.token_ids
@@ -81,6 +88,20 @@ def test_cache_and_no_cache_generate_the_same_tokens(exp):
   # Greedy picks the argmax of the full forward pass at each step.
   reference = _logits_at(graphdef, params, [1, 5, 9, 11] + with_cache.token_ids)
   assert with_cache.token_ids == [int(reference[3 + t].argmax()) for t in range(12)]
+
+
+def test_decode_step_traces_and_compiles_once():
+  """The KV-cache decode step is traced and compiled once, then reused for every token,
+  position and prompt; only a new prompt length compiles (its prefill) again."""
+  _, params, gen = _greedy("prism_tiny")
+  gen(params, [1, 5, 9, 11], 12)
+  with count_backend_compiles() as same_length:
+    gen(params, [2, 7, 3, 8], 12, seed=1)
+  with count_backend_compiles() as new_length:
+    gen(params, [4, 6, 10], 12)
+  assert gen.traces["decode_step"] == 1, gen.traces
+  assert same_length.count == 0
+  assert new_length.count == 1 and gen.traces["prefill"] == 2, (new_length.count, gen.traces)
 
 
 def test_sampling_filters():

@@ -86,17 +86,85 @@ def test_suppressed_prototypes_are_never_active():
                                 np.asarray(base.top_indices)[untouched])
 
 
-@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (4, 1, 2), (2, 1, 4), (1, 1, 8)])
-def test_sharded_top_k_equals_unsharded(mesh_shape):
-  rng = np.random.default_rng(1)
-  scores = jnp.asarray(rng.normal(size=(8, 6, 64)).astype(np.float32))
-  ref = prism_head.sparse_top_k(scores, 5)
+def _reference_top_k(scores_BxLxM, k):
+  """The obvious top-k: jax.lax.top_k on the whole bank, then relu.
+
+  Tie rule (the contract of `prism_head.sparse_top_k`, sharded or not): among equal scores
+  the lower prototype id wins and comes first, which is jax.lax.top_k's documented order
+  ("if two elements are equal, the lower-index element appears first"). The sharded merge
+  keeps it because each shard's candidates arrive sorted that way and the shards are
+  all-gathered in id order, so the stable merge sees ties in ascending global id.
+  """
+  values, ids = jax.lax.top_k(jnp.asarray(scores_BxLxM), k)
+  values = jax.nn.relu(values)
+  dense = jnp.zeros(scores_BxLxM.shape, jnp.float32)
+  dense = jax.vmap(jax.vmap(lambda row, i, v: row.at[i].set(v)))(dense, ids, values)
+  return dense, values, ids
+
+
+def _tied_scores(rng, shape):
+  """Scores on a coarse grid (many equal values within and across shards), with rows that
+  are entirely equal, rows of one value per shard block, negatives and -inf (suppressed)."""
+  b, l, m = shape
+  scores = rng.integers(-2, 4, size=shape).astype(np.float32) / 2.0
+  scores[0, 0] = 1.0                                        # every prototype tied
+  scores[0, 1] = np.repeat(np.arange(4, dtype=np.float32), m // 4)  # ties inside blocks
+  scores[0, 2] = -1.0                                       # all tied and below zero
+  scores[0, 3, ::3] = -np.inf                               # suppressed prototypes
+  return scores
+
+
+def _sharded_top_k(scores, k, mesh_shape):
   cfg = MeshConfig(data=mesh_shape[0], fsdp=mesh_shape[1], model=mesh_shape[2])
   mesh = sharding.make_mesh(cfg)
   with jax.set_mesh(mesh), sharding.use_rules(cfg.rules):
     spec = sharding.logical_to_spec(("batch", "length", "prototypes"))
-    sharded_scores = jax.device_put(scores, jax.sharding.NamedSharding(mesh, spec))
-    got = jax.jit(lambda s: prism_head.sparse_top_k(s, 5))(sharded_scores)
+    sharded_scores = jax.device_put(jnp.asarray(scores), jax.sharding.NamedSharding(mesh, spec))
+    fn = jax.jit(lambda s: prism_head.sparse_top_k(s, k))
+    jaxpr = str(jax.make_jaxpr(fn)(sharded_scores))
+    got = fn(sharded_scores)
+  return got, jaxpr, spec
+
+
+# (M, k, mesh): more per shard than k; fewer per shard than k (M=16, k=8 on 4 shards holds
+# 4 each; on 8 shards 2 each); the whole bank selected, on a mesh using every axis.
+SHARDED_CASES = [(64, 5, (1, 1, 8)), (16, 8, (2, 1, 4)), (16, 8, (1, 1, 8)),
+                 (16, 16, (2, 2, 2))]
+
+
+@pytest.mark.parametrize("m, k, mesh_shape", SHARDED_CASES)
+def test_sharded_top_k_equals_reference_top_k_with_ties(m, k, mesh_shape):
+  scores = _tied_scores(np.random.default_rng(m * k), (8, 6, m))
+  ref_dense, ref_values, ref_ids = _reference_top_k(scores, k)
+  (dense, values, ids), jaxpr, spec = _sharded_top_k(scores, k, mesh_shape)
+  # The per-shard path really ran: the bank is split and the candidates are all-gathered.
+  assert spec[2] == "model" and mesh_shape[2] > 1
+  assert "shard_map" in jaxpr and "all_gather" in jaxpr
+  np.testing.assert_array_equal(np.asarray(ids), np.asarray(ref_ids))  # which ids win ties
+  np.testing.assert_array_equal(np.asarray(values), np.asarray(ref_values))
+  np.testing.assert_array_equal(np.asarray(dense), np.asarray(ref_dense))
+  # ... and the unsharded path agrees with both.
+  for a, b in zip(prism_head.sparse_top_k(jnp.asarray(scores), k), (ref_dense, ref_values,
+                                                                     ref_ids)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_tie_rule_lower_id_wins():
+  """Equal scores in different shards: the lowest ids are selected, in ascending order."""
+  scores = np.zeros((8, 1, 16), np.float32)
+  scores[..., [3, 6, 9, 12, 15]] = 2.0  # five tied winners spread over four shards
+  (_, values, ids), _, _ = _sharded_top_k(scores, 3, (2, 1, 4))
+  assert np.asarray(ids)[0, 0].tolist() == [3, 6, 9]
+  assert np.asarray(values)[0, 0].tolist() == [2.0, 2.0, 2.0]
+
+
+@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (4, 1, 2)])
+def test_top_k_on_meshes_equals_unsharded(mesh_shape):
+  """Untied scores: the layout changes nothing, with or without a split bank."""
+  rng = np.random.default_rng(1)
+  scores = jnp.asarray(rng.normal(size=(8, 6, 64)).astype(np.float32))
+  ref = prism_head.sparse_top_k(scores, 5)
+  got, _, _ = _sharded_top_k(scores, 5, mesh_shape)
   for a, b in zip(ref, got):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
@@ -55,22 +56,29 @@ class LanguageModel(nnx.Module):
 
   def __call__(self, inputs_BxL, positions_BxL=None, segment_ids_BxL=None,
                suppressed_M=None, *, controller=None) -> LMOutput:
+    chex.assert_rank(inputs_BxL, 2)  # [batch, length] token ids
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(jnp.arange(inputs_BxL.shape[-1]), inputs_BxL.shape)
     if segment_ids_BxL is None:
       segment_ids_BxL = jnp.ones_like(inputs_BxL)
+    chex.assert_equal_shape([inputs_BxL, positions_BxL, segment_ids_BxL])
     h_BxLxD = self.backbone(inputs_BxL, positions_BxL, segment_ids_BxL)
     return self.readout(h_BxLxD, suppressed_M, controller=controller)
 
   def decode(self, inputs_BxT, positions_BxT, cache: LayerCache, index,
              suppressed_M=None, *, controller=None) -> tuple[LMOutput, LayerCache]:
     """Incremental forward over T new tokens with a KV cache (see `Decoder.decode`)."""
+    chex.assert_rank(inputs_BxT, 2)  # [batch, new tokens]
+    chex.assert_equal_shape([inputs_BxT, positions_BxT])
     h_BxTxD, cache = self.backbone.decode(inputs_BxT, positions_BxT, cache, index)
     return self.readout(h_BxTxD, suppressed_M, controller=controller), cache
 
   def readout(self, h_BxLxD, suppressed_M=None, *, controller=None) -> LMOutput:
-    """The dense or PRISM head over final hidden states."""
+    """The dense or PRISM head over final hidden states h [batch, length, d]."""
     unembedding = self.unembedding_matrix()
+    chex.assert_rank(h_BxLxD, 3)
+    batch, length, d = h_BxLxD.shape
+    chex.assert_shape(unembedding, (None, d))  # [vocab, d]
     if self.head_kind == "dense":
       logits = jnp.einsum("bld,vd->blv", h_BxLxD.astype(jnp.float32),
                           unembedding.astype(jnp.float32))
@@ -79,12 +87,17 @@ class LanguageModel(nnx.Module):
       logits, prototypes = self.prototype_head(h_BxLxD, unembedding, suppressed_M,
                                                controller=controller)
     logits = constrain(logits, ("batch", "length", "vocab"))
+    chex.assert_shape(logits, (batch, length, unembedding.shape[0]))  # [B, L, V]
     return LMOutput(logits=logits, hidden=h_BxLxD, prototypes=prototypes)
 
 
 def abstract_model(cfg: ExperimentConfig):
-  """(graphdef, abstract nnx.State of Params) without allocating anything."""
-  model = nnx.eval_shape(lambda: LanguageModel(cfg, nnx.Rngs(0)))
+  """(graphdef, abstract nnx.State of Params) without allocating anything.
+
+  Shapes only: evaluated outside any active mesh (a tool runs inside its run's mesh, where
+  nnx would read the parameters' logical names as mesh axes)."""
+  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
+    model = nnx.eval_shape(lambda: LanguageModel(cfg, nnx.Rngs(0)))
   return nnx.split(model, nnx.Param)
 
 

@@ -15,6 +15,7 @@ merged, as in expert routing.
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
@@ -110,7 +111,10 @@ def sparse_top_k(scores_BxLxM: jax.Array, k: int):
 
   With the bank sharded over a mesh axis, each shard takes its local top-k and the
   candidates are all-gathered and merged; the [B, L, M] tensor is never gathered.
+  Ties: among equal scores the lower prototype id wins and comes first (jax.lax.top_k's
+  order on the whole bank; shards are merged in id order, so sharding never changes it).
   """
+  chex.assert_rank(scores_BxLxM, 3)  # [batch, length, prototypes]
   batch, length, m = scores_BxLxM.shape
   flat = scores_BxLxM.reshape(batch * length, m)
   spec = sharding.logical_to_spec(("batch", "length", "prototypes"))
@@ -127,8 +131,12 @@ def sparse_top_k(scores_BxLxM: jax.Array, k: int):
         axis_names={axis_name},
         check_vma=False,
     )(flat)
-  return (act.reshape(batch, length, m), top_values.reshape(batch, length, k),
-          top_indices.reshape(batch, length, k))
+  act, top_values, top_indices = (act.reshape(batch, length, m),
+                                  top_values.reshape(batch, length, k),
+                                  top_indices.reshape(batch, length, k))
+  chex.assert_shape(act, (batch, length, m))                   # [B, L, M]
+  chex.assert_shape([top_values, top_indices], (batch, length, k))  # [B, L, k]
+  return act, top_values, top_indices
 
 
 def mix_values(activations_BxLxM, values_MxD):
@@ -167,6 +175,14 @@ def prototype_logits(h_BxLxD, keys_MxD, values_MxD, log_temperature, unembedding
   `controller` rescales the selected activations (see `apply_controller`); activations and
   top_values then hold a', so contributions computed from them still sum to the logits.
   """
+  # Shapes are pinned at trace time: h [batch, length, d], keys/values [M, d], E [vocab, d].
+  chex.assert_rank(h_BxLxD, 3)
+  batch, length, d = h_BxLxD.shape
+  m, vocab = keys_MxD.shape[0], unembedding_VxD.shape[0]
+  chex.assert_shape([keys_MxD, values_MxD], (m, d))
+  chex.assert_shape(unembedding_VxD, (vocab, d))
+  if suppressed_M is not None:
+    chex.assert_shape(suppressed_M, (m,))
   sim, dist = similarity_and_distance(h_BxLxD, keys_MxD, cfg.similarity)
   tau = temperature(log_temperature, cfg)
   scores = sharding.constrain(sim / tau, ("batch", "length", "prototypes"))
@@ -177,6 +193,9 @@ def prototype_logits(h_BxLxD, keys_MxD, values_MxD, log_temperature, unembedding
     activations, top_values = apply_controller(activations, top_values, top_indices, controller)
   activations = sharding.constrain(activations, ("batch", "length", "prototypes"))
   logits = logits_from_mixture(mix_values(activations, values_MxD), unembedding_VxD)
+  chex.assert_shape(logits, (batch, length, vocab))                     # [B, L, V]
+  chex.assert_shape([scores, dist, activations], (batch, length, m))    # [B, L, M]
+  chex.assert_shape([top_values, top_indices], (batch, length, cfg.top_k))  # [B, L, k]
   return logits, PrototypeOutput(scores=scores, distances=dist, activations=activations,
                                  top_values=top_values, top_indices=top_indices,
                                  temperature=tau)

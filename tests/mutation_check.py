@@ -1,0 +1,250 @@
+"""Mutation check: each test must catch the bug it is named after.
+
+Every entry of MUTATIONS is a one-line bug planted in a copy of the tree, with the tests that
+must fail because of it. For each mutation this script copies the checkout (the files git
+knows about, untracked ones included, without ignored build outputs) into a temporary
+directory, replaces the exact original snippet (which must occur exactly once, or the
+script stops: the mutation list is out of date), runs
+
+    <repo venv python> -m pytest -q -x <the mutation's tests>
+
+in the copy with PYTHONPATH pointing at it, and reports CAUGHT (a named test failed) or
+MISSED (they all passed). The exit status is non-zero if any mutation is missed or cannot
+be applied. The working tree itself is never modified.
+
+Run it from the repository root (it is not collected by pytest):
+
+    .venv/bin/python -m tests.mutation_check              # every mutation (tens of minutes)
+    .venv/bin/python -m tests.mutation_check --only grad-scale-by-batch-shards
+    .venv/bin/python -m tests.mutation_check --only topk-merge-order --only topk-shard-offset
+    .venv/bin/python -m tests.mutation_check --list       # names, files and tests
+    .venv/bin/python -m tests.mutation_check --keep       # keep the mutated copies for a look
+
+`--only` also takes a prefix (`--only topk` runs every top-k mutation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutation:
+  name: str
+  file: str          # relative to the repository root
+  original: str      # exact snippet; must occur exactly once in `file`
+  replacement: str
+  tests: tuple[str, ...]  # pytest node ids (files or tests) that must catch it
+  why: str = ""
+
+
+MUTATIONS = [
+    # (a) A gradient scaled by the number of batch shards (data x fsdp): a psum where a mean
+    # was meant. Adam and clipping hide it from the loss and the parameters; grad_norm does not.
+    Mutation(
+        "grad-scale-by-batch-shards", "prism_jax/step.py",
+        "    updates, opt_state = tx.update(grads, state.opt_state, state.params)",
+        "    grads = jax.tree.map(lambda g: g * sharding.axis_size(\"batch\"), grads); "
+        "updates, opt_state = tx.update(grads, state.opt_state, state.params)",
+        ("tests/test_sharded_train.py::test_sharded_training_equals_unsharded",),
+        "gradient scale x (data x fsdp) on sharded meshes only"),
+    # (a') The same bug with a constant: every mesh agrees, so only a direct gradient sees it.
+    Mutation(
+        "grad-scale-constant", "prism_jax/step.py",
+        "    updates, opt_state = tx.update(grads, state.opt_state, state.params)",
+        "    grads = jax.tree.map(lambda g: g * 2.0, grads); "
+        "updates, opt_state = tx.update(grads, state.opt_state, state.params)",
+        ("tests/test_sharded_train.py::test_train_step_gradient_norm_is_the_loss_gradient",),
+        "gradient scale x2 everywhere"),
+    # (b) The top-k merge taken in reverse candidate order: the same values win, but ties go
+    # to the highest ids instead of the lowest.
+    Mutation(
+        "topk-merge-order", "prism_jax/models/prism_head.py",
+        "  top_values, order = jax.lax.top_k(values, k)",
+        "  top_values, order = jax.lax.top_k(values[..., ::-1], k); "
+        "order = values.shape[-1] - 1 - order",
+        ("tests/test_prism_head.py::test_sharded_top_k_equals_reference_top_k_with_ties",
+         "tests/test_prism_head.py::test_tie_rule_lower_id_wins"),
+        "ties resolved to the highest id in the per-shard merge"),
+    # (b') Global ids offset by min(k, shard size) per shard instead of by the shard's size:
+    # right only while a shard holds at most k prototypes.
+    Mutation(
+        "topk-shard-offset", "prism_jax/models/prism_head.py",
+        "  indices = indices + shard * m_local",
+        "  indices = indices + shard * min(k, m_local)",
+        ("tests/test_prism_head.py::test_sharded_top_k_equals_reference_top_k_with_ties",),
+        "global id = local id + shard * min(k, shard size) (wrong when a shard holds > k)"),
+    # (c) Bits per byte divided by the token count instead of the byte count.
+    Mutation(
+        "bpb-tokens-not-bytes", "prism_jax/evaluate.py",
+        '"bits_per_byte": nats / math.log(2) / max(num_bytes, 1),',
+        '"bits_per_byte": nats / math.log(2) / max(tokens, 1),',
+        ("tests/test_evaluate.py",),
+        "bits per byte computed per token"),
+    # (d) The training positions' gradient g_t = E^T p_t - E_{y_t} without its target term.
+    Mutation(
+        "attribution-missed-y_t", "prism_jax/attribution/index.py",
+        'jnp.einsum("blv,vd->bld", p_BxLxV, e_VxD) - jnp.take(e_VxD, batch["targets"], 0)',
+        'jnp.einsum("blv,vd->bld", p_BxLxV, e_VxD)',
+        ("tests/test_attribution.py",),
+        "g_t = E^T p_t: the - e_{y_t} term dropped from the indexed gradients"),
+    # (d') The query's gradient g_q without its target term.
+    Mutation(
+        "attribution-query-missed-y", "prism_jax/attribution/prototype.py",
+        "g = jnp.exp(logp) @ e_VxD - e_VxD[target]",
+        "g = jnp.exp(logp) @ e_VxD",
+        ("tests/test_attribution.py",),
+        "g_q = E^T p_q: the - e_y term dropped from the query gradient"),
+    # (e) Resume restores the model but not the data iterator's position.
+    Mutation(
+        "resume-drops-data-iterator", "prism_jax/checkpoint.py",
+        '      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)',
+        "      pass",
+        ("tests/test_checkpoint_resume.py", "tests/test_reliability.py"),
+        "restore() leaves the data iterator at the start"),
+    # Recompile guards.
+    Mutation(
+        "decode-step-recompiles", "prism_jax/generate.py",
+        "self._decode_step = jax.jit(decode_step, donate_argnums=(1,))",
+        "self._decode_step = jax.jit(decode_step, donate_argnums=(1,), static_argnums=(3,))",
+        ("tests/test_generate.py::test_decode_step_traces_and_compiles_once",),
+        "the decode position made static: one compile per generated token"),
+    Mutation(
+        "train-step-retraces", "prism_jax/step.py",
+        "    new_state = TrainState(step=state.step + 1,",
+        "    new_state = TrainState(step=(state.step + 1).astype(jnp.int16),",
+        ("tests/test_sharded_train.py::test_train_step_traces_and_compiles_once",),
+        "the step counter changes dtype, so step 2 retraces"),
+]
+
+
+def _tracked_files() -> list[str]:
+  out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+                       cwd=REPO, check=True, capture_output=True).stdout
+  return [f for f in out.decode().split("\0") if f and os.path.isfile(os.path.join(REPO, f))]
+
+
+def _copy_tree(dest: str) -> None:
+  for rel in _tracked_files():
+    target = os.path.join(dest, rel)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    shutil.copy2(os.path.join(REPO, rel), target)
+
+
+def _apply(root: str, m: Mutation) -> None:
+  path = os.path.join(root, m.file)
+  with open(path, encoding="utf-8") as f:
+    text = f.read()
+  count = text.count(m.original)
+  if count != 1:
+    raise SystemExit(f"mutation {m.name}: the original snippet occurs {count} times in "
+                     f"{m.file} (expected exactly once); update MUTATIONS:\n  {m.original!r}")
+  with open(path, "w", encoding="utf-8") as f:
+    f.write(text.replace(m.original, m.replacement))
+
+
+def _python() -> str:
+  venv = os.path.join(REPO, ".venv", "bin", "python")
+  return venv if os.path.exists(venv) else sys.executable
+
+
+def _env(root: str) -> dict:
+  env = dict(os.environ)
+  env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+  env["PYTHONDONTWRITEBYTECODE"] = "1"
+  return env
+
+
+def _check_imports_from_copy(root: str) -> None:
+  """The copy, not the editable install of the checkout, must be what the tests import."""
+  out = subprocess.run([_python(), "-c", "import prism_jax, tests; print(prism_jax.__file__); "
+                        "print(tests.__file__)"], cwd=root, env=_env(root), check=True,
+                       capture_output=True, text=True).stdout.split()
+  if not all(os.path.realpath(p).startswith(os.path.realpath(root)) for p in out):
+    raise SystemExit(f"the copy at {root} does not shadow the checkout: imports {out}")
+
+
+def _failed_tests(output: str) -> list[str]:
+  return re.findall(r"^(?:FAILED|ERROR) (\S+)", output, re.M)
+
+
+def run_one(m: Mutation, keep: bool = False) -> tuple[str, str]:
+  root = tempfile.mkdtemp(prefix=f"mutation-{m.name}-")
+  try:
+    _copy_tree(root)
+    _apply(root, m)
+    _check_imports_from_copy(root)
+    started = time.time()
+    proc = subprocess.run([_python(), "-m", "pytest", "-q", "-x",
+                           *m.tests], cwd=root, env=_env(root), capture_output=True, text=True)
+    seconds = time.time() - started
+    output = proc.stdout + proc.stderr
+    if proc.returncode == 0:
+      return "MISSED", f"{m.name}: MISSED in {seconds:.0f}s, all of {' '.join(m.tests)} passed"
+    failed = _failed_tests(output)
+    if proc.returncode == 1 and failed:
+      errors = [l[1:].strip() for l in output.splitlines() if l.startswith("E ")
+                and not re.fullmatch(r"\w*(Error|Exception):?", l[1:].strip())]
+      reason = f"\n    {errors[0][:200]}" if errors else ""
+      return "CAUGHT", f"{m.name}: CAUGHT in {seconds:.0f}s by {failed[0]}{reason}"
+    tail = "\n    ".join(output.strip().splitlines()[-15:])
+    return "BROKEN", (f"{m.name}: pytest exited {proc.returncode} without a failed test "
+                      f"(collection or usage error?)\n    {tail}")
+  finally:
+    if keep:
+      print(f"  (mutated copy kept at {root})", flush=True)
+    else:
+      shutil.rmtree(root, ignore_errors=True)
+
+
+def _selected(only: list[str] | None) -> list[Mutation]:
+  if not only:
+    return list(MUTATIONS)
+  chosen = [m for m in MUTATIONS if any(m.name == o or m.name.startswith(o) for o in only)]
+  if not chosen:
+    raise SystemExit(f"no mutation matches {only}; known: {', '.join(m.name for m in MUTATIONS)}")
+  return chosen
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--only", action="append", help="a mutation name or prefix (repeatable)")
+  parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+  parser.add_argument("--keep", action="store_true", help="keep the mutated copies")
+  args = parser.parse_args(argv)
+  mutations = _selected(args.only)
+  if args.list:
+    for m in mutations:
+      print(f"{m.name}\n  {m.file}: {m.why}\n  tests: {' '.join(m.tests)}")
+    return 0
+  # Fail early, before any test runs, if a snippet has drifted.
+  for m in mutations:
+    with open(os.path.join(REPO, m.file), encoding="utf-8") as f:
+      count = f.read().count(m.original)
+    if count != 1:
+      raise SystemExit(f"mutation {m.name}: the original snippet occurs {count} times in "
+                       f"{m.file} (expected exactly once); update MUTATIONS:\n  {m.original!r}")
+  results = []
+  for m in mutations:
+    print(f"[{m.name}] {m.file}: {m.why}", flush=True)
+    verdict, line = run_one(m, keep=args.keep)
+    print("  " + line, flush=True)
+    results.append((verdict, m.name))
+  print("\nsummary:")
+  for verdict, name in results:
+    print(f"  {verdict:7s} {name}")
+  return 0 if all(v == "CAUGHT" for v, _ in results) else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())
