@@ -6,8 +6,8 @@ import numpy as np
 import optax
 import pytest
 
-from prism_jax.attribution import common, ekfac, index as index_lib, influence
-from prism_jax.attribution import lds, prototype
+from prism_jax.attribution import common, ekfac, graddot, index as index_lib, influence
+from prism_jax.attribution import lds, prototype, run as run_lib
 from prism_jax.attribution.config import AttributionConfig, apply_overrides
 from prism_jax.config import ConfigError
 from prism_jax.models import lm
@@ -32,8 +32,8 @@ def _exact_head_terms(graphdef, params, train, query, length):
     return lm.forward(graphdef, new, batch).logits
 
   batch = train.batch(np.arange(train.num_examples))
-  logits = logits_fn(u, batch)
-  jac = jax.jacobian(logits_fn)(u, batch).reshape(*logits.shape, -1)  # [B, L, V, M*D]
+  logits = jax.jit(logits_fn)(u, batch)
+  jac = jax.jit(jax.jacobian(logits_fn))(u, batch).reshape(*logits.shape, -1)  # [B, L, V, M*D]
   p = jax.nn.softmax(logits, -1)
   mask = batch["loss_mask"] > 0
   n = int(mask.sum())
@@ -150,8 +150,12 @@ def test_attribution_overrides():
   assert attr.trak_projection_dim == 64 and attr.damping == 0.5
   with pytest.raises(ConfigError, match="did you mean 'attr.damping'"):
     apply_overrides(attr, ["attr.dampng=1"])
-  with pytest.raises(ConfigError, match="must be positive"):
+  with pytest.raises(ConfigError, match=r"attr\.trak_projection_dim.*must be"):
     apply_overrides(attr, ["attr.trak_projection_dim=0"])
+
+
+# Shared with tests/test_lds.py: equal configs share retrain's compiled train step.
+TRAINED_OVERRIDES = ("train.steps=150", "optimizer.warmup_steps=10")
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +163,7 @@ def trained():
   """A tiny PRISM model trained to fit 16 synthetic rows (the rows are its training set)."""
   from prism_jax.attribution import retrain
 
-  cfg = tiny_config("train.steps=150", "optimizer.warmup_steps=10")
+  cfg = tiny_config(*TRAINED_OVERRIDES)
   rows = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (16, cfg.data.seq_len + 1))
   train = common.from_rows(rows)
   graphdef, _ = lm.init(cfg, 0)
@@ -209,13 +213,57 @@ def test_index_identical_on_one_and_eight_devices(trained, tmp_path):
   assert one.manifest["num_tokens"] == train.num_tokens() == 16 * cfg.data.seq_len
 
 
-@pytest.mark.slow
-def test_every_method_scores_every_example(trained, tmp_path):
-  cfg, graphdef, params, train = trained
-  query = common.query_from_example(train, 3, 7)
-  for method in ("prototype", "influence", "ekfac", "trak", "graddot"):
-    prepared = run_prepare(method, cfg, graphdef, params, train, tmp_path,
-                           trak_projection_dim=16)
-    scores = prepared.query(query).example_scores
-    assert scores.shape == (16,) and np.all(np.isfinite(scores)), method
-    assert np.any(scores != 0), method
+def _planted_cycles(cfg, num_examples=8, cycle=3, seed=0):
+  """Example e repeats its own cycle of `cycle` tokens; no token is shared between examples.
+  A query copied from an example is then most like that example's own positions."""
+  tokens = np.random.default_rng(seed).permutation(cfg.model.vocab_size)
+  cycles = tokens[:num_examples * cycle].reshape(num_examples, cycle)
+  return common.from_rows(np.stack([np.resize(c, cfg.data.seq_len + 1) for c in cycles]))
+
+
+@pytest.mark.slow  # ~25 s on 2 cores: every method's preparation compiles once
+def test_every_method_ranks_the_query_s_own_example_first(tmp_path):
+  """On the planted cycles (random init: nothing memorised, gradients are not vanishing),
+  a query copied from example e must score e above every other example, by every method."""
+  cfg = tiny_config("model.num_layers=1")  # one layer: every method compiles faster
+  graphdef, params = lm.init(cfg, 0)
+  train = _planted_cycles(cfg)
+  queries = [common.query_from_example(train, e, (3, 12)[e % 2])
+             for e in range(train.num_examples)]
+  for method in run_lib.METHODS:
+    prepared = run_prepare(method, cfg, graphdef, params, train, tmp_path, batch_size=4,
+                           neighbourhood_size=256, trak_projection_dim=32)
+    for example, query in enumerate(queries):
+      scores = prepared.query(query).example_scores
+      assert scores.shape == (8,) and np.all(np.isfinite(scores)), method
+      assert common.top_examples(scores, 1)[0] == example, (method, example, scores)
+
+
+def test_graddot_equals_explicit_per_example_gradient_dots():
+  """<grad L_q, grad L_e> with each gradient taken the obvious way: jax.grad of one unpadded
+  sequence's summed next-token loss, flattened; rows of different lengths (padding unscored).
+  A large init scale so that every parameter's gradient counts, not only the head's."""
+  cfg = tiny_config(*EXACT, "model.init_std=0.5")
+  graphdef, params = lm.init(cfg, 0)
+  rows = _rows(cfg, 5)
+  lengths = np.array([9, 9, 6, 9, 6])  # 6: as long as the query's row (fewer compiles)
+  train = common.from_rows(rows, lengths)
+  query = common.Query(tuple(int(t) for t in _rows(cfg, 1, seed=7)[0, :5]), 3)
+
+  @jax.jit
+  def grad(p, tokens, scored):  # scored: 1 where the next-token loss counts
+    def loss(p):
+      logits = lm.forward(graphdef, p, {"inputs": tokens[None, :-1]}).logits[0]
+      logp = jax.nn.log_softmax(logits)
+      return -jnp.sum(logp[jnp.arange(len(tokens) - 1), tokens[1:]] * scored)
+    return jax.grad(loss)(p)
+
+  def flat_grad(tokens, scored):
+    grads = grad(params, np.asarray(tokens, np.int32), np.asarray(scored, np.float32))
+    return np.concatenate([np.ravel(np.asarray(g, np.float64)) for g in jax.tree.leaves(grads)])
+
+  g_q = flat_grad(query.prompt + (query.target,), np.eye(len(query.prompt))[query.position])
+  expected = np.array([flat_grad(rows[e, :n], np.ones(n - 1)) @ g_q
+                       for e, n in enumerate(lengths)])
+  got = graddot.score(graphdef, params, train, query, cfg.data.seq_len, batch_size=2)
+  np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max())

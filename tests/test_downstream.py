@@ -1,5 +1,6 @@
 """Downstream tasks: the request-file loader, the batched scorer and the accuracy metrics."""
 
+import functools
 import gzip
 import importlib.util
 import json
@@ -127,19 +128,25 @@ def test_encode_request_splits_context_and_continuation():
   assert row.targets[-5:].tolist() == continuation_ids
 
 
+@functools.lru_cache(maxsize=None)
+def _forward(graphdef):
+  """Plain logits of one unpadded row [1, n] -> [n, V], for references."""
+  return jax.jit(lambda p, x: lm.forward(graphdef, p, {"inputs": x}).logits[0])
+
+
 def test_batched_scores_equal_one_request_at_a_time():
   cfg = tiny_config("model.max_seq_len=64")
   graphdef, params = lm.init(cfg, 0)
   tok = CharTokenizer()
-  requests = [("a cat is", " red."), ("the ice", " is cold."), ("x", " y"), ("hello there", " !")]
+  # Two lengths only (13 and 3 inputs): each unpadded reference length compiles once.
+  requests = [("a cat is", " red."), ("a dog", " is red."), ("x", " y"), ("hello there", " !")]
   rows = [downstream.scoring_row(*downstream.encode_request(tok, c, x), 64) for c, x in requests]
   logprob, greedy = downstream.score_rows(downstream.make_score_fn(graphdef), params, rows,
                                           batch_size=3, max_len=64, progress=False)
-  # Reference: one row at a time (right-padded to one length: causal, so padding is unseen).
-  forward = jax.jit(lambda p, x: lm.forward(graphdef, p, {"inputs": x}).logits[0])
+  # Reference: one row at a time, unpadded (the scorer pads; the reference must not).
   for row, lp, gr in zip(rows, logprob, greedy):
     n = len(row.inputs)
-    logits = forward(params, np.pad(row.inputs, (0, 64 - n))[None])[:n]
+    logits = _forward(graphdef)(params, row.inputs[None])
     logp = jax.nn.log_softmax(logits)[np.arange(n), row.targets]
     np.testing.assert_allclose(lp, float(np.sum(np.asarray(logp) * row.mask)), rtol=1e-5,
                                atol=1e-5)
@@ -159,6 +166,52 @@ def test_trained_model_picks_the_most_likely_choice(tmp_path):
   assert result.metrics["accuracy"] == 1.0 and result.metrics["accuracy_per_char"] == 1.0
   for prediction, (_, _, gold) in zip(result.predictions, FACT_QUESTIONS):
     assert prediction["prediction"] == gold == int(np.argmax(prediction["logprobs"]))
+
+
+# LAMBADA on the trained FACTS model: memorised last words it must reproduce greedily, and
+# wrong ones it must not, so both branches of the exact-match flag are exercised.
+LAMBADA_DOCS = [("a cat is", [" red."], 0), ("a dog is", [" red."], 0),
+                ("the ice is", [" cold."], 0), ("the sun is", [" cold."], 0)]
+LAMBADA_RIGHT = [True, False, True, False]
+
+
+def _lambada_reference(graphdef, params, tok, context, continuation):
+  """(sum log P(continuation | context), greedy reproduces it) the obvious way: one request,
+  unpadded, BOS + the context's characters, then the continuation's, no shared code."""
+  context_ids = [tok.bos_id] + [ord(c) for c in context]
+  continuation_ids = [ord(c) for c in continuation]
+  ids = np.asarray(context_ids + continuation_ids, np.int32)
+  logits = _forward(graphdef)(params, ids[None, :-1])
+  logp = np.asarray(jax.nn.log_softmax(logits.astype(np.float32), axis=-1), np.float64)
+  rows = np.arange(len(context_ids) - 1, len(ids) - 1)  # the rows predicting the continuation
+  total = float(sum(logp[r, ids[r + 1]] for r in rows))
+  greedy = all(int(np.argmax(logp[r])) == ids[r + 1] for r in rows)
+  return total, greedy
+
+
+def test_lambada_greedy_match_on_a_trained_model(tmp_path):
+  workdir, cfg = trained_text_model()
+  graphdef, params, _ = restore.load_params(cfg, workdir)
+  tok = CharTokenizer()
+  reference = [_lambada_reference(graphdef, params, tok, c, x[0]) for c, x, _ in LAMBADA_DOCS]
+  assert [gr for _, gr in reference] == LAMBADA_RIGHT  # the fixture knows FACTS
+  score_fn = downstream.make_score_fn(graphdef)
+  rows = [downstream.scoring_row(*downstream.encode_request(tok, c, x[0]), cfg.model.max_seq_len)
+          for c, x, _ in LAMBADA_DOCS]
+  logprob, greedy = downstream.score_rows(score_fn, params, rows, batch_size=3,
+                                          max_len=cfg.model.max_seq_len, progress=False)
+  assert greedy.tolist() == LAMBADA_RIGHT
+  np.testing.assert_allclose(logprob, [lp for lp, _ in reference], rtol=1e-4, atol=1e-4)
+  # Through the task loader and metrics: accuracy and bits per byte of the continuations.
+  spec = downstream.TASKS["lambada"]
+  write_requests(tmp_path, spec, LAMBADA_DOCS, with_unconditional=False)
+  result = downstream.evaluate_task(spec, downstream.load_task(spec, str(tmp_path)), tok,
+                                    score_fn, params, cfg.model.max_seq_len, batch_size=3,
+                                    progress=False)
+  assert result.metrics["accuracy"] == 0.5 and result.metrics["examples"] == 4
+  num_bytes = sum(len(x[0].encode("utf-8")) for _, x, _ in LAMBADA_DOCS)
+  expected_bpb = -sum(lp for lp, _ in reference) / np.log(2) / num_bytes
+  np.testing.assert_allclose(result.metrics["bits_per_byte"], expected_bpb, rtol=1e-4)
 
 
 def _wheel_installed():

@@ -3,6 +3,7 @@
 import json
 import math
 
+import jax
 import numpy as np
 import pytest
 
@@ -57,14 +58,76 @@ def test_evaluate_reports_loss_bpb_and_tasks_as_json(prepared, tmp_path):
   assert "piqa" in table and "bits/byte" in table
 
 
-def test_text_file_bits_per_byte(prepared, tmp_path):
-  workdir, _ = prepared
-  path = tmp_path / "facts.txt"
-  path.write_text(FACTS * 6, encoding="utf-8")
+class MultiByteTokenizer(CharTokenizer):
+  """CharTokenizer plus a few non-ASCII characters, each two tokens (marker 4, then 5 + its
+  index): so for the text below UTF-8 bytes, characters and tokens all differ."""
+
+  EXTRA = "éüïñ✓日本語東京"
+
+  def encode(self, text: str) -> list[int]:
+    ids = []
+    for c in text:
+      if c in self.EXTRA:
+        ids += [4, 5 + self.EXTRA.index(c)]
+      elif 32 <= ord(c) < 128:
+        ids.append(ord(c))
+    return ids
+
+  def decode(self, ids) -> str:
+    out, ids = [], list(ids)
+    for i, t in enumerate(ids):
+      if t == 4 and i + 1 < len(ids):
+        out.append(self.EXTRA[ids[i + 1] - 5])
+      elif t >= 32 and (i == 0 or ids[i - 1] != 4):
+        out.append(chr(t))
+    return "".join(out)
+
+
+MULTI_BYTE_TEXT = FACTS + "✓ café über 日本語, naïve 東京. " + FACTS  # six 32-token windows
+
+
+def test_text_file_bits_per_byte_counts_utf8_bytes(prepared, tmp_path, monkeypatch):
+  """bits per byte = total nats / ln 2 / UTF-8 bytes, with nats summed by hand over the
+  file's windows (BOS first, each window read fresh) and bytes counted by hand."""
+  from prism_jax import restore
+  from prism_jax.models import lm
+
+  workdir, cfg = prepared
+  tok = MultiByteTokenizer()
+  bundle = data_lib.DataBundle(tokenizer=tok, train_source=[FACTS], validation_source=[])
+  monkeypatch.setattr(data_lib, "prepare", lambda *args, **kwargs: bundle)
+  path = tmp_path / "multi.txt"
+  path.write_text(MULTI_BYTE_TEXT, encoding="utf-8")
   m = _evaluate(workdir, "--text-file", str(path), "--tasks", "none")["text_file"]
-  assert m["bytes"] == len(FACTS * 6) == m["tokens"]  # one char = one token = one byte
-  np.testing.assert_allclose(m["bits_per_byte"], m["loss"] / math.log(2), rtol=1e-6)
-  assert m["bits_per_byte"] < 1.0
+  ids = [tok.bos_id] + tok.encode(MULTI_BYTE_TEXT)
+  num_bytes = len(MULTI_BYTE_TEXT.encode("utf-8"))
+  assert len(set([num_bytes, len(MULTI_BYTE_TEXT), len(ids) - 1])) == 3
+  assert m["bytes"] == num_bytes and m["tokens"] == len(ids) - 1
+  graphdef, params, _ = restore.load_params(cfg, workdir)
+  forward = jax.jit(lambda p, x: lm.forward(graphdef, p, {"inputs": x}).logits[0])
+  seq_len, nats = cfg.data.seq_len, 0.0
+  for start in range(0, len(ids) - 1, seq_len):
+    window = np.asarray(ids[start:start + seq_len + 1], np.int32)
+    logits = forward(params, window[None, :-1])  # unpadded: the last window is shorter
+    logp = np.asarray(jax.nn.log_softmax(logits.astype(np.float32), axis=-1), np.float64)
+    nats -= logp[np.arange(len(window) - 1), window[1:]].sum()
+  np.testing.assert_allclose(m["loss"], nats / (len(ids) - 1), rtol=1e-4)
+  np.testing.assert_allclose(m["bits_per_byte"], nats / math.log(2) / num_bytes, rtol=1e-4)
+
+
+def test_target_bytes_are_utf8_bytes_of_each_scored_document():
+  tok = MultiByteTokenizer()
+  docs = ["café 日本", "über ✓ x"]
+  batch = {k: np.zeros((2, 16), np.float32 if k == "loss_mask" else np.int32)
+           for k in ("inputs", "targets", "segment_ids", "positions", "loss_mask")}
+  a, b = tok.encode(docs[0]), tok.encode(docs[1])
+  batch["targets"][0, :len(a)], batch["segment_ids"][0, :len(a)] = a, 1  # two packed docs
+  batch["targets"][0, len(a):len(a) + 3], batch["segment_ids"][0, len(a):len(a) + 3] = a[:3], 2
+  batch["targets"][1, :len(b)], batch["segment_ids"][1, :len(b)] = b, 1
+  batch["loss_mask"][:] = batch["segment_ids"] > 0
+  expected = sum(len(d.encode("utf-8")) for d in docs) + len("caf".encode("utf-8"))
+  assert expected != sum(len(d) for d in docs) + 3  # bytes, not characters
+  assert evaluate.target_bytes(tok, batch) == expected
 
 
 @pytest.mark.parametrize("flags,message", [
