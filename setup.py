@@ -30,8 +30,11 @@ setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         # playwright drives Debian's /usr/bin/chromium in tests/test_explore.py (never
-        # `playwright install`); the test is skipped when chromium is absent.
+        # `playwright install`); without chromium the test skips, or fails under CI=true.
         "dev": ["pytest==9.2.0", "pytest-timeout==2.4.0", "tensorboard==2.21.0",
                 "playwright==1.65.2"],
+        # `plan` compiles the steps for a TPU topology on CPU (prism_jax/aot.py): the TPU
+        # runtime release that jax 0.10.2 pins (jax[tpu] requires libtpu==0.0.42.*).
+        "tpu-plan": ["libtpu==0.0.42.1"],
     },
 )

@@ -16,6 +16,15 @@ _DATA = DataConfig(dataset="c4/en:3.1.0", data_dir="gs://YOUR_BUCKET/tensorflow_
                    batch_size=256)
 
 
+# The TPU slice each experiment is planned for: `make plan EXP=prism_1b` (no TOPOLOGY) plans
+# and compiles for it; the figures are in docs/scaling.md.
+PLANNED_TOPOLOGIES = {
+    "prism_130m": "v5p-8", "dense_130m": "v5p-8",
+    "prism_350m": "v5p-32", "dense_350m": "v5p-32",
+    "prism_1b": "v5p-128", "dense_1b": "v5p-128",
+}
+
+
 def _scaled(name, d_model, num_layers, num_heads, d_ff, num_prototypes, top_k, lr, steps,
             batch_size, remat="dots", mesh=MeshConfig(data=1, fsdp=-1, model=1)):
   return ExperimentConfig(

@@ -11,6 +11,14 @@ tokens per step and a verdict. A layout that cannot work (the batch or a sharded
 not divisible by its mesh axes, or more bytes than HBM) exits 2 with one line naming why.
 The formulas are written out in docs/scaling.md.
 
+On a TPU slice (v5p-128, v5e-256, ...) the plan is then proven by compilation when `libtpu`
+is installed (`pip install -e '.[tpu-plan]'`): `prism_jax.aot` lowers and compiles the real
+train, eval and index steps for that topology on this CPU and prints each one's compiled
+per-device memory and FLOPs next to the estimate; the fits / does-not-fit verdict is then the
+compiled figure's. Without libtpu the estimate stands and one line says how to install it.
+An experiment may name the topology it is planned for (`experiments.planned_topology`), so
+`--topology` can be left out.
+
 The topology table below has no jax import so that `launch/` can validate accelerator types
 cheaply; jax is imported inside the functions that need it.
 """
@@ -23,12 +31,15 @@ import math
 import re
 import sys
 
+from prism_jax import cli, limits
 from prism_jax.errors import UserError, exit_on_user_error
 
 GIB = 2**30
 MESH_AXES = ("data", "fsdp", "model")  # == sharding.MESH_AXES (that module imports jax)
 # XLA needs scratch space, and allocations fragment: plan against 90% of HBM.
 USABLE_FRACTION = 0.9
+# Without --topology and without a topology named by the experiment: a host of 8 devices.
+DEFAULT_DEVICES = 8
 
 
 class PlanError(UserError):
@@ -73,8 +84,9 @@ def parse_topology(text: str) -> Topology:
   """`v5p-64` (32 chips), `v5litepod-16`, `v6e-8`, `h100-16`, or a bare device count."""
   text = text.strip()
   if text.isdigit():
-    if int(text) < 1:
-      raise PlanError("device count must be at least 1")
+    valid, _ = limits.FLAG_RANGES["--devices"]  # a bound, so no count makes the planner crawl
+    if not valid.contains(int(text)):
+      raise PlanError(f"--topology {text}: a device count must be {valid.describe()}")
     return Topology(f"{int(text)} devices", int(text), None)
   match = re.fullmatch(r"([a-z0-9]+)-(\d+)", text)
   family = ALIASES.get(match.group(1), match.group(1)) if match else None
@@ -403,7 +415,10 @@ def describe_topology(topology: Topology) -> str:
   return f"{topology.name} ({topology.devices} devices), {hbm}"
 
 
-def report(plan: Plan) -> str:
+def report(plan: Plan, compiled_follows: bool = False) -> str:
+  """The plan as text. With `compiled_follows` the estimate's verdict is labelled
+  `estimate` (the compiled figures that follow decide)."""
+  label = "estimate    " if compiled_follows else "verdict     "
   lines = [
       f"experiment   {plan.exp} on {describe_topology(plan.topology)}",
       f"parameters   {plan.num_params:,} ({_bytes(plan.param_bytes_total)})",
@@ -425,8 +440,9 @@ def report(plan: Plan) -> str:
   usable = plan.usable_bytes
   if usable is None:
     lines.append("verdict      unknown: pass --hbm-gib X (HBM per device) for a verdict")
-  elif plan.total_per_device <= usable:
-    lines.append(f"verdict      fits: {_bytes(plan.total_per_device)} of {_bytes(usable)} usable "
+  elif plan.total_per_device <= usable or compiled_follows:
+    fits = "fits" if plan.total_per_device <= usable else "does not fit"
+    lines.append(f"{label} {fits}: {_bytes(plan.total_per_device)} of {_bytes(usable)} usable "
                  f"({USABLE_FRACTION:.0%} of {plan.topology.hbm_gib:g} GiB), "
                  f"{plan.total_per_device / usable:.0%}")
   return "\n".join(lines)
@@ -450,33 +466,89 @@ def check(plan: Plan) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(description="Mesh and memory plan for an experiment.")
+  parser = cli.parser("Mesh and memory plan for an experiment.")
   parser.add_argument("--exp", required=True, help="experiment name (see experiments/)")
-  where = parser.add_mutually_exclusive_group(required=True)
+  where = parser.add_mutually_exclusive_group()
   where.add_argument("--topology", help="v5p-64, v4-32, v5litepod-16, v6e-8, h100-16, or a "
-                     "device count")
-  where.add_argument("--devices", type=int, help="number of devices (with --hbm-gib)")
-  parser.add_argument("--hbm-gib", type=float, help="HBM per device; overrides the table")
+                     "device count; default: the topology the experiment is planned for, "
+                     f"else {DEFAULT_DEVICES} devices")
+  where.add_argument("--devices", type=cli.number_flag("--devices"),
+                     help="number of devices (with --hbm-gib)")
+  parser.add_argument("--hbm-gib", type=cli.number_flag("--hbm-gib"),
+                      help="HBM per device; overrides the table")
+  parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                      help="on a TPU slice, compile the steps ahead of time for it (needs "
+                      "libtpu) and take the verdict from the compiled memory (default: on)")
+  parser.add_argument("--steps", default="train,eval,index",
+                      help="which steps to compile (comma-separated: train, eval, index)")
   parser.add_argument("overrides", nargs="*", metavar="key=value")
   return parser.parse_args(argv)
+
+
+def planned_topology(exp: str) -> str | None:
+  """The topology an experiment names for itself (experiments' PLANNED_TOPOLOGIES), if any."""
+  import experiments
+
+  for module in vars(experiments).values():
+    table = getattr(module, "PLANNED_TOPOLOGIES", None)
+    if isinstance(table, dict) and exp in table:
+      return table[exp]
+  return None
+
+
+def _compiled_check(cfg, topology: Topology, plan: Plan, steps) -> None:
+  """Compiles `steps` for the TPU slice, prints the figures, raises if they do not fit."""
+  from prism_jax import aot
+
+  results = aot.compile_for_topology(
+      cfg, topology, steps, log=lambda line: print(line, file=sys.stderr, flush=True))
+  print(aot.report(results, topology, plan.total_per_device))
+  sys.stdout.flush()
+  if topology.hbm_gib is not None and not aot.fits(results, topology):
+    worst = max(results, key=lambda r: r.memory.total if r.memory else (r.hbm_used or 2**62))
+    need = worst.memory.total if worst.memory else worst.hbm_used
+    remat = "" if plan.remat == "full" else ", model.remat=full"
+    # An out-of-memory compile error names only the temporaries: a lower bound.
+    need_text = (_bytes(need) if worst.memory else f"at least {_bytes(need)}" if need
+                 else "more than its")
+    raise PlanError(f"{plan.exp} on {topology.name} (mesh {_mesh_text(plan.mesh)}) does not "
+                    f"fit: the compiled {worst.name} step needs {need_text} of "
+                    f"{topology.hbm_gib:g} GiB HBM per device; try more devices, a smaller "
+                    f"data.batch_size{remat}")
 
 
 @exit_on_user_error
 def main(argv=None) -> None:
   import experiments
+  from prism_jax import aot
   from prism_jax import config as config_lib
 
   args = parse_args(argv)
-  topology = parse_topology(args.topology if args.topology else str(args.devices))
+  steps = [s.strip() for s in args.steps.split(",") if s.strip()]
+  unknown = sorted(set(steps) - set(aot.STEPS))
+  if unknown or not steps:
+    raise PlanError(f"--steps: unknown step {unknown[0] if unknown else args.steps!r} (use a "
+                    f"comma-separated list of {', '.join(aot.STEPS)})")
+  cfg = config_lib.apply_overrides(experiments.get(args.exp), args.overrides)
+  where = (args.topology if args.topology else str(args.devices) if args.devices
+           else planned_topology(args.exp) or str(DEFAULT_DEVICES))
+  topology = parse_topology(where)
   if args.hbm_gib is not None:
     if args.hbm_gib <= 0:
       raise PlanError("--hbm-gib must be positive")
     topology = dataclasses.replace(topology, hbm_gib=args.hbm_gib)
-  cfg = config_lib.apply_overrides(experiments.get(args.exp), args.overrides)
   plan = make_plan(cfg, topology)
-  print(report(plan))
+  compile_it = args.compile and not plan.problems and aot.is_tpu_topology(topology)
+  hint = compile_it and not aot.libtpu_available()
+  compile_it = compile_it and not hint
+  print(report(plan, compiled_follows=compile_it))
+  if hint:
+    print(aot.INSTALL_HINT)
   sys.stdout.flush()
-  check(plan)
+  if not compile_it:
+    check(plan)
+    return
+  _compiled_check(cfg, topology, plan, steps)
 
 
 if __name__ == "__main__":

@@ -131,6 +131,10 @@ ENTRY_POINTS = {
     "plan": ("prism_jax.plan", ["--topology", "v5p-64"], [
         ("unknown topology", ["--topology", "tpu-8"], "tpu-8"),
         ("mesh that does not divide", ["mesh.model=3"], "mesh"),
+        ("device count too large to plan", ["--topology", "99999999999"],
+         "--topology 99999999999: a device count must be in [1, 131072]"),
+        ("slice size that does not exist", ["--topology", "v5p-99999999"],
+         "is not a v5p slice size"),
     ]),
     "lds": ("prism_jax.lds", [], [
         ("unknown method", ["--methods", "prototype,bogus"], "unknown method 'bogus'"),

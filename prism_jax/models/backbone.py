@@ -75,6 +75,24 @@ def attention_mask(segment_ids_BxL: jax.Array) -> jax.Array:
   return (causal[None] & same_doc)[:, None]
 
 
+def cache_mask(new_tokens: int, slots: int, index) -> jax.Array:
+  """[1, 1, T, S]: cache slot s is visible to new token t iff s <= index + t (empty slots,
+  and the other new tokens' future, lie beyond)."""
+  query_pos_T = index + jnp.arange(new_tokens)
+  return (jnp.arange(slots)[None, :] <= query_pos_T[:, None])[None, None]
+
+
+def dot_product_attention(q_BxTxHxK: jax.Array, k_BxSxHxK: jax.Array, v_BxSxHxK: jax.Array,
+                          mask_Bx1xTxS: jax.Array) -> jax.Array:
+  """softmax(q k^T / sqrt(K), masked) v, [B, T, H, K], via `jax.nn.dot_product_attention`.
+
+  One call for the full forward and the KV-cache decode, so each backend can substitute its
+  fused kernel. Logits and softmax are float32 whatever the compute dtype; masked entries get
+  a large finite negative, so a row with nothing visible stays finite (it carries no loss).
+  """
+  return jax.nn.dot_product_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask=mask_Bx1xTxS)
+
+
 class Attention(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
@@ -90,21 +108,27 @@ class Attention(nnx.Module):
     self.rope_theta = cfg.rope_theta
     self.compute_dtype = _dtype(cfg.compute_dtype)
 
-  def __call__(self, x_BxLxD, positions_BxL, mask_Bx1xLxL):
+  def _qkv(self, x_BxTxD, positions_BxT):
+    """Queries, keys and values [B, T, H, K] in the compute dtype, rotary applied."""
     cd = self.compute_dtype
-    q = jnp.einsum("bld,dhk->blhk", x_BxLxD, self.wq[...].astype(cd))
-    k = jnp.einsum("bld,dhk->blhk", x_BxLxD, self.wk[...].astype(cd))
-    v = jnp.einsum("bld,dhk->blhk", x_BxLxD, self.wv[...].astype(cd))
-    q = rotary(q, positions_BxL, self.rope_theta)
-    k = rotary(k, positions_BxL, self.rope_theta)
+    q = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.wq[...].astype(cd))
+    k = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.wk[...].astype(cd))
+    v = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.wv[...].astype(cd))
+    q = rotary(q, positions_BxT, self.rope_theta)
+    k = rotary(k, positions_BxT, self.rope_theta)
+    return q, k, v
+
+  def _attend(self, q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask_Bx1xTxS):
+    """The one attention of both paths (full forward and KV-cache decode), then W_o."""
+    cd = self.compute_dtype
+    out_BxTxHxK = dot_product_attention(q_BxTxHxK, k_BxSxHxK.astype(cd),
+                                        v_BxSxHxK.astype(cd), mask_Bx1xTxS)
+    return jnp.einsum("bthk,hkd->btd", out_BxTxHxK, self.wo[...].astype(cd))
+
+  def __call__(self, x_BxLxD, positions_BxL, mask_Bx1xLxL):
+    q, k, v = self._qkv(x_BxLxD, positions_BxL)
     q = constrain(q, ("batch", "length", "heads", "head_dim"))
-    logits_BxHxLxL = jnp.einsum("bqhk,bshk->bhqs", q, k).astype(jnp.float32)
-    logits_BxHxLxL = logits_BxHxLxL / jnp.sqrt(q.shape[-1]).astype(jnp.float32)
-    # A large finite negative (not -inf) keeps all-padding rows finite; they carry no loss.
-    logits_BxHxLxL = jnp.where(mask_Bx1xLxL, logits_BxHxLxL, -1e30)
-    weights = jax.nn.softmax(logits_BxHxLxL, axis=-1).astype(cd)
-    out_BxLxHxK = jnp.einsum("bhqs,bshk->bqhk", weights, v)
-    return jnp.einsum("blhk,hkd->bld", out_BxLxHxK, self.wo[...].astype(cd))
+    return self._attend(q, k, v, mask_Bx1xLxL)
 
   def decode(self, x_BxTxD, positions_BxT, cache: LayerCache, index):
     """T new tokens against a KV cache of S slots, of which the first `index` are filled.
@@ -112,23 +136,11 @@ class Attention(nnx.Module):
     Writes the new keys/values at [index, index + T) and attends causally over the cache.
     Returns (output [B, T, D], updated cache).
     """
-    cd = self.compute_dtype
-    q = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.wq[...].astype(cd))
-    k = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.wk[...].astype(cd))
-    v = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.wv[...].astype(cd))
-    q = rotary(q, positions_BxT, self.rope_theta)
-    k = rotary(k, positions_BxT, self.rope_theta)
+    q, k, v = self._qkv(x_BxTxD, positions_BxT)
     k_BxSxHxK = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), index, 1)
     v_BxSxHxK = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), index, 1)
-    logits_BxHxTxS = jnp.einsum("bqhk,bshk->bhqs", q, k_BxSxHxK.astype(cd)).astype(jnp.float32)
-    logits_BxHxTxS = logits_BxHxTxS / jnp.sqrt(q.shape[-1]).astype(jnp.float32)
-    # Slot s is visible to new token t iff s <= index + t (empty slots lie beyond).
-    query_pos_T = index + jnp.arange(x_BxTxD.shape[1])
-    visible_TxS = jnp.arange(k_BxSxHxK.shape[1])[None, :] <= query_pos_T[:, None]
-    logits_BxHxTxS = jnp.where(visible_TxS, logits_BxHxTxS, -1e30)
-    weights = jax.nn.softmax(logits_BxHxTxS, axis=-1).astype(cd)
-    out_BxTxHxK = jnp.einsum("bhqs,bshk->bqhk", weights, v_BxSxHxK.astype(cd))
-    out = jnp.einsum("bthk,hkd->btd", out_BxTxHxK, self.wo[...].astype(cd))
+    out = self._attend(q, k_BxSxHxK, v_BxSxHxK,
+                       cache_mask(x_BxTxD.shape[1], k_BxSxHxK.shape[1], index))
     return out, LayerCache(k=k_BxSxHxK, v=v_BxSxHxK)
 
 
