@@ -125,6 +125,31 @@ MUTATIONS = [
         "    new_state = TrainState(step=(state.step + 1).astype(jnp.int16),",
         ("tests/test_sharded_train.py::test_train_step_traces_and_compiles_once",),
         "the step counter changes dtype, so step 2 retraces"),
+    # No data loss (tests/test_no_data_loss.py, tests/test_bad_input.py).
+    Mutation(
+        "nonfinite-update-kept", "prism_jax/step.py",
+        "    finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(params)",
+        "    finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)",
+        ("tests/test_no_data_loss.py::test_a_non_finite_update_is_never_kept",),
+        "only loss and gradient checked: a NaN update is kept"),
+    Mutation(
+        "access-error-sets-aside", "prism_jax/train.py",
+        "    except (CheckpointMismatch, CheckpointUnreachable):",
+        "    except CheckpointMismatch:",
+        ("tests/test_no_data_loss.py::test_permission_error_stops_and_sets_nothing_aside",),
+        "a permission error renames good checkpoints .unreadable"),
+    Mutation(
+        "second-writer-let-in", "prism_jax/outputs.py",
+        "      if holder is None or self._stale(holder):",
+        "      if True:",
+        ("tests/test_no_data_loss.py::test_two_writers_in_one_workdir",),
+        "a live holder's lock is taken over"),
+    Mutation(
+        "oldest-checkpoint-first", "prism_jax/train.py",
+        "  for step in sorted(checkpointer.all_steps(), reverse=True):",
+        "  for step in sorted(checkpointer.all_steps()):",
+        ("tests/test_checkpoint_resume.py",),
+        "resumes from the oldest checkpoint"),
 ]
 
 
