@@ -96,11 +96,23 @@ def _active_mesh():
 
 
 def constrain(x: jax.Array, axes: LogicalAxes) -> jax.Array:
-  """Sharding constraint on an activation by logical names; a no-op without a mesh."""
+  """Sharding constraint on an activation by logical names; a no-op without a mesh.
+
+  A dimension its mesh axes do not divide (one prompt on a data-parallel mesh, say) is left
+  unconstrained rather than refused: tools run small batches on the training mesh."""
   mesh = _active_mesh()
   if mesh is None or mesh.size == 1:
     return x
-  return jax.lax.with_sharding_constraint(x, logical_to_spec(axes))
+  spec = [entry if x.shape[i] % _mesh_axes_size(mesh, entry) == 0 else None
+          for i, entry in enumerate(logical_to_spec(axes))]
+  return jax.lax.with_sharding_constraint(x, P(*spec))
+
+
+def _mesh_axes_size(mesh, entry) -> int:
+  """How many ways a PartitionSpec entry (None, an axis, or a tuple of axes) splits a dim."""
+  if entry is None:
+    return 1
+  return math.prod(mesh.shape[a] for a in ((entry,) if isinstance(entry, str) else entry))
 
 
 def axis_size(name: str) -> int:
