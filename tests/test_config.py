@@ -6,7 +6,8 @@ import sys
 import pytest
 
 import experiments
-from prism_jax.config import ConfigError, apply_overrides
+from prism_jax import config as config_lib
+from prism_jax.config import ConfigError, apply_overrides, flat_keys
 
 
 def test_overrides_parse_types():
@@ -60,3 +61,15 @@ def test_resuming_with_a_different_model_is_refused(tmp_path):
   write_or_check_run_config(apply_overrides(cfg, ["train.steps=5"]), str(tmp_path))  # fine
   with pytest.raises(ConfigError, match="holds a run with model.d_model=128, not 64"):
     write_or_check_run_config(apply_overrides(cfg, ["model.d_model=64"]), str(tmp_path))
+
+
+def test_every_number_has_exactly_one_range_row():
+  """prism_jax/limits.py is the one table: every int/float setting has a row, none is stale."""
+  from prism_jax import limits
+  from prism_jax.attribution.config import AttributionConfig
+
+  numeric = {k for k, t in flat_keys(experiments.get("prism_tiny")).items() if t in (int, float)}
+  numeric |= {f"attr.{k}" for k, t in flat_keys(AttributionConfig()).items() if t in (int, float)}
+  assert numeric == set(limits.CONFIG_RANGES)
+  for name in experiments.names():  # every shipped experiment sits inside the table
+    config_lib.check_ranges(experiments.get(name))
