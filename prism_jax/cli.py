@@ -44,7 +44,6 @@ def number_flag(flag: str):
       raise argparse.ArgumentTypeError(f"must be {valid.describe()}, got {text}")
     return value
 
-  parse.flag = flag
   parse.__name__ = valid.kind.__name__
   return parse
 

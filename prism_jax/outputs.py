@@ -95,8 +95,10 @@ def replace_folder(tmp, target, kind: str, is_own: Callable[[epath.Path], bool],
     tmp.rename(target)  # a reader sees the old folder or the new one, never half of one
   except OSError as e:
     raise os_error(e, f"replacing {target}") from None
-  if old.exists():
-    shutil.rmtree(old, ignore_errors=True) if _is_local(old) else old.rmtree()
+  if old.exists() and _is_local(old):
+    shutil.rmtree(old, ignore_errors=True)
+  elif old.exists():
+    old.rmtree()
 
 
 def _is_local(path: epath.Path) -> bool:

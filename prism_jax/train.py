@@ -248,8 +248,8 @@ def _restore_or_init(steps: CompiledSteps, checkpointer: Checkpointer, data: Tra
 
 def _set_aside_before(checkpointer: Checkpointer) -> bool:
   """True when an earlier start set checkpoints aside: the run is not new."""
-  return any(".unreadable" in p.name for p in checkpointer.directory.iterdir()) \
-      if checkpointer.directory.exists() else False
+  directory = checkpointer.directory
+  return directory.exists() and any(".unreadable" in p.name for p in directory.iterdir())
 
 
 @exit_on_user_error
