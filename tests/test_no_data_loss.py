@@ -55,13 +55,19 @@ def _copy(run, tmp_path):
   return str(target)
 
 
-def test_permission_error_stops_and_sets_nothing_aside(two_step_run, tmp_path, monkeypatch):
+@pytest.mark.parametrize("item", ["state", "config"])  # the arrays, or the settings check
+def test_permission_error_stops_and_sets_nothing_aside(two_step_run, tmp_path, monkeypatch,
+                                                       item):
   cfg, run = two_step_run
   workdir = _copy(run, tmp_path)
   before = _steps(workdir)
 
-  def denied(self, step, *a, **k):
-    # As Orbax reports it: an error whose cause is the OSError.
+  restore = ocp.CheckpointManager.restore
+
+  def denied(self, step, *a, args=None, **k):
+    if args is None or item not in args.keys():
+      return restore(self, step, *a, args=args, **k)
+    # The arrays cannot be read, as Orbax reports it: an error caused by the OSError.
     raise ValueError("could not read array") from PermissionError(
         errno.EACCES, "Permission denied", f"{workdir}/checkpoints/{step}/state")
 
