@@ -125,6 +125,14 @@ MUTATIONS = [
         "    new_state = TrainState(step=(state.step + 1).astype(jnp.int16),",
         ("tests/test_sharded_train.py::test_train_step_traces_and_compiles_once",),
         "the step counter changes dtype, so step 2 retraces"),
+    # The eval step on the run's mesh (tests/test_sharded_eval.py).
+    Mutation(
+        "eval-sum-scaled-by-shards", "prism_jax/step.py",
+        '    sums = {"loss_sum": jnp.sum(per_token * mask), "tokens": jnp.sum(mask)}',
+        '    sums = {"loss_sum": jnp.sum(per_token * mask) * sharding.axis_size("batch"), '
+        '"tokens": jnp.sum(mask)}',
+        ("tests/test_sharded_eval.py",),
+        "validation loss scaled by the number of batch shards"),
     # No data loss (tests/test_no_data_loss.py, tests/test_bad_input.py).
     Mutation(
         "nonfinite-update-kept", "prism_jax/step.py",
