@@ -135,6 +135,7 @@ ENTRY_POINTS = {
          "--topology 99999999999: a device count must be in [1, 131072]"),
         ("slice size that does not exist", ["--topology", "v5p-99999999"],
          "is not a v5p slice size"),
+        ("unknown step to compile", ["--steps", "train,bogus"], "unknown step 'bogus'"),
     ]),
     "lds": ("prism_jax.lds", [], [
         ("unknown method", ["--methods", "prototype,bogus"], "unknown method 'bogus'"),
