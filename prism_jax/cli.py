@@ -115,8 +115,3 @@ def write_run_config(cfg: ExperimentConfig, workdir: str) -> None:
   from prism_jax import outputs  # deferred: outputs imports nothing heavy, but keep cli light
 
   outputs.write_json(config_path(workdir), config_lib.to_dict(cfg))
-
-
-def write_or_check_run_config(cfg: ExperimentConfig, workdir: str) -> None:
-  check_run_config(cfg, workdir)
-  write_run_config(cfg, workdir)

@@ -54,13 +54,13 @@ def test_train_entry_point_exits_2_with_one_line(argv, message, tmp_path):
 
 
 def test_resuming_with_a_different_model_is_refused(tmp_path):
-  from prism_jax.cli import write_or_check_run_config
+  from prism_jax.cli import check_run_config, write_run_config
 
   cfg = experiments.get("prism_tiny")
-  write_or_check_run_config(cfg, str(tmp_path))
-  write_or_check_run_config(apply_overrides(cfg, ["train.steps=5"]), str(tmp_path))  # fine
+  write_run_config(cfg, str(tmp_path))
+  check_run_config(apply_overrides(cfg, ["train.steps=5"]), str(tmp_path))  # fine
   with pytest.raises(ConfigError, match="holds a run with model.d_model=128, not 64"):
-    write_or_check_run_config(apply_overrides(cfg, ["model.d_model=64"]), str(tmp_path))
+    check_run_config(apply_overrides(cfg, ["model.d_model=64"]), str(tmp_path))
 
 
 def test_every_number_has_exactly_one_range_row():
