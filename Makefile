@@ -22,10 +22,10 @@ $(STAMP): setup.py
 	touch $(STAMP)
 
 data: setup
-	$(PY) -m prism_jax.data --exp $(EXP) $(ARGS)
+	$(PY) -m prism_jax.main.data --exp $(EXP) $(ARGS)
 
 train: data
-	$(PY) -m prism_jax.train --exp $(EXP) --workdir $(WORKDIR) $(ARGS)
+	$(PY) -m prism_jax.main.train --exp $(EXP) --workdir $(WORKDIR) $(ARGS)
 
 test: eval-data
 	$(PY) -m pytest -q tests
@@ -33,10 +33,18 @@ test: eval-data
 test-fast: eval-data
 	$(PY) -m pytest -q -m "not slow" tests
 
+# The attribution part trains runs/bench/prism_tiny once (reused after) and caches its indexes
+# and measurements under runs/bench/cache; ATTR_BENCH_ARGS=--quick is the random-weight check.
 bench: setup
 	$(PY) -m benchmarks.train_step --configs tiny small
-	$(PY) -m benchmarks.attribution
+	$(PY) -m benchmarks.attribution $(ATTR_BENCH_ARGS)
 	$(PY) -m benchmarks.generation --configs tiny small
+
+# PRISM head variants vs the dense twin at equal tokens (docs/evaluate.md, "Head ablations"):
+# make ablate ARGS='--steps 400 --seeds 0 1 --variants defaults keys_unit_sg'
+.PHONY: ablate
+ablate: eval-data
+	$(PY) -m benchmarks.ablate $(ARGS)
 
 # Two local processes (jax.distributed, gloo) vs one, same global batches: prints the difference.
 train-multiprocess: data
@@ -64,15 +72,15 @@ $(EVAL_STAMP): $(STAMP)
 	touch $(EVAL_STAMP)
 
 eval: eval-data
-	$(PY) -m prism_jax.evaluate --exp $(EXP) --workdir $(WORKDIR) $(ARGS)
+	$(PY) -m prism_jax.main.evaluate --exp $(EXP) --workdir $(WORKDIR) $(ARGS)
 
 generate: setup
-	$(PY) -m prism_jax.generate --exp $(EXP) --workdir $(WORKDIR) --prompt "$(PROMPT)" $(ARGS)
+	$(PY) -m prism_jax.main.generate --exp $(EXP) --workdir $(WORKDIR) --prompt "$(PROMPT)" $(ARGS)
 
 COMPARE_DIR ?= runs/compare
 
 compare: eval-data
-	$(PY) -m prism_jax.compare --prism prism_small --dense dense_small --workdir $(COMPARE_DIR) $(ARGS)
+	$(PY) -m prism_jax.main.compare --prism prism_small --dense dense_small --workdir $(COMPARE_DIR) $(ARGS)
 
 # Mesh and memory plan: make plan EXP=prism_1b [TOPOLOGY=v5p-128 | TOPOLOGY=<device count>].
 # Without TOPOLOGY: the slice the experiment is planned for (experiments/gpt2_scale.py), else
@@ -81,7 +89,7 @@ compare: eval-data
 TOPOLOGY ?=
 .PHONY: plan launch-dry-run
 plan: setup
-	$(PY) -m prism_jax.plan --exp $(EXP) $(if $(TOPOLOGY),--topology $(TOPOLOGY)) $(ARGS)
+	$(PY) -m prism_jax.main.plan --exp $(EXP) $(if $(TOPOLOGY),--topology $(TOPOLOGY)) $(ARGS)
 
 # Print the TPU launch commands for EXP on TOPOLOGY (nothing runs): make launch-dry-run
 # EXP=prism_1b TOPOLOGY=v5p-64 NAME=prism ZONE=us-east5-a
@@ -92,18 +100,18 @@ launch-dry-run: setup
 	  $(PY) launch/tpu.py $$action --name $(NAME) --zone $(ZONE) --accelerator-type $(TOPOLOGY) \
 	    --exp $(EXP) --args "$(ARGS)" --dry-run || exit $$?; done
 
-METHOD ?= prototype
+METHOD ?= single_pass
 
 .PHONY: index attribute lds
 
 index: setup
-	$(PY) -m prism_jax.index --exp $(EXP) --workdir $(WORKDIR) $(ARGS)
+	$(PY) -m prism_jax.main.index --exp $(EXP) --workdir $(WORKDIR) $(ARGS)
 
 attribute: setup
-	$(PY) -m prism_jax.attribute --exp $(EXP) --workdir $(WORKDIR) --prompt "$(PROMPT)" --method $(METHOD) $(ARGS)
+	$(PY) -m prism_jax.main.attribute --exp $(EXP) --workdir $(WORKDIR) --prompt "$(PROMPT)" --method $(METHOD) $(ARGS)
 
 lds: setup
-	$(PY) -m prism_jax.lds --workdir runs/lds $(ARGS)
+	$(PY) -m prism_jax.main.lds --workdir runs/lds $(ARGS)
 
 # --- prototype control and the explorer (docs/control_explore.md) ---
 TASK ?= boolq piqa sciq arc_easy
@@ -112,10 +120,10 @@ SUPPRESS ?= --label LORD --words LORD,Lord
 .PHONY: control suppress explore
 
 control: eval-data
-	$(PY) -m prism_jax.control calibrate --exp $(EXP) --workdir $(WORKDIR) --task $(TASK) $(ARGS)
+	$(PY) -m prism_jax.main.control calibrate --exp $(EXP) --workdir $(WORKDIR) --task $(TASK) $(ARGS)
 
 suppress: setup
-	$(PY) -m prism_jax.control suppress --exp $(EXP) --workdir $(WORKDIR) $(SUPPRESS) $(ARGS)
+	$(PY) -m prism_jax.main.control suppress --exp $(EXP) --workdir $(WORKDIR) $(SUPPRESS) $(ARGS)
 
 explore: setup
-	$(PY) -m prism_jax.explore --exp $(EXP) --workdir $(WORKDIR) --prompt "$(PROMPT)" $(ARGS)
+	$(PY) -m prism_jax.main.explore --exp $(EXP) --workdir $(WORKDIR) --prompt "$(PROMPT)" $(ARGS)

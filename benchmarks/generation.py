@@ -16,7 +16,7 @@ import numpy as np
 import experiments
 from benchmarks import common
 from prism_jax.config import apply_overrides
-from prism_jax.generate import Generator, Sampling
+from prism_jax.sampling import Generator, Sampling
 from prism_jax.models import lm
 
 

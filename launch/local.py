@@ -36,8 +36,8 @@ def _env(processes: int, process_id: int, port: int) -> dict:
 def run_processes(processes: int, exp: str, workdir: str, overrides: list[str]) -> None:
   """Starts `processes` trainers and waits for all; raises if any fails."""
   port = portpicker.pick_unused_port()
-  command = [sys.executable, "-m", "prism_jax.train", "--exp", exp, "--workdir", workdir,
-             "data.process_sharding=global_batch", *overrides]
+  command = [sys.executable, "-m", "prism_jax.main.train", "--exp", exp,
+             "--workdir", workdir, "data.process_sharding=global_batch", *overrides]
   print(f"starting {processes} process(es): {' '.join(command[1:])}", flush=True)
   procs = [subprocess.Popen(command, env=_env(processes, i, port), cwd=common.ROOT,
                             stdout=None if i == 0 else subprocess.DEVNULL,

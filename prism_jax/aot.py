@@ -249,7 +249,6 @@ def compile_for_topology(cfg, topology: Topology, steps=STEPS, attr=None,
   from jax.sharding import NamedSharding
 
   from prism_jax import sharding
-  from prism_jax.config import MeshConfig
   from prism_jax.optim import make_optimizer
   from prism_jax.step import BATCH_KEYS, make_eval_step, make_train_step, state_shardings
 
@@ -293,25 +292,29 @@ def compile_for_topology(cfg, topology: Topology, steps=STEPS, attr=None,
                         per_layer(cfg.data.batch_size, topology.devices, False)))
 
   if "index" in steps and cfg.model.head == "prism":
-    from jax.sharding import PartitionSpec as P
-
-    from prism_jax.attribution import index as index_lib
+    from prism_jax.attribution import index_step
     from prism_jax.attribution.config import AttributionConfig
 
     say(f"compiling index step for {topology.name} ...")
-    attr = attr or AttributionConfig()
-    index_cfg = MeshConfig(data=-1, fsdp=1, model=1)
-    index_mesh = sharding.make_mesh(index_cfg, devices)
-    replicated, rows = NamedSharding(index_mesh, P()), NamedSharding(index_mesh, P("data"))
-    index_batch = abstract_batch(cfg, attr.batch_size * len(devices), rows)
-    params = _abstract(abstract.params, jax.tree.map(lambda _: replicated, abstract.params))
+    # The index pass as `index` runs it: the run's mesh and rules, parameters laid out like
+    # training, the curvature sums on the bank's axis. Exact D x D blocks per prototype do
+    # not fit at pod scale ([M, D, D]); the shared basis keeps one D-vector per prototype.
+    attr = attr or AttributionConfig(curvature="shared")
+    shared = attr.curvature == "shared"
+    m, v, d = cfg.prototypes.num_prototypes, cfg.model.vocab_size, cfg.model.d_model
+    shapes = {"pi": (m, v), **({"sq": (m, d)} if shared else {"s": (m, d, d)})}
+    with sharding.use_rules(rules):
+      sums = {k: jax.ShapeDtypeStruct(shape, jax.numpy.float32, sharding=NamedSharding(
+          mesh, sharding.logical_to_spec(index_step.AXES[k]))) for k, shape in shapes.items()}
+    basis = jax.ShapeDtypeStruct((d, d), jax.numpy.float32) if shared else None
 
     def lower_index():
-      fn = jax.jit(index_lib._token_stats(graphdef), in_shardings=(replicated, rows))
-      with jax.set_mesh(index_mesh), sharding.use_rules(index_cfg.rules):
-        return fn.lower(params, index_batch)
-    out.append(_compile("index", resolve_mesh(index_cfg, len(devices)), lower_index,
-                        per_layer(attr.batch_size * len(devices), len(devices), False)))
+      fn = jax.jit(index_step.step(graphdef, attr.softmax_top, attr.index_influence),
+                   donate_argnums=(2,))
+      with jax.set_mesh(mesh), sharding.use_rules(rules):
+        return fn.lower(state.params, batch, sums, basis)
+    out.append(_compile("index", mesh_shape, lower_index,
+                        per_layer(cfg.data.batch_size, topology.devices, False)))
   return out
 
 

@@ -14,11 +14,7 @@ import typing
 from typing import Literal
 
 from prism_jax import limits
-from prism_jax.errors import UserError
-
-
-class ConfigError(UserError):
-  """A configuration key or value that cannot be used."""
+from prism_jax.errors import ConfigError  # noqa: F401 (re-exported: config.ConfigError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,10 +44,30 @@ class PrototypeConfig:
   top_k: int = 8
   # cosine: s = cos(h, P) / tau.  neg_sq_distance: s = log((d2 + 1) / (d2 + eps)) / tau with
   # d2 = ||h - P||^2, a positive, decreasing function of distance (so relu keeps it).
-  similarity: Literal["cosine", "neg_sq_distance"] = "cosine"
+  # dot: s = <h, P> / tau, a key's norm sets its gate's scale (Steerling-style; pair it with
+  # a small key_init_std); the clustering terms still use the cosine distance.
+  similarity: Literal["cosine", "neg_sq_distance", "dot"] = "cosine"
   init_temperature: float = 0.1
   min_temperature: float = 0.01  # tau is learned and clipped to [min, max]
   max_temperature: float = 1.0
+  # Keys start at N(0, key_init_std^2). Cosine scores ignore their scale but Adam does not:
+  # a step turns a key by about lr / key_init_std, so N(0, 1) keys barely move (issue #13).
+  key_init_std: float = 1.0
+  # Renormalise every key to its initial norm (key_init_std * sqrt(D)) after each update, so
+  # the rate at which keys turn stays fixed instead of falling as their norm grows.
+  key_renorm: bool = False
+  # Loss-free balancing: a per-prototype bias added to the scores for the top-k choice only
+  # (the mixture weights stay bias-free), nudged by this much per step towards equal load.
+  # 0: off (no bias parameter).
+  selection_bias_rate: float = 0.0
+  # Re-initialise the key of a prototype unused for this many steps to a recent hidden
+  # state (k-means dead-code revival). 0: off.
+  revive_after: int = 0
+  # A learned per-prototype threshold inside the relu: a_j = relu(cos - theta_j) / tau.
+  thresholds: bool = False
+  # Prototype 0 is always selected with activation 1: its value vector carries the base rate
+  # (unigram prior), reported as its own slice p0, so the other k-1 need not each carry it.
+  base_prototype: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +79,12 @@ class LossConfig:
   diversity_margin: float = 0.5  # pairwise prototype cosine above this is penalised
   balance: float = 0.01
   z_loss: float = 0.0  # optional log-partition regulariser (PaLM style)
+  # k-means style: cluster/evidence pull keys towards hidden states, never h towards keys
+  # (with both sides free they collapse together, issue #13).
+  stop_data_gradient: bool = False
+  # mean_pairs: mean over M(M-1) pairs (vanishes as M grows); per_prototype: each key's
+  # summed excess over the others, averaged over keys.
+  diversity_reduce: Literal["mean_pairs", "per_prototype"] = "mean_pairs"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +118,7 @@ class OptimizerConfig:
   eps: float = 1e-8
   weight_decay: float = 0.1
   grad_clip_norm: float = 1.0
+  key_lr_scale: float = 1.0  # prototype keys' learning rate, as a multiple of learning_rate
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,6 +11,11 @@ class UserError(Exception):
   """Something the user typed or pointed at is wrong; the message says what."""
 
 
+class ConfigError(UserError):
+  """A configuration key or value that cannot be used (here, not in config.py, so that the
+  range table in limits.py, which config.py imports, can raise it without a circle)."""
+
+
 def exit_on_user_error(main):
   """Wraps an entry point so UserError prints `error: ...` on one line and exits 2."""
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from prism_jax.errors import ConfigError
+
 SEED_MAX = 2**32 - 1  # numpy/jax seeds are 32-bit
 BIG = 10**9           # "any sensible count": far above real use, far below int64 trouble
 
@@ -45,8 +47,6 @@ class Range:
     return True
 
   def check(self, name: str, value) -> None:
-    from prism_jax.config import ConfigError  # deferred: config imports this table
-
     if isinstance(value, bool) or not isinstance(value, (int, float)):
       raise ConfigError(f"{name}={value!r} is not a number")
     if not self.contains(value):
@@ -110,6 +110,9 @@ CONFIG_RANGES: dict[str, Range] = {
     "prototypes.init_temperature": positive(100.0),
     "prototypes.min_temperature": positive(100.0),
     "prototypes.max_temperature": positive(100.0),
+    "prototypes.key_init_std": positive(100.0),
+    "prototypes.selection_bias_rate": weight(1.0),
+    "prototypes.revive_after": count(0),
     "losses.cluster": weight(),
     "losses.evidence": weight(),
     "losses.diversity": weight(),
@@ -130,6 +133,7 @@ CONFIG_RANGES: dict[str, Range] = {
     "optimizer.eps": Range(float, 0.0, 1.0, low_open=True),
     "optimizer.weight_decay": weight(10.0),
     "optimizer.grad_clip_norm": positive(1e9),
+    "optimizer.key_lr_scale": weight(1e4),
     "train.steps": count(1),
     "train.seed": seed(),
     "train.log_every": count(1),
@@ -154,16 +158,23 @@ CONFIG_RANGES: dict[str, Range] = {
     "attr.index_seed": seed(),
     "attr.neighbourhood_size": count(1, 10**6),
     "attr.shard_prototypes": count(1, 2**22),
+    "attr.postings": count(0, 10**9),
+    "attr.softmax_top": count(1, 2**20),
+    "attr.index_part_batches": count(1, 10**6),
     "attr.damping": weight(),
     "attr.trak_projection_dim": count(1, 2**16),
     "attr.trak_damping": weight(),
     "attr.trak_seed": seed(),
+    "attr.trak_ensemble": count(1, 64),
     "attr.ekfac_damping": weight(),
     "attr.ekfac_label_seed": seed(),
+    "attr.lds_examples": count(2, 10**7),
     "attr.lds_subsets": count(2, 10**5),
     "attr.lds_seeds": count(1, 1000),
     "attr.lds_fraction": fraction_open(),
     "attr.lds_queries": count(1, 10**6),
+    "attr.lds_tuning_queries": count(1, 10**6),
+    "attr.lds_group": count(1, 4096),
     "attr.lds_bootstrap": count(1, 10**6),
 }
 

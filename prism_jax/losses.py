@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from prism_jax.config import LossConfig
+from prism_jax.models import prism_head
 from prism_jax.models.lm import LMOutput
 
 _BIG = 1e9
@@ -43,15 +44,19 @@ def evidence_loss(distances_NxM, mask_N):
   return jnp.mean(jnp.min(masked, axis=0))
 
 
-def diversity_loss(keys_MxD, margin: float):
-  """Mean over prototype pairs of relu(cos(P_i, P_j) - margin)^2: no two collapse."""
+def diversity_loss(keys_MxD, margin: float, reduce: str = "mean_pairs"):
+  """relu(cos(P_i, P_j) - margin)^2 over prototype pairs: no two collapse.
+
+  mean_pairs: the mean over the M(M-1) pairs (each key's push shrinks as 1/M^2);
+  per_prototype: each key's sum over the others, averaged over keys (M times larger).
+  """
   keys = keys_MxD.astype(jnp.float32)
   unit = keys * jax.lax.rsqrt(jnp.sum(keys * keys, -1, keepdims=True) + 1e-12)
   cos_MxM = unit @ unit.T
   m = keys.shape[0]
   off_diagonal = 1.0 - jnp.eye(m, dtype=cos_MxM.dtype)
   excess = jax.nn.relu(cos_MxM - margin) * off_diagonal
-  return jnp.sum(excess**2) / max(m * (m - 1), 1)
+  return jnp.sum(excess**2) / (m if reduce == "per_prototype" else max(m * (m - 1), 1))
 
 
 def balance_loss(scores_NxM, activations_NxM, mask_N, top_k: int):
@@ -79,8 +84,13 @@ def dead_fraction(usage_M) -> jax.Array:
   return jnp.mean((usage_M == 0).astype(jnp.float32))
 
 
-def total_loss(out: LMOutput, batch: dict, keys_MxD, cfg: LossConfig, top_k: int):
-  """(weighted objective, metrics dict with every term reported separately)."""
+def total_loss(out: LMOutput, batch: dict, keys_MxD, cfg: LossConfig, top_k: int,
+               similarity: str = "cosine"):
+  """(weighted objective, metrics dict with every term reported separately).
+
+  With `cfg.stop_data_gradient` the cluster and evidence distances are recomputed from
+  stop_gradient(h), so those terms move only the keys (k-means style).
+  """
   mask = batch["loss_mask"].astype(jnp.float32)
   ce, tokens = cross_entropy(out.logits, batch["targets"], mask)
   metrics = {"loss/cross_entropy": ce, "tokens": tokens}
@@ -93,10 +103,15 @@ def total_loss(out: LMOutput, batch: dict, keys_MxD, cfg: LossConfig, top_k: int
     m = protos.scores.shape[-1]
     flat_mask = mask.reshape(-1)
     distances = protos.distances.reshape(-1, m)
+    if cfg.stop_data_gradient:
+      _, distances = prism_head.similarity_and_distance(
+          jax.lax.stop_gradient(out.hidden), keys_MxD, similarity)
+      distances = distances.reshape(-1, m)
     terms = {
         "cluster": lambda: cluster_loss(distances, flat_mask),
         "evidence": lambda: evidence_loss(distances, flat_mask),
-        "diversity": lambda: diversity_loss(keys_MxD, cfg.diversity_margin),
+        "diversity": lambda: diversity_loss(keys_MxD, cfg.diversity_margin,
+                                            cfg.diversity_reduce),
         "balance": lambda: balance_loss(protos.scores.reshape(-1, m),
                                         protos.activations.reshape(-1, m), flat_mask, top_k),
     }

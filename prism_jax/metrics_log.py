@@ -1,20 +1,22 @@
 """Run metrics to TensorBoard event files and a JSONL log (process 0 writes).
 
 A run killed mid-write can leave a torn last line in metrics.jsonl: it is dropped (with a
-note) before appending, and readers skip any line that does not parse.
+note) before appending, and readers skip any line that does not parse. A bucket (gs://)
+cannot append, so there the log is kept in memory and the file rewritten whole (write, then
+rename) at each record: a few thousand short lines, so the rewrite is cheap next to a step.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import jax
 import numpy as np
+from etils import epath
 from tensorboardX import SummaryWriter
 
-from prism_jax import layout
+from prism_jax import layout, outputs
 
 
 class MetricsLog:
@@ -22,11 +24,16 @@ class MetricsLog:
   def __init__(self, workdir: str):
     self.enabled = jax.process_index() == 0
     if self.enabled:
-      os.makedirs(workdir, exist_ok=True)
+      epath.Path(workdir).mkdir(parents=True, exist_ok=True)
       path = layout.path(workdir, layout.METRICS)
       repair_torn_tail(path)
       self.writer = SummaryWriter(layout.path(workdir, layout.TENSORBOARD))
-      self.jsonl = open(path, "a", encoding="utf-8")
+      self.path = epath.Path(path)
+      if outputs.is_local(self.path):
+        self.jsonl, self.lines = self.path.open("a", encoding="utf-8"), None
+      else:
+        self.jsonl = None
+        self.lines = self.path.read_text().splitlines(keepends=True) if self.path.exists() else []
 
   def write(self, step: int, metrics: dict):
     if not self.enabled:
@@ -34,13 +41,19 @@ class MetricsLog:
     scalars = {k: float(np.asarray(v)) for k, v in metrics.items() if np.ndim(v) == 0}
     for name, value in scalars.items():
       self.writer.add_scalar(name, value, step)
-    self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
-    self.jsonl.flush()
+    line = json.dumps({"step": step, **scalars}) + "\n"
+    if self.jsonl is not None:
+      self.jsonl.write(line)
+      self.jsonl.flush()
+    else:
+      self.lines.append(line)
+      outputs.write_text(self.path, "".join(self.lines))
 
   def close(self):
     if self.enabled:
       self.writer.close()
-      self.jsonl.close()
+      if self.jsonl is not None:
+        self.jsonl.close()
 
 
 def _parses(line: bytes) -> bool:
@@ -52,10 +65,10 @@ def _parses(line: bytes) -> bool:
 
 def repair_torn_tail(path: str) -> None:
   """Truncates `path` after its last complete JSON line (a kill mid-write leaves half a one)."""
-  if not os.path.isfile(path):
+  path = epath.Path(path)
+  if not path.is_file():
     return
-  with open(path, "rb") as f:
-    data = f.read()
+  data = path.read_bytes()
   keep = len(data)
   lines = data.split(b"\n")
   tail = lines[-1]  # text after the last newline: empty when the file ends cleanly
@@ -66,15 +79,19 @@ def repair_torn_tail(path: str) -> None:
   if keep < len(data):
     print(f"note: dropped a torn last line ({len(data) - keep} bytes) of {path}",
           file=sys.stderr)
-    with open(path, "r+b") as f:
-      f.truncate(keep)
+    # epath has no truncate (buckets cannot): rewrite whole, then rename, so a kill here
+    # never loses the complete lines.
+    tmp = path.parent / f".{path.name}.repair"
+    tmp.write_bytes(data[:keep])
+    tmp.replace(path)
 
 
 def read_jsonl(path: str) -> list[dict]:
   """Every complete record; a torn or garbled line (a run killed mid-write) is skipped."""
   rows = []
-  with open(path, encoding="utf-8", errors="replace") as f:
+  with epath.Path(path).open("rb") as f:
     for line in f:
+      line = line.decode("utf-8", errors="replace")
       if line.strip():
         try:
           row = json.loads(line)

@@ -23,14 +23,30 @@ def _decay_mask(params):
   hidden states they are meant to sit among.
   """
   def decays(path, leaf):
-    names = [getattr(p, "key", None) for p in path]
-    return leaf.ndim >= 2 and "keys" not in names
+    return leaf.ndim >= 2 and not _is_keys(path)
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
+def _is_keys(path) -> bool:
+  return "keys" in [getattr(p, "key", None) for p in path]
+
+
+def scale_key_updates(scale: float) -> optax.GradientTransformation:
+  """Multiplies the prototype keys' updates by `scale`: their own learning rate (keys get
+  no weight decay, so scaling the update is scaling their learning rate)."""
+  def update_fn(updates, state, params=None):
+    del params
+    return jax.tree_util.tree_map_with_path(
+        lambda path, u: u * scale if _is_keys(path) else u, updates), state
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
+
+
 def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
-  return optax.chain(
+  parts = [
       optax.clip_by_global_norm(cfg.grad_clip_norm),
       optax.adamw(learning_rate_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                   weight_decay=cfg.weight_decay, mask=_decay_mask),
-  )
+  ]
+  if cfg.key_lr_scale != 1.0:  # only then: the default optimizer state keeps its structure
+    parts.append(scale_key_updates(cfg.key_lr_scale))
+  return optax.chain(*parts)

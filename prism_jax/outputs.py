@@ -95,14 +95,21 @@ def replace_folder(tmp, target, kind: str, is_own: Callable[[epath.Path], bool],
     tmp.rename(target)  # a reader sees the old folder or the new one, never half of one
   except OSError as e:
     raise os_error(e, f"replacing {target}") from None
-  if old.exists() and _is_local(old):
+  if old.exists() and is_local(old):
     shutil.rmtree(old, ignore_errors=True)
   elif old.exists():
     old.rmtree()
 
 
-def _is_local(path: epath.Path) -> bool:
+def is_local(path) -> bool:
+  """A path on this machine's filesystem (not a bucket such as gs://)."""
   return "://" not in str(path)
+
+
+def absolute(path) -> str:
+  """`path` made absolute for a record; a bucket path (gs://...) already is."""
+  path = epath.Path(path)
+  return str(path if not is_local(path) else path.absolute())
 
 
 # ------------------------------------------------------------------------------------------
@@ -180,7 +187,7 @@ class WorkdirLock:
   def _create(self, record) -> bool:
     text = json.dumps(record)
     try:
-      if _is_local(self.path):
+      if is_local(self.path):
         fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         with os.fdopen(fd, "w") as f:
           f.write(text)

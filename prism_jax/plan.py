@@ -1,7 +1,6 @@
 """Mesh and memory planning for an experiment on a topology, without any accelerator.
 
-  python -m prism_jax.plan --exp prism_1b --topology v5p-64
-  python -m prism_jax.plan --exp prism_1b --devices 256 --hbm-gib 95 mesh.data=2
+  python -m prism_jax.main.plan --exp prism_1b --topology v5p-64   (the command)
 
 Prints the parameter count (jax.eval_shape: nothing is allocated), the mesh (MeshConfig's -1
 resolved against the device count), per-device bytes of parameters, optimizer state and
@@ -25,14 +24,12 @@ cheaply; jax is imported inside the functions that need it.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import re
-import sys
 
-from prism_jax import cli, limits
-from prism_jax.errors import UserError, exit_on_user_error
+from prism_jax import limits
+from prism_jax.errors import UserError
 
 GIB = 2**30
 MESH_AXES = ("data", "fsdp", "model")  # == sharding.MESH_AXES (that module imports jax)
@@ -133,16 +130,16 @@ def resolve_mesh(mesh_cfg, devices: int) -> dict[str, int]:
   if -1 in shape:
     if devices % known:
       raise PlanError(f"{devices} devices cannot be split into mesh "
-                      f"{_mesh_text(dict(zip(MESH_AXES, shape)))}: {known} does not divide "
+                      f"{mesh_text(dict(zip(MESH_AXES, shape)))}: {known} does not divide "
                       f"{devices}")
     shape[shape.index(-1)] = devices // known
   if math.prod(shape) != devices:
-    raise PlanError(f"mesh {_mesh_text(dict(zip(MESH_AXES, shape)))} needs "
+    raise PlanError(f"mesh {mesh_text(dict(zip(MESH_AXES, shape)))} needs "
                     f"{math.prod(shape)} devices, the topology has {devices}")
   return dict(zip(MESH_AXES, shape))
 
 
-def _mesh_text(mesh: dict[str, int]) -> str:
+def mesh_text(mesh: dict[str, int]) -> str:
   return " ".join(f"{k}={v}" for k, v in mesh.items())
 
 
@@ -401,7 +398,7 @@ def _gathered_weights(cfg, mesh: dict[str, int], leaves: list[Leaf]):
 # Output
 
 
-def _bytes(n: int) -> str:
+def format_bytes(n: int) -> str:
   for unit, size in (("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10)):
     if n >= size:
       return f"{n / size:.2f} {unit}"
@@ -421,8 +418,8 @@ def report(plan: Plan, compiled_follows: bool = False) -> str:
   label = "estimate    " if compiled_follows else "verdict     "
   lines = [
       f"experiment   {plan.exp} on {describe_topology(plan.topology)}",
-      f"parameters   {plan.num_params:,} ({_bytes(plan.param_bytes_total)})",
-      f"mesh         {_mesh_text(plan.mesh)}",
+      f"parameters   {plan.num_params:,} ({format_bytes(plan.param_bytes_total)})",
+      f"mesh         {mesh_text(plan.mesh)}",
       f"tokens/step  {plan.tokens_per_step:,} (global batch x seq_len); "
       f"{plan.batch_per_device} sequences per device",
   ]
@@ -430,19 +427,19 @@ def report(plan: Plan, compiled_follows: bool = False) -> str:
     return "\n".join(lines)
   lines += [
       "per device:",
-      f"  parameters        {_bytes(plan.params_per_device)}",
-      f"  optimizer state   {_bytes(plan.optimizer_per_device)}",
-      f"  gradients         {_bytes(plan.gradients_per_device)}",
-      f"  activations       {_bytes(plan.activation_bytes)} (estimate)",
+      f"  parameters        {format_bytes(plan.params_per_device)}",
+      f"  optimizer state   {format_bytes(plan.optimizer_per_device)}",
+      f"  gradients         {format_bytes(plan.gradients_per_device)}",
+      f"  activations       {format_bytes(plan.activation_bytes)} (estimate)",
   ]
-  lines += [f"    {name:<40} {_bytes(b):>11}  {formula}" for name, b, formula in plan.activations]
-  lines.append(f"  total             {_bytes(plan.total_per_device)}")
+  lines += [f"    {name:<40} {format_bytes(b):>11}  {formula}" for name, b, formula in plan.activations]
+  lines.append(f"  total             {format_bytes(plan.total_per_device)}")
   usable = plan.usable_bytes
   if usable is None:
     lines.append("verdict      unknown: pass --hbm-gib X (HBM per device) for a verdict")
   elif plan.total_per_device <= usable or compiled_follows:
     fits = "fits" if plan.total_per_device <= usable else "does not fit"
-    lines.append(f"{label} {fits}: {_bytes(plan.total_per_device)} of {_bytes(usable)} usable "
+    lines.append(f"{label} {fits}: {format_bytes(plan.total_per_device)} of {format_bytes(usable)} usable "
                  f"({USABLE_FRACTION:.0%} of {plan.topology.hbm_gib:g} GiB), "
                  f"{plan.total_per_device / usable:.0%}")
   return "\n".join(lines)
@@ -450,7 +447,7 @@ def report(plan: Plan, compiled_follows: bool = False) -> str:
 
 def check(plan: Plan) -> None:
   """Raises PlanError (one line) when the plan cannot run."""
-  where = f"{plan.exp} on {plan.topology.name} (mesh {_mesh_text(plan.mesh)})"
+  where = f"{plan.exp} on {plan.topology.name} (mesh {mesh_text(plan.mesh)})"
   if plan.problems:
     more = f" (and {len(plan.problems) - 1} more)" if len(plan.problems) > 1 else ""
     fix = (f"; try mesh.data={plan.suggestion['data']} mesh.fsdp={plan.suggestion['fsdp']} "
@@ -460,29 +457,9 @@ def check(plan: Plan) -> None:
   usable = plan.usable_bytes
   if usable is not None and plan.total_per_device > usable:
     remat = "" if plan.remat == "full" else ", model.remat=full"
-    raise PlanError(f"{where} does not fit: needs {_bytes(plan.total_per_device)} per device, "
-                    f"{_bytes(usable)} usable of {plan.topology.hbm_gib:g} GiB HBM; try more "
+    raise PlanError(f"{where} does not fit: needs {format_bytes(plan.total_per_device)} per device, "
+                    f"{format_bytes(usable)} usable of {plan.topology.hbm_gib:g} GiB HBM; try more "
                     f"devices, a smaller data.batch_size{remat}")
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-  parser = cli.parser("Mesh and memory plan for an experiment.")
-  parser.add_argument("--exp", required=True, help="experiment name (see experiments/)")
-  where = parser.add_mutually_exclusive_group()
-  where.add_argument("--topology", help="v5p-64, v4-32, v5litepod-16, v6e-8, h100-16, or a "
-                     "device count; default: the topology the experiment is planned for, "
-                     f"else {DEFAULT_DEVICES} devices")
-  where.add_argument("--devices", type=cli.number_flag("--devices"),
-                     help="number of devices (with --hbm-gib)")
-  parser.add_argument("--hbm-gib", type=cli.number_flag("--hbm-gib"),
-                      help="HBM per device; overrides the table")
-  parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                      help="on a TPU slice, compile the steps ahead of time for it (needs "
-                      "libtpu) and take the verdict from the compiled memory (default: on)")
-  parser.add_argument("--steps", default="train,eval,index",
-                      help="which steps to compile (comma-separated: train, eval, index)")
-  parser.add_argument("overrides", nargs="*", metavar="key=value")
-  return parser.parse_args(argv)
 
 
 def planned_topology(exp: str) -> str | None:
@@ -494,62 +471,3 @@ def planned_topology(exp: str) -> str | None:
     if isinstance(table, dict) and exp in table:
       return table[exp]
   return None
-
-
-def _compiled_check(cfg, topology: Topology, plan: Plan, steps) -> None:
-  """Compiles `steps` for the TPU slice, prints the figures, raises if they do not fit."""
-  from prism_jax import aot
-
-  results = aot.compile_for_topology(
-      cfg, topology, steps, log=lambda line: print(line, file=sys.stderr, flush=True))
-  print(aot.report(results, topology, plan.total_per_device))
-  sys.stdout.flush()
-  if topology.hbm_gib is not None and not aot.fits(results, topology):
-    worst = max(results, key=lambda r: r.memory.total if r.memory else (r.hbm_used or 2**62))
-    need = worst.memory.total if worst.memory else worst.hbm_used
-    remat = "" if plan.remat == "full" else ", model.remat=full"
-    # An out-of-memory compile error names only the temporaries: a lower bound.
-    need_text = (_bytes(need) if worst.memory else f"at least {_bytes(need)}" if need
-                 else "more than its")
-    raise PlanError(f"{plan.exp} on {topology.name} (mesh {_mesh_text(plan.mesh)}) does not "
-                    f"fit: the compiled {worst.name} step needs {need_text} of "
-                    f"{topology.hbm_gib:g} GiB HBM per device; try more devices, a smaller "
-                    f"data.batch_size{remat}")
-
-
-@exit_on_user_error
-def main(argv=None) -> None:
-  import experiments
-  from prism_jax import aot
-  from prism_jax import config as config_lib
-
-  args = parse_args(argv)
-  steps = [s.strip() for s in args.steps.split(",") if s.strip()]
-  unknown = sorted(set(steps) - set(aot.STEPS))
-  if unknown or not steps:
-    raise PlanError(f"--steps: unknown step {unknown[0] if unknown else args.steps!r} (use a "
-                    f"comma-separated list of {', '.join(aot.STEPS)})")
-  cfg = config_lib.apply_overrides(experiments.get(args.exp), args.overrides)
-  where = (args.topology if args.topology else str(args.devices) if args.devices
-           else planned_topology(args.exp) or str(DEFAULT_DEVICES))
-  topology = parse_topology(where)
-  if args.hbm_gib is not None:
-    if args.hbm_gib <= 0:
-      raise PlanError("--hbm-gib must be positive")
-    topology = dataclasses.replace(topology, hbm_gib=args.hbm_gib)
-  plan = make_plan(cfg, topology)
-  compile_it = args.compile and not plan.problems and aot.is_tpu_topology(topology)
-  hint = compile_it and not aot.libtpu_available()
-  compile_it = compile_it and not hint
-  print(report(plan, compiled_follows=compile_it))
-  if hint:
-    print(aot.INSTALL_HINT)
-  sys.stdout.flush()
-  if not compile_it:
-    check(plan)
-    return
-  _compiled_check(cfg, topology, plan, steps)
-
-
-if __name__ == "__main__":
-  main()

@@ -10,10 +10,10 @@ mesh gives the train state, so a model that trained sharded is restored sharded.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Sequence
 
 import jax
+from etils import epath
 
 from prism_jax import cli, sharding
 from prism_jax import config as config_lib
@@ -35,7 +35,7 @@ def load_params(cfg: ExperimentConfig, workdir: str, step: int | None = None,
   Raises UserError when there is no checkpoint or the requested step is missing.
   """
   directory = checkpoint_dir(workdir)
-  if not os.path.isdir(directory):
+  if not epath.Path(directory).is_dir():
     raise UserError(f"no checkpoints in {workdir} (expected {directory}); train first, e.g. "
                     f"make train EXP={cfg.name} WORKDIR={workdir}")
   checkpointer = Checkpointer(directory, cfg.checkpoint, read_only=True,

@@ -19,9 +19,9 @@ import optax
 from flax import nnx, struct
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from prism_jax import losses, sharding
+from prism_jax import diagnostics, losses, sharding
 from prism_jax.config import ExperimentConfig
-from prism_jax.models import lm
+from prism_jax.models import lm, prism_head
 from prism_jax.optim import learning_rate_schedule, make_optimizer
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
@@ -48,18 +48,71 @@ def all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
+def initial_keys(cfg: ExperimentConfig):
+  """The prototype keys as `lm.init` drew them for this run's seed, recomputed rather than
+  stored: inside the jitted step XLA keeps only the keys' random draw of the whole init."""
+  return lm.init(cfg, cfg.train.seed)[1]["prototype_head"]["keys"]
+
+
+def update_head_state(params, usage_M, hidden_BxLxD, mask_BxL, step, cfg: ExperimentConfig):
+  """Head updates made outside the gradient, after the optimizer: key renormalisation,
+  dead-prototype revival and the selection-only balancing bias. (params, metrics)."""
+  pc = cfg.prototypes
+  head = dict(params["prototype_head"])
+  metrics = {}
+  if pc.revive_after:
+    used = usage_M > 0
+    idle = jnp.where(used, 0.0, head["idle_steps"] + 1.0)
+    dead = idle >= pc.revive_after
+    # Each revived key becomes a random real token's hidden state of this batch, at the
+    # keys' initial scale (h is RMS-normalised, norm about sqrt(D)).
+    d = hidden_BxLxD.shape[-1]
+    h_NxD = jax.lax.stop_gradient(hidden_BxLxD).reshape(-1, d).astype(jnp.float32)
+    mask_N = mask_BxL.reshape(-1).astype(jnp.float32)
+    rng = jax.random.fold_in(jax.random.key(cfg.train.seed), step)
+    pick_M = jax.random.categorical(rng, jnp.log(mask_N + 1e-30), shape=usage_M.shape)
+    fresh = pc.key_init_std * h_NxD[pick_M]
+    head["keys"] = jnp.where(dead[:, None], fresh.astype(head["keys"].dtype), head["keys"])
+    head["idle_steps"] = jnp.where(dead, 0.0, idle)
+    metrics["prototypes/revived"] = jnp.sum(dead)
+  if pc.key_renorm:
+    head["keys"] = prism_head.renormalise_keys(head["keys"], pc,
+                                               head["keys"].shape[-1]).astype(head["keys"].dtype)
+  if pc.selection_bias_rate:
+    # Loss-free balancing: raise the bias of under-used prototypes, lower over-used ones.
+    load = usage_M.astype(jnp.float32)
+    head["selection_bias"] = head["selection_bias"] + pc.selection_bias_rate * jnp.sign(
+        jnp.mean(load) - load)
+  return {**params, "prototype_head": head}, metrics
+
+
 def make_train_step(graphdef, cfg: ExperimentConfig, tx: optax.GradientTransformation):
   schedule = learning_rate_schedule(cfg.optimizer, cfg.train.steps)
+  prism = cfg.model.head == "prism"
 
   def train_step(state: TrainState, batch: dict):
     def objective(params):
       out = lm.forward(graphdef, params, batch)
-      return losses.total_loss(out, batch, prototype_keys(params), cfg.losses,
-                               cfg.prototypes.top_k)
+      loss, metrics = losses.total_loss(out, batch, prototype_keys(params), cfg.losses,
+                                        cfg.prototypes.top_k, cfg.prototypes.similarity)
+      if not prism:
+        return loss, (metrics, None)
+      mask = batch["loss_mask"].astype(jnp.float32)
+      usage = losses.usage_counts(out.prototypes.activations, mask)
+      cosine = cfg.prototypes.similarity in ("cosine", "dot")  # distances are 1 - cos
+      metrics.update(diagnostics.head_diagnostics(
+          out.hidden, out.prototypes.top_values, usage, mask, prototype_keys(params),
+          initial_keys(cfg), out.prototypes.distances if cosine else None))
+      return loss, (metrics, (usage, jax.lax.stop_gradient(out.hidden)))
 
-    (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+    (loss, (metrics, head_aux)), grads = jax.value_and_grad(objective, has_aux=True)(
+        state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    if prism:
+      params, head_metrics = update_head_state(params, *head_aux, batch["loss_mask"],
+                                               state.step, cfg)
+      metrics.update(head_metrics)
     grad_norm = optax.tree.norm(grads)
     # A non-finite loss, gradient or update (a bad learning rate, an overflowing moment)
     # leaves parameters and optimizer state untouched, so no checkpoint is ever poisoned.

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 
 from prism_jax import distributed
-from prism_jax.train import train
+from prism_jax.training import train
 from tests.synthetic import synthetic_data, tiny_config
 
 

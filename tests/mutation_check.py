@@ -86,7 +86,7 @@ MUTATIONS = [
         "global id = local id + shard * min(k, shard size) (wrong when a shard holds > k)"),
     # (c) Bits per byte divided by the token count instead of the byte count.
     Mutation(
-        "bpb-tokens-not-bytes", "prism_jax/evaluate.py",
+        "bpb-tokens-not-bytes", "prism_jax/evaluation.py",
         '"bits_per_byte": nats / math.log(2) / max(num_bytes, 1),',
         '"bits_per_byte": nats / math.log(2) / max(tokens, 1),',
         ("tests/test_evaluate.py",),
@@ -114,7 +114,7 @@ MUTATIONS = [
         "restore() leaves the data iterator at the start"),
     # Recompile guards.
     Mutation(
-        "decode-step-recompiles", "prism_jax/generate.py",
+        "decode-step-recompiles", "prism_jax/sampling.py",
         "self._decode_step = jax.jit(decode_step, donate_argnums=(1,))",
         "self._decode_step = jax.jit(decode_step, donate_argnums=(1,), static_argnums=(3,))",
         ("tests/test_generate.py::test_decode_step_traces_and_compiles_once",),
@@ -141,7 +141,7 @@ MUTATIONS = [
         ("tests/test_no_data_loss.py::test_a_non_finite_update_is_never_kept",),
         "only loss and gradient checked: a NaN update is kept"),
     Mutation(
-        "access-error-sets-aside", "prism_jax/train.py",
+        "access-error-sets-aside", "prism_jax/training.py",
         "    except (CheckpointMismatch, CheckpointUnreachable):",
         "    except CheckpointMismatch:",
         ("tests/test_no_data_loss.py::test_permission_error_stops_and_sets_nothing_aside",),
@@ -153,7 +153,7 @@ MUTATIONS = [
         ("tests/test_no_data_loss.py::test_two_writers_in_one_workdir",),
         "a live holder's lock is taken over"),
     Mutation(
-        "oldest-checkpoint-first", "prism_jax/train.py",
+        "oldest-checkpoint-first", "prism_jax/training.py",
         "  for step in sorted(checkpointer.all_steps(), reverse=True):",
         "  for step in sorted(checkpointer.all_steps()):",
         ("tests/test_checkpoint_resume.py",),

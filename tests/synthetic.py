@@ -10,7 +10,7 @@ import numpy as np
 
 import experiments
 from prism_jax.config import ExperimentConfig, apply_overrides
-from prism_jax.train import TrainData
+from prism_jax.training import TrainData
 
 # jax.monitoring event recorded once per XLA compilation (jax._src.dispatch).
 _BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"

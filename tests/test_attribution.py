@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from prism_jax.attribution import common, ekfac, graddot, index as index_lib, influence
-from prism_jax.attribution import lds, prototype, run as run_lib
+from prism_jax.attribution import indexing, lds, prototype, run as run_lib
 from prism_jax.attribution.config import AttributionConfig, apply_overrides
 from prism_jax.config import ConfigError
 from prism_jax.models import lm
@@ -51,9 +51,10 @@ def _exact_head_terms(graphdef, params, train, query, length):
 
 
 def _build(tmp_path, cfg, graphdef, params, train, attr=None, devices=None, name="index"):
-  attr = attr or AttributionConfig(batch_size=4, neighbourhood_size=8, shard_prototypes=3)
+  attr = attr or AttributionConfig(batch_size=4, neighbourhood_size=8, shard_prototypes=3,
+                                   index_influence=True)
   out = str(tmp_path / name)
-  index_lib.build(cfg, graphdef, params, train, out, attr, devices=devices)
+  indexing.build(cfg, graphdef, params, train, out, attr, devices=devices)
   return index_lib.Index(out)
 
 
@@ -198,7 +199,8 @@ def prepared_index(tmp_path):
 def test_index_identical_on_one_and_eight_devices(trained, tmp_path):
   cfg, graphdef, params, train = trained
   assert len(jax.devices()) == 8
-  attr = AttributionConfig(batch_size=2, neighbourhood_size=8, shard_prototypes=10)
+  attr = AttributionConfig(batch_size=2, neighbourhood_size=8, shard_prototypes=10,
+                           index_influence=True)
   one = _build(tmp_path, cfg, graphdef, params, train, attr, jax.devices()[:1], "one")
   eight = _build(tmp_path, cfg, graphdef, params, train, attr, jax.devices(), "eight")
   files = one.manifest["files"]
@@ -208,9 +210,12 @@ def test_index_identical_on_one_and_eight_devices(trained, tmp_path):
     np.testing.assert_array_equal(one.array(rel), eight.array(rel), err_msg=rel)
   assert one.manifest["bytes_total"] == eight.manifest["bytes_total"]
   # Format: memory-mapped arrays whose sizes the manifest records.
-  arr = one.array("tokens/grad.npy")
-  assert isinstance(arr, np.memmap) and list(arr.shape) == files["tokens/grad.npy"]["shape"]
+  grad = [rel for rel in files if rel.endswith("/grad.npy")]
+  assert grad and all(rel.startswith("processes/00000/parts/") for rel in grad)
+  arr = one.array(grad[0])
+  assert isinstance(arr, np.memmap) and list(arr.shape) == files[grad[0]]["shape"]
   assert one.manifest["num_tokens"] == train.num_tokens() == 16 * cfg.data.seq_len
+  assert one.manifest["num_examples"] == 16
 
 
 def _planted_cycles(cfg, num_examples=8, cycle=3, seed=0):

@@ -72,7 +72,7 @@ INTERVENTIONS = [
 
 ENTRY_POINTS = {
     # name: (module, leading arguments, extra rows)
-    "train": ("prism_jax.train", [], [
+    "train": ("prism_jax.main.train", [], [
         ("workdir of another model", ["--workdir", RUN, "model.d_model=64"],
          "holds a run with model."),
         ("checkpoints of other settings, config.json gone", ["--workdir", f"{TMP}/no_config"],
@@ -86,30 +86,31 @@ ENTRY_POINTS = {
         ("workdir that cannot be created", ["--workdir", "/proc/prism_run"],
          "creating the run directory /proc/prism_run failed: No such file or directory"),
     ]),
-    "evaluate": ("prism_jax.evaluate", ["--tasks", "none"], CHECKPOINT + INTERVENTIONS + [
+    "evaluate": ("prism_jax.main.evaluate", ["--tasks", "none"], CHECKPOINT + INTERVENTIONS + [
         ("unknown task", ["--tasks", "piqaa"], "unknown task 'piqaa' (did you mean 'piqa'?)"),
         ("missing text file", ["--text-file", "/nonexistent/x.txt"], "does not exist"),
         ("non-UTF-8 text file", ["--text-file", f"{TMP}/latin1.txt"], "is not UTF-8 text"),
     ]),
-    "generate": ("prism_jax.generate", ["--prompt", "a cat is"], CHECKPOINT + INTERVENTIONS + [
+    "generate": ("prism_jax.main.generate", ["--prompt", "a cat is"],
+                 CHECKPOINT + INTERVENTIONS + [
         ("prompt longer than the context", ["--prompt", LONG_PROMPT], "context"),
     ]),
-    "index": ("prism_jax.index", [], CHECKPOINT + [
+    "index": ("prism_jax.main.index", [], CHECKPOINT + [
         ("unknown attribution key", ["attr.dampin=1"], "unknown attribution key 'attr.dampin'"),
         ("index folder that is the run", ["--index", RUN], "exists and is not a prototype index"),
         ("index folder that is a file", ["--index", f"{TMP}/a_file"], "is a file, not a"),
         ("workdir held by another writer", ["--workdir", f"{TMP}/locked"],
          "is in use by train (pid 1"),
     ]),
-    "attribute": ("prism_jax.attribute", ["--prompt", "a cat is"], CHECKPOINT + INDEX + [
+    "attribute": ("prism_jax.main.attribute", ["--prompt", "a cat is"], CHECKPOINT + INDEX + [
         ("prompt longer than the context", ["--prompt", LONG_PROMPT], "context"),
         ("missing index", [], "no prototype index"),
     ]),
-    "control calibrate": ("prism_jax.control.__main__", ["calibrate", "--task", "piqa",
+    "control calibrate": ("prism_jax.main.control", ["calibrate", "--task", "piqa",
                                                          "--task-data", TMP], CHECKPOINT + [
         ("unknown task", ["--task", "piqaa"], "unknown task 'piqaa' (did you mean 'piqa'?)"),
     ]),
-    "control suppress": ("prism_jax.control.__main__", ["suppress", "--prototypes", "1",
+    "control suppress": ("prism_jax.main.control", ["suppress", "--prototypes", "1",
                                                         "--words", "red"],
                          CHECKPOINT + INDEX + [
         ("unknown prototype id", ["--prototypes", "999"], "prototype 999 does not exist"),
@@ -118,17 +119,17 @@ ENTRY_POINTS = {
         ("suppressing every prototype", ["--prototypes", *map(str, range(32))],
          "leaving 0, fewer than prototypes.top_k=4"),
     ]),
-    "explore": ("prism_jax.explore.__main__", ["--no-progress"], CHECKPOINT + INDEX + [
+    "explore": ("prism_jax.main.explore", ["--no-progress"], CHECKPOINT + INDEX + [
         ("prompt longer than the context", ["--prompt", LONG_PROMPT], "context"),
         ("workdir held by another writer", ["--workdir", f"{TMP}/locked"],
          "is in use by train (pid 1"),
     ]),
-    "data": ("prism_jax.data.__main__", ["--data-dir", f"{TMP}/cache", "--bench-batches", "0"], [
+    "data": ("prism_jax.main.data", ["--data-dir", f"{TMP}/cache", "--bench-batches", "0"], [
         ("source folder without the corpus", ["--source-dir", f"{TMP}/nothing"], "lacks"),
         ("empty corpus", ["--source-dir", f"{TMP}/empty"], "the corpus is empty"),
         ("non-UTF-8 corpus", ["--source-dir", f"{TMP}/latin1"], "is not UTF-8 text"),
     ]),
-    "plan": ("prism_jax.plan", ["--topology", "v5p-64"], [
+    "plan": ("prism_jax.main.plan", ["--topology", "v5p-64"], [
         ("unknown topology", ["--topology", "tpu-8"], "tpu-8"),
         ("mesh that does not divide", ["mesh.model=3"], "mesh"),
         ("device count too large to plan", ["--topology", "99999999999"],
@@ -137,14 +138,14 @@ ENTRY_POINTS = {
          "is not a v5p slice size"),
         ("unknown step to compile", ["--steps", "train,bogus"], "unknown step 'bogus'"),
     ]),
-    "lds": ("prism_jax.lds", [], [
+    "lds": ("prism_jax.main.lds", [], [
         ("unknown method", ["--methods", "prototype,bogus"], "unknown method 'bogus'"),
         ("attribution setting out of range", ["attr.lds_fraction=2"],
          "attr.lds_fraction=2 must be in (0, 1)"),
         ("workdir held by another writer", ["--workdir", f"{TMP}/locked"],
          "is in use by train (pid 1"),
     ]),
-    "compare": ("prism_jax.compare", [], [
+    "compare": ("prism_jax.main.compare", [], [
         ("unknown experiment", ["--prism", "prism_tiyn"], "unknown experiment 'prism_tiyn'"),
         ("runs that are not matched", ["--prism", "prism_tiny", "--dense", "prism_small"],
          "are not matched: they differ in"),
@@ -270,7 +271,7 @@ def _arguments(entry, module, lead, argv, workspace):
   fill = lambda arg: (workspace[arg] if arg in workspace
                       else arg.replace(TMP, workspace[TMP]))
   lead, argv = [fill(a) for a in lead], [fill(a) for a in argv]
-  command = lead[:1] if module == "prism_jax.control.__main__" else []  # a subcommand
+  command = lead[:1] if module == "prism_jax.main.control" else []  # a subcommand
   options = lead[len(command):]
   # Overrides before options: an option taking several values (--tasks a b) would swallow
   # them. A row's options come after the entry point's own, so the row's value wins.

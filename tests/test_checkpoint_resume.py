@@ -6,7 +6,7 @@ import chex
 import jax
 
 from prism_jax.metrics_log import read_jsonl
-from prism_jax.train import train
+from prism_jax.training import train
 from tests.synthetic import synthetic_data, tiny_config
 
 

@@ -46,7 +46,7 @@ def test_unknown_experiment_suggests_nearest():
     (["train.steps=-1"], "error: prism_tiny: train.steps=-1 must be in [1, "),
 ])
 def test_train_entry_point_exits_2_with_one_line(argv, message, tmp_path):
-  result = subprocess.run([sys.executable, "-m", "prism_jax.train", "--workdir",
+  result = subprocess.run([sys.executable, "-m", "prism_jax.main.train", "--workdir",
                            str(tmp_path), *argv], capture_output=True, text=True, timeout=120)
   assert result.returncode == 2
   lines = result.stderr.strip().splitlines()

@@ -1,4 +1,4 @@
-"""`prism_jax.evaluate`: loss / bits per byte, downstream tasks, JSON output, user errors."""
+"""`prism_jax.main.evaluate`: loss / bits per byte, downstream tasks, JSON output, user errors."""
 
 import json
 import math
@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from prism_jax import data as data_lib
-from prism_jax import downstream, evaluate
+from prism_jax import downstream, evaluation
+from prism_jax.main import evaluate
 from tests.test_downstream import synthetic_docs, write_requests
 from tests.text_model import FACTS, CharTokenizer, trained_text_model
 
@@ -16,7 +17,7 @@ from tests.text_model import FACTS, CharTokenizer, trained_text_model
 def test_text_batches_score_every_token_exactly_once():
   tok = CharTokenizer()
   text = "".join(chr(ord("a") + i % 26) for i in range(150))
-  batches = list(evaluate.text_batches(tok, text, seq_len=32, batch_size=2))
+  batches = list(evaluation.text_batches(tok, text, seq_len=32, batch_size=2))
   scored = np.concatenate([b["targets"][b["loss_mask"] > 0] for b in batches])
   assert scored.tolist() == tok.encode(text)  # BOS first, so even the first char is a target
   assert all(b["inputs"].shape == (2, 32) for b in batches)
@@ -54,7 +55,7 @@ def test_evaluate_reports_loss_bpb_and_tasks_as_json(prepared, tmp_path):
   assert all(m["examples"] == 3 for m in saved["tasks"].values())
   assert "accuracy_per_char" in saved["tasks"]["piqa"]
   assert "bits_per_byte" in saved["tasks"]["lambada"]
-  table = evaluate.format_table(saved)
+  table = evaluation.format_table(saved)
   assert "piqa" in table and "bits/byte" in table
 
 
@@ -127,7 +128,7 @@ def test_target_bytes_are_utf8_bytes_of_each_scored_document():
   batch["loss_mask"][:] = batch["segment_ids"] > 0
   expected = sum(len(d.encode("utf-8")) for d in docs) + len("caf".encode("utf-8"))
   assert expected != sum(len(d) for d in docs) + 3  # bytes, not characters
-  assert evaluate.target_bytes(tok, batch) == expected
+  assert evaluation.target_bytes(tok, batch) == expected
 
 
 @pytest.mark.parametrize("flags,message", [

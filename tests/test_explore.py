@@ -5,9 +5,9 @@ import os
 import numpy as np
 import pytest
 
-from prism_jax.attribution import common, config as attr_config, index as index_lib
+from prism_jax.attribution import common, config as attr_config, index as index_lib, indexing
 from prism_jax.explore import labels, projection, taxonomy
-from prism_jax.explore.__main__ import explore
+from prism_jax.explore.explorer import explore
 from prism_jax.models import lm
 from tests.synthetic import tiny_config
 from tests.text_model import FACTS, CharTokenizer, text_data
@@ -70,7 +70,7 @@ def report(tmp_path_factory):
   train = common.from_rows(np.concatenate([rows, rows[:, ::-1]]))
   out = str(tmp_path_factory.mktemp("explore"))
   attr = attr_config.AttributionConfig(index_influence=False, neighbourhood_size=8)
-  index_lib.build(cfg, graphdef, params, train, os.path.join(out, "index"), attr,
+  indexing.build(cfg, graphdef, params, train, os.path.join(out, "index"), attr,
                   decode=tok.decode)
   index = index_lib.Index(os.path.join(out, "index"))
   result = explore(cfg, out, graphdef, params, 0, tok, data.eval_batches(), index=index,

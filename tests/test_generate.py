@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prism_jax import generate
+from prism_jax import sampling
 from prism_jax.models import lm
 from tests.text_model import CharTokenizer
 from tests.synthetic import count_backend_compiles, tiny_config
@@ -46,10 +46,10 @@ def test_generated_contributions_sum_to_the_tokens_logit():
   cfg = tiny_config("model.max_seq_len=32")
   graphdef, params = lm.init(cfg, 0)
   tok = CharTokenizer()
-  prompt_ids = generate.encode_prompt(tok, "the cat")
-  gen = generate.Generator(graphdef, cfg, generate.Sampling(temperature=1.0, top_k=20))(
+  prompt_ids = sampling.encode_prompt(tok, "the cat")
+  gen = sampling.Generator(graphdef, cfg, sampling.Sampling(temperature=1.0, top_k=20))(
       params, prompt_ids, max_new_tokens=10, seed=3)
-  result = json.loads(json.dumps(generate.to_json(gen, tok, "the cat", {})))
+  result = json.loads(json.dumps(sampling.to_json(gen, tok, "the cat", {})))
   assert len(result["tokens"]) == 10
   ids = prompt_ids + gen.token_ids
   reference = _logits_at(graphdef, params, ids)
@@ -65,7 +65,7 @@ def test_generated_contributions_sum_to_the_tokens_logit():
     np.testing.assert_allclose(step["logit"], reference[position, step["id"]], rtol=1e-4,
                                atol=1e-4)
   assert result["completion"] == tok.decode(gen.token_ids)
-  text = generate.format_contributions(result, shown=2)
+  text = sampling.format_contributions(result, shown=2)
   assert len(text.splitlines()) == 10 and "more" in text
 
 
@@ -74,7 +74,7 @@ def _greedy(exp):
   """(graphdef, params, Generator), shared so that its compiled steps are reused."""
   cfg = tiny_config("model.max_seq_len=32", exp=exp)
   graphdef, params = lm.init(cfg, 2)
-  return graphdef, params, generate.Generator(graphdef, cfg, generate.Sampling(temperature=0.0))
+  return graphdef, params, sampling.Generator(graphdef, cfg, sampling.Sampling(temperature=0.0))
 
 
 @pytest.mark.parametrize("exp", ["prism_tiny", "dense_tiny"])
@@ -107,22 +107,22 @@ def test_decode_step_traces_and_compiles_once():
 def test_sampling_filters():
   logits = jnp.asarray([[0.0, 3.0, 1.0, 2.0]])
   key = jax.random.key(0)
-  top1 = generate.filter_logits(logits, generate.Sampling(top_k=1))
+  top1 = sampling.filter_logits(logits, sampling.Sampling(top_k=1))
   assert np.isfinite(np.asarray(top1)).tolist() == [[False, True, False, False]]
-  top2 = generate.filter_logits(logits, generate.Sampling(top_k=2))
+  top2 = sampling.filter_logits(logits, sampling.Sampling(top_k=2))
   assert np.isfinite(np.asarray(top2)).tolist() == [[False, True, False, True]]
   # p(3.0) ~ 0.64 < 0.7, so the nucleus needs the second token too.
-  nucleus = generate.filter_logits(logits, generate.Sampling(top_p=0.7))
+  nucleus = sampling.filter_logits(logits, sampling.Sampling(top_p=0.7))
   assert np.isfinite(np.asarray(nucleus)).tolist() == [[False, True, False, True]]
-  draws = [int(generate.sample_token(logits, jax.random.fold_in(key, i),
-                                     generate.Sampling(top_k=2))[0]) for i in range(40)]
+  draws = [int(sampling.sample_token(logits, jax.random.fold_in(key, i),
+                                     sampling.Sampling(top_k=2))[0]) for i in range(40)]
   assert set(draws) == {1, 3}
-  assert int(generate.sample_token(logits, key, generate.Sampling(temperature=0.0))[0]) == 1
+  assert int(sampling.sample_token(logits, key, sampling.Sampling(temperature=0.0))[0]) == 1
 
 
 def test_prompt_longer_than_the_context_is_a_user_error():
   cfg = tiny_config("model.max_seq_len=16")
   graphdef, params = lm.init(cfg, 0)
-  gen = generate.Generator(graphdef, cfg, generate.Sampling(temperature=0.0))
-  with pytest.raises(generate.UserError, match="longer than the model's context of 16"):
+  gen = sampling.Generator(graphdef, cfg, sampling.Sampling(temperature=0.0))
+  with pytest.raises(sampling.UserError, match="longer than the model's context of 16"):
     gen(params, list(range(3, 20)), 4)

@@ -74,3 +74,38 @@ def test_dead_fraction_counts_unused_prototypes():
   # Positions outside the loss mask do not count as use.
   usage_masked = losses.usage_counts(activations, jnp.array([[1.0, 0.0]]))
   assert float(losses.dead_fraction(usage_masked)) == 0.75
+
+
+def test_per_prototype_diversity_is_the_pair_mean_times_m_minus_one():
+  keys = jnp.asarray(np.random.default_rng(2).normal(size=(6, 3)), jnp.float32)
+  mean_pairs = losses.diversity_loss(keys, margin=0.0)
+  per_prototype = losses.diversity_loss(keys, margin=0.0, reduce="per_prototype")
+  assert float(mean_pairs) > 0
+  np.testing.assert_allclose(per_prototype, mean_pairs * 5, rtol=1e-5)
+
+
+def test_stop_data_gradient_keeps_the_clustering_pull_off_the_hidden_states():
+  from prism_jax.config import LossConfig
+  from prism_jax.models.lm import LMOutput
+
+  rng = np.random.default_rng(0)
+  h = jnp.asarray(rng.normal(size=(1, 4, 3)), jnp.float32)
+  keys = jnp.asarray(rng.normal(size=(5, 3)), jnp.float32)
+  batch = {"targets": jnp.zeros((1, 4), jnp.int32), "loss_mask": jnp.ones((1, 4))}
+  from prism_jax.config import PrototypeConfig
+  pcfg = PrototypeConfig(num_prototypes=5, top_k=2)
+
+  def clustering(h, keys, stop):
+    cfg = LossConfig(cluster=1.0, evidence=1.0, diversity=0.0, balance=0.0,
+                     stop_data_gradient=stop)
+    logits, protos = prism_head.prototype_logits(h, keys, keys, jnp.log(0.1),
+                                                 jnp.zeros((2, 3)), pcfg)
+    out = LMOutput(logits=jax.lax.stop_gradient(logits), hidden=h, prototypes=protos)
+    _, metrics = losses.total_loss(out, batch, keys, cfg, 2)
+    return metrics["loss/cluster"] + metrics["loss/evidence"]
+
+  for stop in (False, True):
+    g_h, g_keys = jax.grad(clustering, argnums=(0, 1))(h, keys, stop)
+    assert float(jnp.abs(g_keys).sum()) > 0          # keys are pulled either way
+    assert (float(jnp.abs(g_h).sum()) == 0) == stop  # h only without the stop
+  np.testing.assert_allclose(clustering(h, keys, True), clustering(h, keys, False), rtol=1e-6)

@@ -21,14 +21,14 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from prism_jax import compare, outputs
+from prism_jax import comparison, outputs
 from prism_jax.attribution import index as index_lib
 from prism_jax.checkpoint import model_settings
 from prism_jax.errors import UserError, exit_on_user_error
 from prism_jax.metrics_log import MetricsLog, read_jsonl
 from prism_jax.models import lm
 from prism_jax.step import TrainState, make_train_step
-from prism_jax.train import train
+from prism_jax.training import train
 from tests.synthetic import random_batch, synthetic_data, tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -147,7 +147,7 @@ def test_torn_metrics_line_is_repaired_and_skipped(tmp_path, capsys):
                   '{"step": 2, "loss/cross_entropy": 4.0, "tokens_per_second": 20.0}\n'
                   '{"step": 3, "loss/cross_en')  # killed mid-write
   assert [r["step"] for r in read_jsonl(path)] == [1, 2]  # readers skip what does not parse
-  assert compare.loss_curves(str(tmp_path))["train"] == [(1, 5.0), (2, 4.0)]
+  assert comparison.loss_curves(str(tmp_path))["train"] == [(1, 5.0), (2, 4.0)]
   log = MetricsLog(str(tmp_path))
   log.write(3, {"loss/cross_entropy": 3.0})
   log.close()

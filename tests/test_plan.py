@@ -1,4 +1,4 @@
-"""prism_jax.plan: counts from eval_shape, shard bytes from the real rules, one-line errors."""
+"""prism_jax.main.plan: counts from eval_shape, shard bytes from the real rules, one-line errors."""
 
 import dataclasses
 import math
@@ -12,6 +12,7 @@ from jax.sharding import AbstractMesh, AxisType, NamedSharding
 
 import experiments
 from prism_jax import config as config_lib, plan, sharding
+from prism_jax.main import plan as plan_cli
 from prism_jax.config import MeshConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -100,13 +101,13 @@ def test_bad_topology_is_a_user_error(text):
 
 def _run_main(capsys, *argv):
   with pytest.raises(SystemExit) as exit_info:
-    plan.main(list(argv))
+    plan_cli.main(list(argv))
   return exit_info.value.code, capsys.readouterr()
 
 
 def test_impossible_config_one_line_error():
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-m", "prism_jax.plan", "--exp", "prism_1b",
+  proc = subprocess.run([sys.executable, "-m", "prism_jax.main.plan", "--exp", "prism_1b",
                          "--devices", "1", "--hbm-gib", "16", "mesh.fsdp=1"],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 2
@@ -139,19 +140,19 @@ def test_uneven_fsdp_suggests_a_mesh(capsys):
 
 def test_prism_1b_default_mesh_divides_64_and_256_chip_slices(capsys):
   for topology, mesh in [("v5p-64", "data=1 fsdp=32"), ("v5p-256", "data=4 fsdp=32")]:
-    plan.main(["--exp", "prism_1b", "--topology", topology, "--no-compile"])
+    plan_cli.main(["--exp", "prism_1b", "--topology", topology, "--no-compile"])
     assert f"mesh         {mesh} model=1" in capsys.readouterr().out
 
 
 def test_fitting_plan_prints_verdict(capsys):
-  plan.main(["--exp", "prism_1b", "--topology", "v5p-64", "--no-compile"])
+  plan_cli.main(["--exp", "prism_1b", "--topology", "v5p-64", "--no-compile"])
   out = capsys.readouterr().out
   assert "mesh         data=1 fsdp=32 model=1" in out
   assert "tokens/step  1,048,576" in out and "verdict      fits" in out
 
 
 def test_unknown_hbm_gives_no_verdict(capsys):
-  plan.main(["--exp", "prism_tiny", "--devices", "8"])
+  plan_cli.main(["--exp", "prism_tiny", "--devices", "8"])
   assert "verdict      unknown" in capsys.readouterr().out
 
 
@@ -227,6 +228,22 @@ def test_train_step_compiles_for_a_tpu_topology(tiny_compiled):
   assert train.flops > 6 * estimate.num_params * tokens / topology.devices
 
 
+def test_eval_and_index_steps_compile_for_a_tpu_topology():
+  """The eval step and the index pass (on the run's 2x2x2 mesh, the bank on its axis)
+  compile for the same slice, each well inside a chip."""
+  _require_libtpu()
+  from prism_jax import aot
+  exp, topology, overrides = TINY_TPU
+  cfg = _cfg(exp, *overrides)
+  topology = plan.parse_topology(topology)
+  compiled = aot.compile_for_topology(cfg, topology, steps=("eval", "index"))
+  assert [c.name for c in compiled] == ["eval", "index"]
+  for step in compiled:
+    assert step.error is None and step.mesh == {"data": 2, "fsdp": 2, "model": 2}
+    assert 0 < step.memory.total < topology.hbm_gib * plan.GIB
+    assert step.flops > 0
+
+
 def test_compiled_partition_specs_match_golden(tiny_compiled):
   """What XLA:TPU was asked to compile for each parameter == the checked-in golden specs."""
   import json
@@ -250,7 +267,7 @@ def test_plan_main_prints_compiled_memory_and_verdict(tiny_compiled, capsys, mon
   _, _, results = tiny_compiled
   monkeypatch.setattr(aot, "compile_for_topology", lambda *a, **k: results)
   exp, topology, overrides = TINY_TPU
-  plan.main(["--exp", exp, "--topology", topology, *overrides])
+  plan_cli.main(["--exp", exp, "--topology", topology, *overrides])
   out = capsys.readouterr().out
   assert "estimate     fits" in out and "compiled for v5e:2x4" in out
   assert "TFLOP per step" in out and "verdict      fits (compiled)" in out
@@ -272,7 +289,7 @@ def test_plan_does_not_fit_by_the_compiled_figure(tiny_compiled, capsys, monkeyp
 def test_without_libtpu_plan_prints_the_estimate_and_how_to_install(capsys, monkeypatch):
   from prism_jax import aot
   monkeypatch.setattr(aot, "libtpu_available", lambda: False)
-  plan.main(["--exp", "prism_tiny", "--topology", "v5e-8"])  # returns: exit status 0
+  plan_cli.main(["--exp", "prism_tiny", "--topology", "v5e-8"])  # returns: exit status 0
   out = capsys.readouterr().out
   assert "verdict      fits" in out
   assert out.strip().splitlines()[-1] == aot.INSTALL_HINT
@@ -301,7 +318,7 @@ def test_pod_scale_experiments_name_a_topology_that_divides(exp):
 
 
 def test_plan_without_topology_uses_the_planned_one(capsys):
-  plan.main(["--exp", "prism_1b", "--no-compile"])
+  plan_cli.main(["--exp", "prism_1b", "--no-compile"])
   out = capsys.readouterr().out
   assert f"prism_1b on {plan.planned_topology('prism_1b')} (" in out
   assert "verdict      fits" in out

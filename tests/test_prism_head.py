@@ -18,10 +18,37 @@ def _forward(cfg, seed=0):
   return graphdef, params, batch, lm.forward(graphdef, params, batch)
 
 
-@pytest.mark.parametrize("similarity", ["cosine", "neg_sq_distance"])
-def test_contributions_sum_to_every_logit(similarity):
-  cfg = tiny_config(f"prototypes.similarity={similarity}")
-  _, params, _, out = _forward(cfg)
+# Head variants of issue #13: each must keep sum_j c_j(y) == logit(y).
+VARIANTS = {
+    "keys_0.02": ["prototypes.key_init_std=0.02"],
+    "unit_keys": ["prototypes.key_init_std=0.0884", "prototypes.key_renorm=true"],
+    "selection_bias": ["prototypes.selection_bias_rate=0.01"],
+    "thresholds": ["prototypes.thresholds=true"],
+    "revival": ["prototypes.revive_after=10"],
+    "base_prototype": ["prototypes.base_prototype=true", "prototypes.selection_bias_rate=0.01"],
+    "dot": ["prototypes.similarity=dot", "prototypes.key_init_std=0.02"],
+}
+
+
+def _perturb_head_state(params):
+  """Non-zero bias and thresholds, as after training, so they take part in the test."""
+  head = dict(params["prototype_head"])
+  m = head["keys"].shape[0]
+  rng = np.random.default_rng(7)
+  for name in ("selection_bias", "thresholds"):
+    if name in head:
+      head[name] = jnp.asarray(rng.normal(scale=0.3, size=(m,)), jnp.float32)
+  return {**params, "prototype_head": head}
+
+
+@pytest.mark.parametrize("similarity, variant",
+                         [("cosine", None), ("neg_sq_distance", None)]
+                         + [("cosine", v) for v in VARIANTS])
+def test_contributions_sum_to_every_logit(similarity, variant):
+  cfg = tiny_config(f"prototypes.similarity={similarity}", *VARIANTS.get(variant, []))
+  graphdef, params = lm.init(cfg, 0)
+  params = _perturb_head_state(params)
+  out = lm.forward(graphdef, params, random_batch(cfg, 0))
   protos = out.prototypes
   contrib_BxLxkxV = prism_head.contributions_all_tokens(
       protos.top_values, protos.top_indices, params["prototype_head"]["values"],
@@ -69,6 +96,83 @@ def test_head_matches_reference_written_the_obvious_way():
       mixed = sum(max(sims[j], 0.0) * values[j] for j in chosen)
       expected[i, t] = emb @ mixed
   np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_selection_bias_changes_the_choice_not_the_weights():
+  rng = np.random.default_rng(3)
+  scores = jnp.asarray(rng.normal(size=(2, 5, 12)).astype(np.float32))
+  bias = jnp.zeros((12,)).at[jnp.array([1, 4])].set(100.0)  # force 1 and 4 into every top-k
+  dense, values, ids = prism_head.sparse_top_k(scores, 3, bias)
+  assert all({1, 4} <= set(row) for row in np.asarray(ids).reshape(-1, 3).tolist())
+  # The weights are relu of the unbiased scores of the chosen ids, sorted descending.
+  np.testing.assert_array_equal(values, jax.nn.relu(jnp.take_along_axis(scores, ids, -1)))
+  assert bool(jnp.all(values[..., :-1] >= values[..., 1:]))
+  np.testing.assert_array_equal(jnp.take_along_axis(dense, ids, -1), values)
+  assert int((dense > 0).sum(-1).max()) <= 3
+  # A zero bias selects exactly as no bias does.
+  for a, b in zip(prism_head.sparse_top_k(scores, 3, jnp.zeros((12,))),
+                  prism_head.sparse_top_k(scores, 3)):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 1, 8), (2, 1, 4)])
+def test_sharded_selection_bias_equals_unsharded(mesh_shape):
+  rng = np.random.default_rng(5)
+  scores = jnp.asarray(rng.normal(size=(8, 6, 64)).astype(np.float32))
+  bias = jnp.asarray(rng.normal(scale=0.5, size=(64,)).astype(np.float32))
+  ref = prism_head.sparse_top_k(scores, 5, bias)
+  cfg = MeshConfig(data=mesh_shape[0], fsdp=mesh_shape[1], model=mesh_shape[2])
+  mesh = sharding.make_mesh(cfg)
+  with jax.set_mesh(mesh), sharding.use_rules(cfg.rules):
+    spec = sharding.logical_to_spec(("batch", "length", "prototypes"))
+    s = jax.device_put(scores, jax.sharding.NamedSharding(mesh, spec))
+    got = jax.jit(lambda s, b: prism_head.sparse_top_k(s, 5, b))(s, bias)
+  for a, b in zip(ref, got):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_base_prototype_is_always_on_with_weight_one():
+  cfg = tiny_config("prototypes.base_prototype=true")
+  _, params, batch, out = _forward(cfg)
+  p = out.prototypes
+  np.testing.assert_array_equal(p.activations[..., 0], 1.0)
+  assert bool(jnp.all(jnp.any(p.top_indices == 0, -1)))
+  assert int((p.activations > 0).sum(-1).max()) <= cfg.prototypes.top_k
+  # Its slice is <U_0, E_y>, the same at every position.
+  c = prism_head.prototype_contributions(p.top_values, p.top_indices,
+                                         params["prototype_head"]["values"],
+                                         lm.unembedding(params), batch["targets"])
+  base = jnp.sum(jnp.where(p.top_indices == 0, c, 0.0), -1)
+  e_y = lm.unembedding(params)[batch["targets"]]
+  np.testing.assert_allclose(base, e_y @ params["prototype_head"]["values"][0], rtol=1e-5,
+                             atol=1e-6)
+
+
+def test_thresholds_enter_inside_the_relu():
+  rng = np.random.default_rng(0)
+  h, keys, values, emb = (rng.normal(size=s).astype(np.float32)
+                          for s in [(1, 2, 8), (10, 8), (10, 8), (12, 8)])
+  theta = rng.normal(scale=0.2, size=(10,)).astype(np.float32)
+  cfg = PrototypeConfig(num_prototypes=10, top_k=3, init_temperature=0.5, thresholds=True)
+  logits, out = prism_head.prototype_logits(h, keys, values, np.log(np.float32(0.5)), emb, cfg,
+                                            thresholds_M=theta)
+  for t in range(2):
+    cos = keys @ h[0, t] / np.linalg.norm(keys, axis=1) / np.linalg.norm(h[0, t])
+    s = (cos - theta) / 0.5
+    chosen = np.argsort(s)[::-1][:3]
+    mixed = sum(max(s[j], 0.0) * values[j] for j in chosen)
+    np.testing.assert_allclose(logits[0, t], emb @ mixed, rtol=1e-4, atol=1e-5)
+
+
+def test_key_init_scale_and_renormalisation():
+  d = 32
+  for std, renorm in [(1.0, False), (0.02, False), (0.0884, True)]:
+    cfg = tiny_config(f"prototypes.key_init_std={std}", f"prototypes.key_renorm={renorm}")
+    keys = np.asarray(lm.init(cfg, 0)[1]["prototype_head"]["keys"])
+    norms = np.linalg.norm(keys, axis=1)
+    np.testing.assert_allclose(np.median(norms), std * np.sqrt(d), rtol=0.2)
+    if renorm:
+      np.testing.assert_allclose(norms, std * np.sqrt(d), rtol=1e-5)
 
 
 def test_suppressed_prototypes_are_never_active():

@@ -16,7 +16,7 @@ import pytest
 from prism_jax.config import apply_overrides
 from prism_jax.errors import UserError
 from prism_jax.metrics_log import read_jsonl
-from prism_jax.train import train
+from prism_jax.training import train
 from tests.synthetic import synthetic_data, tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

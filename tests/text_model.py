@@ -9,7 +9,7 @@ import tempfile
 import grain
 import numpy as np
 
-from prism_jax.train import TrainData, train
+from prism_jax.training import TrainData, train
 from tests.synthetic import rows_to_batch, tiny_config
 
 

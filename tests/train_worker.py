@@ -45,7 +45,7 @@ def _install_hold(kind: str, step: int):
     import jax
 
     import prism_jax.checkpoint
-    import prism_jax.train
+    import prism_jax.training
 
     checkpointers = []
     original_init = prism_jax.checkpoint.Checkpointer.__init__
@@ -55,7 +55,7 @@ def _install_hold(kind: str, step: int):
       checkpointers.append(self)
 
     prism_jax.checkpoint.Checkpointer.__init__ = recording_init
-    original_compile = prism_jax.train.compile_steps  # AttributeError: the trainer changed
+    original_compile = prism_jax.training.compile_steps  # AttributeError: the trainer changed
 
     def compile_with_hold(*args, **kwargs):
       steps = original_compile(*args, **kwargs)
@@ -70,7 +70,7 @@ def _install_hold(kind: str, step: int):
 
       return dataclasses.replace(steps, train_step=train_step)
 
-    prism_jax.train.compile_steps = compile_with_hold
+    prism_jax.training.compile_steps = compile_with_hold
   elif kind == "commit":
     from orbax.checkpoint._src.checkpointers import async_checkpointer
 
@@ -96,7 +96,7 @@ def _dump(path: str, state):
 
 def main():
   from prism_jax.errors import exit_on_user_error
-  from prism_jax.train import train
+  from prism_jax.training import train
   from tests.synthetic import synthetic_data, tiny_config
 
   @exit_on_user_error

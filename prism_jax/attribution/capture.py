@@ -9,6 +9,16 @@ model code is used as is, whatever einsums it writes.
 
 A site's per-token vectors: x [T, in] (in = the contracted dims) and delta [T, out]
 (out = the weight's free dims); the layer's weight gradient is sum_t x_t delta_t^T.
+
+Beyond plain matmuls, so that every trained matrix is a site:
+- `lax.scan` over stacked layers (model.scan_layers) is unrolled by the interpreter; the
+  stacked weight's slice for layer i is its own site, named `NAME[i]`.
+- an embedding lookup (a row `gather` from a target table [V, D]) is the matmul
+  one_hot(ids) @ table: x = one_hot [T, V], delta = the gradient at the looked-up rows.
+  A tied embedding is then two sites (lookup and unembedding), each its own block.
+- a target scaled elementwise by something else of broadcastable shape (the prototype
+  keys' unit normalisation for cosine similarity) keeps its tag: the site's weight is the
+  scaled copy (here the unit keys), the Jacobian of the scaling is not applied.
 """
 
 from __future__ import annotations
@@ -39,10 +49,24 @@ class _Context:
     free = [d for d in range(x.ndim) if d not in xc]
     x_2d = jnp.transpose(x, free + list(xc)).reshape(
         math.prod(x.shape[d] for d in free), math.prod(x.shape[d] for d in xc))
-    name = tag[0]
+    return self.record(tag[0], x_2d, out, x_is_lhs, len(free))
+
+  def lookup(self, tag, table, indices, params, out):
+    """A row gather table[ids] as one_hot(ids) @ table (other gathers are not sites)."""
+    dn = params["dimension_numbers"]
+    rows = (table.ndim == 2 and dn.collapsed_slice_dims == (0,) and dn.start_index_map == (0,)
+            and tuple(params["slice_sizes"]) == (1, table.shape[1])
+            and dn.offset_dims == (out.ndim - 1,) and indices.shape[-1] == 1
+            and not dn.operand_batching_dims)
+    if not rows:
+      return out
+    x_2d = jax.nn.one_hot(indices.reshape(-1), table.shape[0], dtype=jnp.float32)
+    return self.record(tag, x_2d, out, True, out.ndim - 1)
+
+  def record(self, name, x_2d, out, x_is_lhs, n_free):
     used = sum(1 for s in self.sites if s[0].split("#")[0] == name)
     name = name if not used else f"{name}#{used}"
-    self.sites.append((name, x_2d, out.shape, x_is_lhs, len(free)))
+    self.sites.append((name, x_2d, out.shape, x_is_lhs, n_free))
     if self.probes is None:
       return out
     return out + self.probes[name]
@@ -71,6 +95,8 @@ def _eval(jaxpr, consts, args, tags, ctx: _Context):
       sub = eqn.params["jaxpr"]
       inner, inner_consts = (sub.jaxpr, sub.consts) if hasattr(sub, "jaxpr") else (sub, [])
       outs = _eval(inner, inner_consts, invals, intags, ctx)
+    elif name == "scan" and any(intags):
+      outs = _unrolled_scan(eqn.params, invals, intags, ctx)
     else:
       with eqn.ctx.manager:
         outs = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
@@ -79,11 +105,38 @@ def _eval(jaxpr, consts, args, tags, ctx: _Context):
         side = 0 if intags[0] else 1
         outs = [ctx.site((intags[side], side), invals[0], invals[1],
                          eqn.params["dimension_numbers"], outs[0])]
+      elif name == "gather" and intags[0] and not intags[1]:
+        outs = [ctx.lookup(intags[0], invals[0], invals[1], eqn.params, outs[0])]
       elif name in _LAYOUT and intags and intags[0]:
         tag_of[eqn.outvars[0]] = intags[0]
+      elif name == "mul" and bool(intags[0]) != bool(intags[1]):
+        side = 0 if intags[0] else 1
+        if outs[0].shape == invals[side].shape:  # the target, rescaled (unit keys)
+          tag_of[eqn.outvars[0]] = intags[side]
     for v, o in zip(eqn.outvars, outs):
       env[v] = o
   return [read(v) for v in jaxpr.outvars]
+
+
+def _unrolled_scan(params, invals, intags, ctx: _Context):
+  """lax.scan evaluated step by step, so that layer i's slice of a stacked target is a site
+  of its own (`NAME[i]`)."""
+  body, n_consts, n_carry = params["jaxpr"], params["num_consts"], params["num_carry"]
+  consts, carry = invals[:n_consts], invals[n_consts:n_consts + n_carry]
+  xs, x_tags = invals[n_consts + n_carry:], intags[n_consts + n_carry:]
+  steps = range(params["length"])
+  ys = []
+  for i in (reversed(steps) if params["reverse"] else steps):
+    tags = (list(intags[:n_consts]) + [None] * n_carry
+            + [None if t is None else f"{t}[{i}]" for t in x_tags])
+    outs = _eval(body.jaxpr, body.consts, list(consts) + list(carry) + [x[i] for x in xs],
+                 tags, ctx)
+    carry, y = outs[:n_carry], outs[n_carry:]
+    ys.append(y)
+  if params["reverse"]:
+    ys.reverse()
+  stacked = [jnp.stack([y[k] for y in ys]) for k in range(len(ys[0]))] if ys else []
+  return list(carry) + stacked
 
 
 def _delta_2d(delta, shape, x_is_lhs, n_x_free):

@@ -24,22 +24,32 @@ class AttributionConfig:
   index_seed: int = 0
   neighbourhood_size: int = 64    # top activating training positions kept per prototype
   shard_prototypes: int = 256     # prototypes per index shard
-  index_influence: bool = True    # also store the influence method's per-prototype state
+  index_influence: bool = False   # also store g_t [N, D] + every posting (influence; small N)
+  postings: int = 4096            # single_pass: postings kept per prototype, by bound (0: all)
+  softmax_top: int = 8            # single_pass: softmax entries stored per position (r)
+  index_dtype: str = "float16"    # stored activations/probabilities: float16 or float32
+  index_part_batches: int = 16    # batches per part file (and per resumable commit)
+  curvature: str = "blocks"       # per-prototype G_j: exact "blocks" or "shared" basis (scale)
   # Prototype influence: damped Gauss-Newton, block-diagonal by prototype.
   damping: float = 1e-3           # added to every per-prototype GN block (mean over tokens)
   # TRAK: Gaussian projection of per-example gradients, Gauss-Newton inverse in that space.
   trak_projection_dim: int = 256
   trak_damping: float = 1e-3      # times the mean diagonal of Phi^T Phi / n
   trak_seed: int = 0
+  trak_ensemble: int = 1          # independent projections (seeds trak_seed + i), scores averaged
   # EK-FAC over the attention and MLP projections (kronfluence recipe).
   ekfac_damping: float = 0.1      # times the mean corrected eigenvalue, per layer
   ekfac_sampled_labels: bool = True  # true Fisher (labels ~ model) rather than empirical
   ekfac_label_seed: int = 0
-  # LDS retrain study.
-  lds_subsets: int = 100
-  lds_seeds: int = 2
+  # LDS retrain study (prism_jax/attribution/study.py).
+  lds_examples: int = 256         # training passages (examples) of the study
+  lds_subsets: int = 64
+  lds_seeds: int = 3
   lds_fraction: float = 0.5
-  lds_queries: int = 24
+  lds_queries: int = 100          # reported query tokens (validation text)
+  lds_tuning_queries: int = 40    # other validation tokens, for choosing each damping
+  lds_group: int = 8              # models retrained at once (jax.vmap)
+  lds_dense: bool = True          # also retrain the dense twin and score the baselines on it
   lds_bootstrap: int = 1000
 
   def __post_init__(self):

@@ -1,6 +1,8 @@
-"""EK-FAC influence over the attention and MLP projections (the kronfluence recipe).
+"""EK-FAC influence over every trained matrix (the kronfluence recipe).
 
-Per linear layer l with per-token input x_t and output gradient delta_t (`capture.py`):
+Sites (`capture.py`): the attention and MLP projections (per layer, `model.scan_layers` too),
+the embedding lookup and the unembedding (two sites of one tied matrix), the prototype
+values U and the (unit-normalised) prototype keys. Per site l with per-token input x_t and output gradient delta_t (`capture.py`):
   A_l = E[x x^T], S_l = E[delta delta^T]      Kronecker factors (labels sampled from the
                                               model: the true Fisher), summed over tokens
   A = Q_A diag . Q_A^T, S = Q_S diag . Q_S^T  eigendecompositions in float64
@@ -26,7 +28,10 @@ import numpy as np
 
 from prism_jax.attribution import capture, common
 
-LM_TARGETS = ("attn/wq", "attn/wk", "attn/wv", "attn/wo", "mlp/w_gate", "mlp/w_up", "mlp/w_down")
+# Every trained matrix: attention and MLP projections, the (tied) embedding and the
+# unembedding, the prototype keys and values. Norm scales and the temperature are vectors.
+LM_TARGETS = ("attn/wq", "attn/wk", "attn/wv", "attn/wo", "mlp/w_gate", "mlp/w_up", "mlp/w_down",
+              "backbone/embedding", "unembedding", "prototype_head/keys", "prototype_head/values")
 
 
 def lm_target(name: str) -> bool:
@@ -50,9 +55,13 @@ class Factors:
     return sum(l.qa.nbytes + l.qs.nbytes + l.lam.nbytes for l in self.layers.values())
 
 
-def _per_example(x_Txi, d_Txo, batch_size: int, mask_BxT):
-  x = x_Txi.reshape(batch_size, -1, x_Txi.shape[-1]) * mask_BxT[..., None]
-  d = d_Txo.reshape(batch_size, -1, d_Txo.shape[-1]) * mask_BxT[..., None]
+def _per_example(x_Txi, d_Txo, batch_size: int, mask_BxL):
+  """[B, T/B, in], [B, T/B, out], masked. A site may see r rows per position (the k
+  selected prototype values of a position): its rows are ordered (batch, position, r)."""
+  per_row = x_Txi.shape[0] // (batch_size * mask_BxL.shape[1])
+  mask = jnp.repeat(mask_BxL, per_row, axis=1)[..., None]
+  x = x_Txi.reshape(batch_size, -1, x_Txi.shape[-1]) * mask
+  d = d_Txo.reshape(batch_size, -1, d_Txo.shape[-1]) * mask
   return x, d
 
 
@@ -190,10 +199,23 @@ def lm_batches(graphdef, params, train: common.TrainingSet, batch_size: int, sam
   return gen
 
 
+_LAST_FIT: list = []  # [(params, train, settings, factors at damping 1)]: re-damped for free
+
+
 def lm_fit(graphdef, params, train, attr) -> Factors:
-  return fit(lm_loss(graphdef), lm_target, params,
-             lm_batches(graphdef, params, train, attr.batch_size, attr.ekfac_sampled_labels,
-                        attr.ekfac_label_seed), attr.ekfac_damping)
+  """Factors of the model over `train`; fitting again the same params and examples with
+  only another damping (the LDS study's damping grid) reuses the last fit."""
+  settings = (graphdef, attr.batch_size, attr.ekfac_sampled_labels, attr.ekfac_label_seed)
+  last = _LAST_FIT[0] if _LAST_FIT else None
+  if last and last[0] is params and last[1] is train and last[2] == settings:
+    base = last[3]
+  else:
+    base = fit(lm_loss(graphdef), lm_target, params,
+               lm_batches(graphdef, params, train, attr.batch_size, attr.ekfac_sampled_labels,
+                          attr.ekfac_label_seed), 1.0)
+    _LAST_FIT[:] = [(params, train, settings, base)]
+  return Factors({name: dataclasses.replace(layer, damping=attr.ekfac_damping * layer.damping)
+                  for name, layer in base.layers.items()})
 
 
 def lm_score(graphdef, params, factors: Factors, train, query: common.Query, length: int,

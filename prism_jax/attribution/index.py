@@ -1,62 +1,64 @@
-"""The prototype index: one pass over training data, written as memory-mappable shards.
+"""The prototype index over every token the model trained on: format and reader.
 
-On-disk format (`FORMAT`), a directory:
+Built by one streaming pass (`build`, in indexing.py), read memory-mapped. Format
+`prism-index/2`, a directory:
 
-  manifest.json                 format, model, sizes, shard table, every file with its
-                                bytes, shape, dtype and the methods that read it
-  examples/rows.npy             [E, L+1] int32  token rows of the indexed examples
-  examples/lengths.npy          [E] int32       real tokens per row
-  examples/example_ids.npy      [E] int64       record ids in the training split
-  tokens/example.npy            [N] int32       row of each scored position (token id = index)
-  tokens/position.npy           [N] int32       position in the row (predicts rows[e, pos+1])
-  tokens/target.npy             [N] int32       the predicted token
-  tokens/top_indices.npy        [N, k] int32    active prototypes
-  tokens/top_values.npy         [N, k] float32  their activations
-  tokens/grad.npy               [N, D] float32  g_t = E^T (softmax - onehot(target))  (influence)
-  shards/SSSSS/                 prototypes [start, stop) of shard S:
-    neighbour_token.npy         [S, T] int64    top activating positions (token ids, -1 pad)
-    neighbour_activation.npy    [S, T] float32  their activations, descending
-    span_offsets.npy            [S*T+1] int64   UTF-8 text span of each neighbour in
-    span_bytes.npy              [*] uint8       span_bytes (context, then [[token]])
-    posting_offsets.npy         [S+1] int64     CSR lists: every position activating the
-    posting_token.npy           [P] int64       prototype (token ids) ...            (influence)
-    posting_activation.npy      [P] float32     ... and its activation             (influence)
-    curvature.npy               [S, D, D] f32   undamped Gauss-Newton block of U_j   (influence)
+  manifest.json         format, model, step, sizes, the processes and their parts (global
+                        token ids run through processes, then parts, in order), the
+                        prototype shards, every file (bytes, shape, dtype, methods reading it)
+  processes/PPPPP/parts/NNNNNN/      one part of process P's positions and documents
+    target.npy          [n] uint16|int32       y_t, the predicted token
+    document.npy        [n] int32              the example (document ordinal) of the position
+    offset.npy          [n] int32              offset in the document (predicts tokens[o+1])
+    top_indices.npy     [n, k] uint16|int32    active prototypes
+    top_values.npy      [n, k] float16|32      their activations
+    softmax_ids.npy     [n, r] uint16|int32    the r most probable tokens under the model
+    softmax_probs.npy   [n, r] float16|32      their probabilities
+    grad.npy            [n, D] float32         g_t (only with attr.index_influence)
+    doc_ordinal.npy, doc_record.npy [d] int64  documents whose first chunk is in the part,
+    doc_offsets.npy [d+1] int64, doc_tokens.npy [*] uint16|int32   and their tokens
+  prototypes/SSSSS/     prototypes [start, stop) of shard S
+    posting_offsets.npy [S+1] int64            CSR posting lists of `single_pass`: each
+    posting_token.npy   [P] uint32|int64       prototype's top-T positions (T =
+    posting_activation.npy [P] float16|32      attr.postings, 0 = all) by a_tj (1 - p_t[y_t])
+    full_offsets/full_token/full_activation    every posting (influence; only when T > 0)
+    neighbour_token.npy [S, Tn] int64          `prototype`: top-Tn positions by activation,
+    neighbour_activation.npy [S, Tn] float32   -1 padded; Tn = attr.neighbourhood_size
+    span_offsets.npy, span_bytes.npy           their UTF-8 text spans (context, [[token]])
+    softmax_prior.npy   [S, V] float16|32      Pi_j / sum(Pi_j): the prototype's average
+                                               softmax (single_pass's tail estimate)
+    curvature_values.npy  [S, D] float32       G_j = Q diag(lam) Q^T (curvature.py)
+    curvature_vectors.npy [S, D, D] float32    (attr.curvature=blocks)
+  prototypes/curvature_basis.npy [D, D] float32  the shared basis (attr.curvature=shared,
+                                               then curvature_values is diag(Q^T G_j Q))
 
-Shards are independent (each can be written by its own worker and read alone); every
-array is opened with np.load(mmap_mode='r'), so a query touches only the pages it reads.
-
-The Gauss-Newton block of prototype j's value vector U_j, averaged over the N positions:
-  G_j = 1/N sum_t a_tj^2 E^T (diag(p_t) - p_t p_t^T) E
-      = 1/N [E^T diag(Pi_j) E - sum_t a_tj^2 m_t m_t^T],  Pi_j = sum_t a_tj^2 p_t, m_t = E^T p_t
-Pi is accumulated per batch ([M, V]); m_t = g_t + E_{y_t} is recovered from the stored g_t.
+Every array opens with np.load(mmap_mode='r') (local paths; a bucket path is read whole),
+so a query touches only the rows it reads. Paths go through etils.epath.
 """
 
 from __future__ import annotations
 
+import io
 import json
-import os
-import shutil
 import sys
 from typing import Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from prism_jax import outputs, sharding
-from prism_jax.attribution.common import TrainingSet, chunks
-from prism_jax.attribution.config import AttributionConfig
-from prism_jax.checkpoint import model_settings, settings_difference
-from prism_jax.config import ExperimentConfig, MeshConfig
+from prism_jax import sharding
+from prism_jax.attribution import curvature as curvature_lib
+from prism_jax.attribution import index_step
+from prism_jax.attribution.common import TrainingSet
+from prism_jax.checkpoint import settings_difference
+from prism_jax.config import MeshConfig
 from prism_jax.errors import UserError
-from prism_jax.models import lm
 
-FORMAT = "prism-index/1"
-PROTOTYPE_FILES = ("examples/", "tokens/example", "tokens/position", "tokens/target",
-                   "neighbour_", "span_")
+FORMAT = "prism-index/2"
+PART_FIELDS = ("target", "document", "offset", "top_indices", "top_values", "softmax_ids",
+               "softmax_probs", "grad")
 
 
 def default_decode(ids: Sequence[int]) -> str:
@@ -71,183 +73,32 @@ def span_text(row: np.ndarray, position: int, context: int, decode: Callable) ->
 
 
 # ------------------------------------------------------------------------------------------
-# The pass over the data
+# The per-batch function on a plain data-parallel mesh (tests, aot, small in-memory builds)
 
 
-def _token_stats(graphdef):
-  """Per position: top-k activations and g_t = E^T (p_t - e_{y_t}); and p_t itself."""
-
-  def fn(params, batch):
-    out = lm.forward(graphdef, params, batch)
-    protos = out.prototypes
-    e_VxD = lm.unembedding(params).astype(jnp.float32)
-    p_BxLxV = jax.nn.softmax(out.logits, axis=-1)
-    g_BxLxD = jnp.einsum("blv,vd->bld", p_BxLxV, e_VxD) - jnp.take(e_VxD, batch["targets"], 0)
-    return protos.top_values, protos.top_indices, g_BxLxD, p_BxLxV
-
-  return fn
+def _token_stats(graphdef, top_r: int = 8, with_grad: bool = True):
+  """fn(params, batch) -> per-position records (index_step.token_records)."""
+  return index_step.token_records(graphdef, top_r, with_grad)
 
 
-def _placed(graphdef, params, devices, batch_size: int):
-  """(jitted per-batch function, global batch) on a data-parallel mesh of `devices`.
-
-  `batch_size` rows go to each device, so every device runs the same local program
-  whatever the device count, and the index is bit-identical on 1 or 8 devices.
-  """
+def _placed(graphdef, params, devices, batch_size: int, top_r: int = 8):
+  """(per-batch records function, global rows) on a data-parallel mesh of `devices`,
+  `batch_size` rows per device: every device runs the same local program."""
   devices = list(devices or jax.devices())
   mesh = sharding.make_mesh(MeshConfig(data=-1, fsdp=1, model=1), devices)
-  batch_size = batch_size * len(devices)
-  replicated = NamedSharding(mesh, P())
-  rows = NamedSharding(mesh, P("data"))
+  replicated, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
   params = jax.device_put(params, replicated)
-  fn = jax.jit(_token_stats(graphdef), in_shardings=(replicated, rows))
+  fn = jax.jit(_token_stats(graphdef, top_r), in_shardings=(replicated, rows))
 
   def run(batch):
     with jax.set_mesh(mesh), sharding.use_rules(MeshConfig().rules):
       return jax.device_get(fn(params, {k: jax.device_put(v, rows) for k, v in batch.items()}))
 
-  return run, batch_size
+  return run, batch_size * len(devices)
 
 
-def build(cfg: ExperimentConfig, graphdef, params, train: TrainingSet, out_dir: str,
-          attr: AttributionConfig, *, decode: Callable = default_decode, devices=None,
-          step: int | None = None) -> dict:
-  """One pass over `train`; writes the index to `out_dir` and returns its manifest."""
-  if cfg.model.head != "prism":
-    raise UserError(f"{cfg.name} has a dense head: the prototype index needs a PRISM model")
-  outputs.check_folder(out_dir, "prototype index", is_index, "--index")  # before the pass
-  run, batch_size = _placed(graphdef, params, devices, attr.batch_size)
-  m = cfg.prototypes.num_prototypes
-  e_VxD = np.asarray(jax.device_get(lm.unembedding(params)), np.float64)
-  pi_MxV = np.zeros((m, e_VxD.shape[0]), np.float64)
-  parts = {name: [] for name in ("example", "position", "target", "top_indices", "top_values",
-                                 "grad")}
-  for index in chunks(train.num_examples, batch_size):
-    batch = train.batch(index, pad_to=batch_size)
-    top_values, top_indices, g, p = run(batch)
-    valid = batch["loss_mask"][:len(index)] > 0
-    ex, pos = np.nonzero(valid)
-    vals, idx = top_values[ex, pos], top_indices[ex, pos]
-    parts["example"].append(index[ex].astype(np.int32))
-    parts["position"].append(pos.astype(np.int32))
-    parts["target"].append(batch["targets"][ex, pos].astype(np.int32))
-    parts["top_indices"].append(idx.astype(np.int32))
-    parts["top_values"].append(vals.astype(np.float32))
-    if attr.index_influence:
-      parts["grad"].append(g[ex, pos].astype(np.float32))
-      w_NxM = np.zeros((len(ex), m), np.float64)
-      np.put_along_axis(w_NxM, idx, vals.astype(np.float64) ** 2, axis=1)
-      p_NxV = p[ex, pos].astype(np.float64)
-      for row in np.unique(ex):  # row by row: the sum's order never depends on batching
-        sel = ex == row
-        pi_MxV += w_NxM[sel].T @ p_NxV[sel]
-  tokens = {name: (np.concatenate(v) if v else None) for name, v in parts.items()}
-  num_tokens = 0 if tokens["example"] is None else len(tokens["example"])
-  if num_tokens == 0:
-    raise UserError("the indexed training examples have no scored positions")
-  return _write(cfg, attr, train, tokens, pi_MxV, e_VxD, out_dir, decode, step, num_tokens)
-
-
-def _postings(top_indices_NxK, top_values_NxK, m: int):
-  """Positions sorted by (prototype, activation descending, token): CSR offsets [M+1]."""
-  n, k = top_indices_NxK.shape
-  proto = top_indices_NxK.reshape(-1)
-  act = top_values_NxK.reshape(-1)
-  token = np.repeat(np.arange(n, dtype=np.int64), k)
-  keep = act > 0  # a zero activation contributes nothing to any method
-  proto, act, token = proto[keep], act[keep], token[keep]
-  order = np.lexsort((token, -act, proto))
-  offsets = np.zeros(m + 1, np.int64)
-  np.add.at(offsets, proto + 1, 1)
-  return np.cumsum(offsets), token[order], act[order].astype(np.float32)
-
-
-def _write(cfg, attr, train, tokens, pi_MxV, e_VxD, out_dir, decode, step, num_tokens) -> dict:
-  m, d = cfg.prototypes.num_prototypes, cfg.model.d_model
-  tmp = out_dir.rstrip("/") + ".partial"
-  shutil.rmtree(tmp, ignore_errors=True)
-  files = {}
-
-  def save(rel, array, used_by):
-    path = os.path.join(tmp, rel)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    np.save(path, np.ascontiguousarray(array))
-    files[rel] = {"bytes": os.path.getsize(path), "shape": list(np.shape(array)),
-                  "dtype": str(np.asarray(array).dtype), "used_by": used_by}
-
-  both = ["prototype", "influence"]
-  save("examples/rows.npy", train.rows, both)
-  save("examples/lengths.npy", train.lengths, both)
-  save("examples/example_ids.npy", train.example_ids, both)
-  for name in ("example", "position", "target"):
-    save(f"tokens/{name}.npy", tokens[name], both)
-  save("tokens/top_indices.npy", tokens["top_indices"], ["influence"])
-  save("tokens/top_values.npy", tokens["top_values"], ["influence"])
-  offsets, post_token, post_act = _postings(tokens["top_indices"], tokens["top_values"], m)
-  if attr.index_influence:
-    save("tokens/grad.npy", tokens["grad"], ["influence"])
-    # m_t = g_t + E_{y_t}: the expected unembedding under the model, per position.
-    m_NxD = tokens["grad"].astype(np.float64) + e_VxD[tokens["target"]]
-  shards = []
-  size, t_keep = attr.shard_prototypes, attr.neighbourhood_size
-  for shard, start in enumerate(range(0, m, size)):
-    stop = min(start + size, m)
-    rel = f"shards/{shard:05d}"
-    neighbour_token = np.full((stop - start, t_keep), -1, np.int64)
-    neighbour_act = np.zeros((stop - start, t_keep), np.float32)
-    spans = []
-    for j in range(start, stop):
-      lo, hi = offsets[j], min(offsets[j + 1], offsets[j] + t_keep)
-      neighbour_token[j - start, :hi - lo] = post_token[lo:hi]
-      neighbour_act[j - start, :hi - lo] = post_act[lo:hi]
-      for r in range(t_keep):
-        if r < hi - lo:
-          tok = post_token[lo + r]
-          row = train.rows[tokens["example"][tok]]
-          spans.append(span_text(row, int(tokens["position"][tok]), attr.span_tokens,
-                                 decode).encode("utf-8"))
-        else:
-          spans.append(b"")
-    span_offsets = np.zeros(len(spans) + 1, np.int64)
-    span_offsets[1:] = np.cumsum([len(s) for s in spans])
-    save(f"{rel}/neighbour_token.npy", neighbour_token, both)
-    save(f"{rel}/neighbour_activation.npy", neighbour_act, both)
-    save(f"{rel}/span_offsets.npy", span_offsets, ["prototype"])
-    save(f"{rel}/span_bytes.npy", np.frombuffer(b"".join(spans), np.uint8), ["prototype"])
-    if attr.index_influence:
-      lo, hi = offsets[start], offsets[stop]
-      save(f"{rel}/posting_offsets.npy", offsets[start:stop + 1] - lo, ["influence"])
-      save(f"{rel}/posting_token.npy", post_token[lo:hi], ["influence"])
-      save(f"{rel}/posting_activation.npy", post_act[lo:hi], ["influence"])
-      curvature = np.zeros((stop - start, d, d), np.float32)
-      for j in range(start, stop):
-        a, b = offsets[j], offsets[j + 1]
-        weighted = m_NxD[post_token[a:b]] * post_act[a:b, None].astype(np.float64)
-        block = (e_VxD.T * pi_MxV[j]) @ e_VxD - weighted.T @ weighted
-        curvature[j - start] = block / num_tokens
-      save(f"{rel}/curvature.npy", curvature, ["influence"])
-    shards.append({"start": start, "stop": stop, "path": rel})
-  manifest = {
-      "format": FORMAT, "experiment": cfg.name, "step": step, "head": cfg.model.head,
-      "num_prototypes": m, "top_k": cfg.prototypes.top_k, "d_model": d,
-      "vocab_size": cfg.model.vocab_size, "seq_len": train.seq_len,
-      "num_examples": train.num_examples, "num_tokens": num_tokens,
-      "neighbourhood_size": t_keep, "span_tokens": attr.span_tokens,
-      "has_influence": attr.index_influence, "shards": shards, "files": files,
-      "model_settings": model_settings(cfg),
-  }
-  manifest["bytes_total"] = sum(f["bytes"] for f in files.values())
-  manifest["bytes_by_method"] = {
-      method: sum(f["bytes"] for f in files.values() if method in f["used_by"])
-      for method in both}
-  with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as f:
-    json.dump(manifest, f, indent=1)
-  manifest["bytes_total"] += os.path.getsize(os.path.join(tmp, "manifest.json"))
-  with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as f:
-    json.dump(manifest, f, indent=1)
-  # Replaces only an earlier index (recognised by its manifest), never another folder.
-  outputs.replace_folder(tmp, out_dir, "prototype index", is_index, "--index")
-  return manifest
+# ------------------------------------------------------------------------------------------
+# Opening
 
 
 def is_index(path) -> bool:
@@ -280,35 +131,180 @@ def check_source(manifest: dict, step: int, settings: dict) -> str | None:
   return f"was built with {difference}" if difference else None
 
 
-# ------------------------------------------------------------------------------------------
-# Reading
+def load_array(path: epath.Path) -> np.ndarray:
+  """A .npy file, memory-mapped when local, read whole from a bucket."""
+  if "://" not in str(path):
+    return np.load(str(path), mmap_mode="r")
+  return np.load(io.BytesIO(path.read_bytes()))
+
+
+class PartArray:
+  """One per-position field over all parts, indexed by global token id without concatenating."""
+
+  def __init__(self, index: "Index", field: str):
+    self.index, self.field = index, field
+
+  def __len__(self) -> int:
+    return self.index.num_tokens
+
+  def __getitem__(self, ids):
+    if isinstance(ids, (int, np.integer)):
+      return self.index.gather(self.field, np.array([ids]))[0]
+    if isinstance(ids, slice):
+      ids = np.arange(len(self))[ids]
+    return self.index.gather(self.field, np.asarray(ids))
+
+  def __array__(self, dtype=None, copy=None):
+    out = self.index.gather(self.field, np.arange(len(self)))
+    return out if dtype is None else out.astype(dtype)
+
+  @property
+  def shape(self):
+    first = self.index.gather(self.field, np.array([0]))
+    return (len(self),) + first.shape[1:]
 
 
 class Index:
   """Memory-mapped view of an index directory."""
 
+  LEGACY = {"tokens/target.npy": "target", "tokens/example.npy": "document",
+            "tokens/position.npy": "offset", "tokens/top_indices.npy": "top_indices",
+            "tokens/top_values.npy": "top_values", "tokens/grad.npy": "grad"}
+
   def __init__(self, path: str):
-    manifest_path = os.path.join(path, "manifest.json")
-    if not os.path.exists(manifest_path):
+    self.path = epath.Path(path)
+    manifest_path = self.path / "manifest.json"
+    if not manifest_path.exists():
       raise UserError(f"no prototype index at {path} (expected {manifest_path}); build it "
                       "with `make index` / python -m prism_jax.index")
-    with open(manifest_path, encoding="utf-8") as f:
-      self.manifest = json.load(f)
+    self.manifest = json.loads(manifest_path.read_text())
     if self.manifest.get("format") != FORMAT:
       raise UserError(f"{path} holds index format {self.manifest.get('format')!r}, "
-                      f"this code reads {FORMAT!r}; rebuild the index")
-    self.path = path
-    self._cache = {}
-    self.shard_size = self.manifest["shards"][0]["stop"] - self.manifest["shards"][0]["start"]
+                      f"this code reads {FORMAT!r}; rebuild the index (make index)")
+    self._cache: dict = {}
+    self._parts = None
+    self._documents = None
 
-  def array(self, rel: str) -> np.ndarray:
+  @classmethod
+  def from_manifest(cls, path, manifest: dict) -> "Index":
+    """A reader over a folder whose manifest is not written yet (the build's own use)."""
+    index = cls.__new__(cls)
+    index.path, index.manifest = epath.Path(path), manifest
+    index._cache, index._parts, index._documents = {}, None, None
+    return index
+
+  # --- per-position arrays, spread over parts ---------------------------------------------
+
+  @property
+  def num_tokens(self) -> int:
+    return int(self.manifest["num_tokens"])
+
+  def _part_table(self):
+    if self._parts is None:
+      paths, starts = [], [0]
+      for proc in self.manifest["processes"]:
+        for part in proc["parts"]:
+          paths.append(part["path"])
+          starts.append(starts[-1] + part["num_tokens"])
+      self._parts = (paths, np.asarray(starts, np.int64))
+    return self._parts
+
+  def array(self, rel: str):
+    """A file of the index by relative path; the per-position fields also by their
+    format-1 names (tokens/target.npy, tokens/example.npy, tokens/position.npy, ...)."""
+    if rel in self.LEGACY:
+      return PartArray(self, self.LEGACY[rel])
     if rel not in self._cache:
-      self._cache[rel] = np.load(os.path.join(self.path, rel), mmap_mode="r")
+      self._cache[rel] = load_array(self.path / rel)
     return self._cache[rel]
 
+  def gather(self, field: str, ids: np.ndarray) -> np.ndarray:
+    """field[ids] for global token ids (any order), reading only the parts they fall in."""
+    paths, starts = self._part_table()
+    ids = np.asarray(ids, np.int64)
+    # Sorted reads: each part's rows in file order (callers often pass sorted ids already).
+    order = (np.argsort(ids, kind="stable") if np.any(ids[1:] < ids[:-1])
+             else np.arange(len(ids)))
+    ids_sorted = ids[order]
+    bounds = np.searchsorted(ids_sorted, starts)  # [parts + 1]
+    out = None
+    for p in np.nonzero(bounds[1:] > bounds[:-1])[0]:
+      lo, hi = bounds[p], bounds[p + 1]
+      rows = np.asarray(self.array(f"{paths[p]}/{field}.npy")[ids_sorted[lo:hi] - starts[p]])
+      if out is None:
+        out = np.empty((len(ids),) + rows.shape[1:], rows.dtype)
+      out[order[lo:hi]] = rows
+    if out is None:  # no ids: an empty array of the field's row shape
+      first = self.array(f"{paths[0]}/{field}.npy")
+      out = np.empty((0,) + first.shape[1:], first.dtype)
+    return out
+
+  # --- documents (the examples) -----------------------------------------------------------
+
+  @property
+  def num_examples(self) -> int:
+    return int(self.manifest["num_examples"])
+
+  def _document_table(self):
+    """(part of each document ordinal, its row in that part); read on first use."""
+    if self._documents is None:
+      paths, _ = self._part_table()
+      where = np.full((self.num_examples, 2), -1, np.int64)
+      for p, path in enumerate(paths):
+        ordinals = np.asarray(self.array(f"{path}/doc_ordinal.npy"))
+        where[ordinals, 0], where[ordinals, 1] = p, np.arange(len(ordinals))
+      self._documents = where
+    return self._documents
+
+  def document(self, e: int) -> np.ndarray:
+    """Document e's tokens ([bos] ... [eos]) as int32."""
+    p, row = self._document_table()[e]
+    path = self._part_table()[0][p]
+    offsets = self.array(f"{path}/doc_offsets.npy")
+    return np.asarray(self.array(f"{path}/doc_tokens.npy")[offsets[row]:offsets[row + 1]],
+                      np.int32)
+
+  def record_id(self, e: int) -> int:
+    p, row = self._document_table()[e]
+    return int(self.array(f"{self._part_table()[0][p]}/doc_record.npy")[row])
+
+  def position_span(self, token: int, context: int, decode: Callable) -> str:
+    """Text of scored position `token`: its context, then [[the predicted token]]."""
+    doc = self.document(int(self.gather("document", np.array([token]))[0]))
+    return span_text(doc, int(self.gather("offset", np.array([token]))[0]), context, decode)
+
+  def training_set(self) -> TrainingSet:
+    """The documents as padded rows [E, longest + 1] (small indexes: display, tests)."""
+    docs = [self.document(e) for e in range(self.num_examples)]
+    width = max([len(d) for d in docs] + [2])
+    rows = np.zeros((len(docs), width), np.int32)
+    for e, d in enumerate(docs):
+      rows[e, :len(d)] = d
+    return TrainingSet(rows, np.array([len(d) for d in docs], np.int32),
+                       np.array([self.record_id(e) for e in range(len(docs))], np.int64))
+
+  # --- per-prototype arrays ---------------------------------------------------------------
+
   def _shard(self, j: int) -> tuple[str, int]:
-    shard = self.manifest["shards"][j // self.shard_size]
+    shards = self.manifest["shards"]
+    size = shards[0]["stop"] - shards[0]["start"]
+    shard = shards[j // size]
     return shard["path"], j - shard["start"]
+
+  def _csr(self, j: int, prefix: str):
+    rel, local = self._shard(j)
+    offsets = self.array(f"{rel}/{prefix}_offsets.npy")
+    lo, hi = offsets[local], offsets[local + 1]
+    return (np.asarray(self.array(f"{rel}/{prefix}_token.npy")[lo:hi], np.int64),
+            np.asarray(self.array(f"{rel}/{prefix}_activation.npy")[lo:hi], np.float64))
+
+  def postings(self, j: int) -> tuple[np.ndarray, np.ndarray]:
+    """`single_pass`'s postings of prototype j: (token ids, activations), best bound first."""
+    return self._csr(j, "posting")
+
+  def all_postings(self, j: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every indexed position activating prototype j (influence)."""
+    return self._csr(j, "full" if self.manifest["postings"] else "posting")
 
   def neighbours(self, j: int) -> tuple[np.ndarray, np.ndarray]:
     """(token ids, activations) of prototype j's neighbourhood, padding removed."""
@@ -324,22 +320,23 @@ class Index:
     i = local * self.manifest["neighbourhood_size"] + rank
     return bytes(self.array(f"{rel}/span_bytes.npy")[offsets[i]:offsets[i + 1]]).decode("utf-8")
 
-  def postings(self, j: int) -> tuple[np.ndarray, np.ndarray]:
-    """Every indexed position activating prototype j: (token ids, activations)."""
+  def curvature_eigen(self, j: int) -> tuple[np.ndarray, np.ndarray]:
+    """(eigenvalues [D], eigenvectors [D, D]) of G_j; with attr.curvature=shared, the
+    diagonal of Q^T G_j Q and the shared basis Q."""
     rel, local = self._shard(j)
-    offsets = self.array(f"{rel}/posting_offsets.npy")
-    lo, hi = offsets[local], offsets[local + 1]
-    return (np.asarray(self.array(f"{rel}/posting_token.npy")[lo:hi]),
-            np.asarray(self.array(f"{rel}/posting_activation.npy")[lo:hi]))
+    values = np.asarray(self.array(f"{rel}/curvature_values.npy")[local])
+    if self.manifest.get("curvature") == "shared":
+      return values, np.asarray(self.array("prototypes/curvature_basis.npy"))
+    return values, np.asarray(self.array(f"{rel}/curvature_vectors.npy")[local])
+
+  def softmax_prior(self, j: int) -> np.ndarray:
+    """Prototype j's average softmax, Pi_j / sum(Pi_j) [V] (weights a_tj^2)."""
+    rel, local = self._shard(j)
+    return np.asarray(self.array(f"{rel}/softmax_prior.npy")[local], np.float64)
 
   def curvature(self, j: int) -> np.ndarray:
-    rel, local = self._shard(j)
-    return np.asarray(self.array(f"{rel}/curvature.npy")[local])
-
-  def training_set(self) -> TrainingSet:
-    return TrainingSet(np.asarray(self.array("examples/rows.npy")),
-                       np.asarray(self.array("examples/lengths.npy")),
-                       np.asarray(self.array("examples/example_ids.npy")))
+    """G_j [D, D] (undamped, float64)."""
+    return curvature_lib.matrix(*self.curvature_eigen(j))
 
   def method_bytes(self, method: str) -> int:
     return int(self.manifest["bytes_by_method"][method])

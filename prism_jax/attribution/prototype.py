@@ -73,6 +73,7 @@ def token_scores(index: Index, head: QueryHead) -> tuple[np.ndarray, np.ndarray]
     if a_q <= 0 or c <= 0:
       continue
     tok, act = index.neighbours(int(j))
+    act = act.astype(np.float64)
     nu = np.minimum(act, a_q) / np.maximum(np.maximum(act, a_q), 1e-30)
     toks.append(tok)
     vals.append(c * nu)
@@ -84,12 +85,12 @@ def token_scores(index: Index, head: QueryHead) -> tuple[np.ndarray, np.ndarray]
 
 
 def score(index: Index, head: QueryHead) -> Scores:
-  num_examples = index.manifest["num_examples"]
+  num_examples = index.num_examples
   tok, val = token_scores(index, head)
   example_scores = np.zeros(num_examples)
   best = np.full(num_examples, -1, np.int64)
   if len(tok):
-    ex = np.asarray(index.array("tokens/example.npy")[tok])
+    ex = index.gather("document", tok).astype(np.int64)
     # Best position per example: sort by (example, score) and keep each example's last.
     order = np.lexsort((val, ex))
     last = np.r_[ex[order][1:] != ex[order][:-1], True]

@@ -9,15 +9,20 @@ import os
 import tempfile
 from typing import Callable
 
+import jax
 import numpy as np
 
 from prism_jax.attribution import common, ekfac, graddot, index as index_lib, influence
-from prism_jax.attribution import prototype, trak
+from prism_jax.attribution import indexing, prototype, single_pass, trak
 from prism_jax.attribution.config import AttributionConfig
 from prism_jax.errors import UserError
+from prism_jax.models import lm
 
-METHODS = ("prototype", "influence", "ekfac", "trak", "graddot")
-PROTOTYPE_METHODS = ("prototype", "influence")
+# The first is the default: one forward pass + an O(k T) index read, as faithful as
+# `influence` (docs/attribution.md).
+METHODS = ("single_pass", "prototype", "influence", "ekfac", "trak", "graddot")
+PROTOTYPE_METHODS = ("single_pass", "prototype", "influence")
+DEFAULT_METHOD = METHODS[0]
 
 
 @dataclasses.dataclass
@@ -44,10 +49,16 @@ def prepare(method: str, cfg, graphdef, params, train: common.TrainingSet,
     if index_dir is None:
       index_dir = os.path.join(tempfile.mkdtemp(prefix="prism_index_"), "index")
     if build_index:
-      index_lib.build(cfg, graphdef, params, train, index_dir, attr,
+      if method == "influence":  # its g_t [N, D] is stored only on request (small N)
+        attr = dataclasses.replace(attr, index_influence=True)
+      indexing.build(cfg, graphdef, params, train, index_dir, attr,
                       decode=decode or index_lib.default_decode)
     index = index_lib.Index(index_dir)
     head = lambda q: prototype.query_head(graphdef, params, q, length)
+    if method == "single_pass":
+      e_VxD = np.asarray(jax.device_get(lm.unembedding(params)), np.float64)
+      return Prepared(method, lambda q: single_pass.score(index, head(q), e_VxD, attr.damping),
+                      index.method_bytes("single_pass"))
     if method == "prototype":
       return Prepared(method, lambda q: prototype.score(index, head(q)),
                       index.method_bytes("prototype"))
@@ -58,14 +69,11 @@ def prepare(method: str, cfg, graphdef, params, train: common.TrainingSet,
     return Prepared(method, lambda q: _example_scores(graddot.score(
         graphdef, params, train, q, length, attr.batch_size)), 0)
   if method == "trak":
-    proj = trak.projection(params, attr.trak_projection_dim, attr.trak_seed)
+    proj = trak.projection(params, attr.trak_projection_dim, attr.trak_seed, attr.trak_ensemble)
     state = trak.prepare(graphdef, params, train, proj, attr.trak_damping, attr.batch_size)
     return Prepared(method, lambda q: _example_scores(trak.score(
         state, graphdef, params, proj, q, length)), state.nbytes)
   if method == "ekfac":
-    if cfg.model.scan_layers:
-      raise UserError("--method ekfac does not support model.scan_layers=true yet (layers "
-                      "stacked under lax.scan); use trak or graddot for this model")
     factors = ekfac.lm_fit(graphdef, params, train, attr)
     return Prepared(method, lambda q: _example_scores(ekfac.lm_score(
         graphdef, params, factors, train, q, length, attr.batch_size)), factors.nbytes)

@@ -1,34 +1,5 @@
 """Linear prototype controllers and targeted prototype suppression (docs/control_explore.md).
 
-`add_arguments` / `interventions` are the one place where the inference entry points
-(`evaluate`, `generate`) take a saved controller or suppression set from the command line.
+The command is prism_jax/main/control.py; `interventions` holds the flags with which the
+inference tools (evaluate, generate) apply a saved controller or suppression set.
 """
-
-from __future__ import annotations
-
-import argparse
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--controller", default=None, help="a linear prototype controller "
-                      "(WORKDIR/controllers/TASK.json, from python -m prism_jax.control "
-                      "calibrate)")
-  parser.add_argument("--suppress", default=None, help="a prototype suppression set "
-                      "(WORKDIR/suppressions/NAME.json, from python -m prism_jax.control "
-                      "suppress)")
-
-
-def interventions(args: argparse.Namespace, cfg) -> dict:
-  """{'controller': Controller | None, 'suppressed_M': bool [M] | None} from the flags."""
-  from prism_jax.control import controller as control_lib, suppress as suppress_lib
-  from prism_jax.errors import UserError
-
-  if (args.controller or args.suppress) and cfg.model.head != "prism":
-    raise UserError(f"--controller/--suppress act on prototypes; {cfg.name} has a "
-                    f"{cfg.model.head} head")
-  num_prototypes = cfg.prototypes.num_prototypes
-  return {"controller": (control_lib.load(args.controller, num_prototypes)
-                         if args.controller else None),
-          "suppressed_M": (suppress_lib.load(args.suppress, num_prototypes,
-                                             cfg.prototypes.top_k)
-                           if args.suppress else None)}

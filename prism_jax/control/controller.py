@@ -239,7 +239,8 @@ def save(path: str, controller: Controller, meta: dict) -> str:
 def load(path: str, num_prototypes: int | None = None) -> Controller:
   """A saved controller; UserError when missing, malformed or for another bank size."""
   gain, bias = records.load(
-      path, FORMAT, "controller", "fit one with python -m prism_jax.control calibrate --task NAME",
+      path, FORMAT, "controller",
+      "fit one with python -m prism_jax.main.control calibrate --task NAME",
       lambda r: (np.asarray(r["gain"], np.float32), np.asarray(r["bias"], np.float32)))
   if gain.shape != bias.shape or gain.ndim != 1:
     raise UserError(f"controller {path}: gain and bias must be two lists of the same length")

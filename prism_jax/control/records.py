@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Callable
+
+from etils import epath
 
 from prism_jax import outputs
 from prism_jax.errors import UserError
@@ -17,11 +18,10 @@ def save(path: str, record: dict) -> str:
 def load(path: str, fmt: str, what: str, how_to_make: str,
          parse: Callable[[dict], Any]) -> Any:
   """`parse(record)` for the record at `path`; UserError when missing, malformed or not `fmt`."""
-  if not os.path.isfile(path):
+  if not epath.Path(path).is_file():
     raise UserError(f"no {what} at {path}; {how_to_make}")
   try:
-    with open(path, encoding="utf-8") as f:
-      record = json.load(f)
+    record = json.loads(epath.Path(path).read_text(encoding="utf-8"))
     if record.get("format") != fmt:
       raise UserError(f"{path} is not a {fmt} file")
     return parse(record)

@@ -126,7 +126,7 @@ def mention_rate(generator, params, tokenizer, prompts: Sequence[str], family_V:
                  samples: int, max_new_tokens: int) -> dict:
   """Share of sampled continuations (seeds 0..samples-1 per prompt) that contain a token of
   the family, and the family's share of all generated tokens."""
-  from prism_jax.generate import encode_prompt
+  from prism_jax.sampling import encode_prompt
 
   mentions, family_tokens, tokens = 0, 0, 0
   for prompt in prompts:
@@ -162,7 +162,7 @@ def load(path: str, num_prototypes: int, top_k: int | None = None) -> np.ndarray
   """The saved set as bool [M]; UserError when missing, malformed, or when it would leave
   fewer than `top_k` prototypes to choose from."""
   ids = records.load(path, FORMAT, "suppression set",
-                     "make one with python -m prism_jax.control suppress ...", _prototype_ids)
+                     "make one with python -m prism_jax.main.control suppress ...", _prototype_ids)
   mask = mask_from_ids(ids, num_prototypes)
   if top_k is not None:
     check_leaves_enough(mask, top_k, path)

@@ -12,14 +12,15 @@ import collections
 import importlib
 import json
 import math
-import os
 import re
 from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
+from prism_jax import layout
 from prism_jax.errors import UserError
 from prism_jax.explore import taxonomy
 from prism_jax.models import lm
@@ -150,13 +151,12 @@ def label_prototypes(params, tokenizer, index=None, usage: np.ndarray | None = N
 
 
 def labels_path(workdir: str) -> str:
-  return os.path.join(workdir, "explore", "labels.json")
+  return layout.path(workdir, layout.EXPLORE, "labels.json")
 
 
 def load_labels(workdir: str) -> dict[int, dict] | None:
-  """Cards saved by `python -m prism_jax.explore`, by prototype id; None when absent."""
-  path = labels_path(workdir)
-  if not os.path.isfile(path):
+  """Cards saved by `python -m prism_jax.main.explore`, by prototype id; None when absent."""
+  path = epath.Path(labels_path(workdir))
+  if not path.is_file():
     return None
-  with open(path, encoding="utf-8") as f:
-    return {int(c["id"]): c for c in json.load(f)}
+  return {int(c["id"]): c for c in json.loads(path.read_text(encoding="utf-8"))}

@@ -24,6 +24,7 @@ from prism_jax import sharding
 from prism_jax.config import ModelConfig, PrototypeConfig
 
 _NEG_SQ_EPS = 1e-4
+_FORCE = 1e9  # a selection bias no score reaches
 
 
 @struct.dataclass
@@ -70,6 +71,11 @@ def similarity_and_distance(h_BxLxD, keys_MxD, similarity: str):
   """(similarity, distance) of every hidden state to every prototype key, float32 [B, L, M]."""
   h = h_BxLxD.astype(jnp.float32)
   keys = keys_MxD.astype(jnp.float32)
+  if similarity == "dot":  # one product; the cosine for the distance is a rescaling of it
+    dot = jnp.einsum("bld,md->blm", h, keys)
+    cos = (dot * jax.lax.rsqrt(jnp.sum(h * h, -1, keepdims=True) + 1e-12)
+           * jax.lax.rsqrt(jnp.sum(keys * keys, -1) + 1e-12))
+    return dot, 1.0 - cos
   if similarity == "cosine":
     h_unit = h * jax.lax.rsqrt(jnp.sum(h * h, -1, keepdims=True) + 1e-12)
     keys_unit = keys * jax.lax.rsqrt(jnp.sum(keys * keys, -1, keepdims=True) + 1e-12)
@@ -82,21 +88,32 @@ def similarity_and_distance(h_BxLxD, keys_MxD, similarity: str):
   return jnp.log((sq_dist + 1.0) / (sq_dist + _NEG_SQ_EPS)), sq_dist
 
 
-def _select_top_k(scores_NxM, k: int, axis_name: str | None):
+def _select_top_k(scores_NxM, k: int, axis_name: str | None, bias_M=None):
   """Top-k of relu(scores) over M, where M may be this shard's slice of the bank.
 
+  `bias_M` (this slice's) shifts the choice only: the returned values are the unbiased
+  relu(scores) of the chosen prototypes, re-sorted descending.
   Returns the dense activations of this slice and the global (values, indices) [N, k].
   """
   m_local = scores_NxM.shape[-1]
   shard = jax.lax.axis_index(axis_name) if axis_name else 0
   candidates = jax.lax.stop_gradient(scores_NxM)
+  if bias_M is not None:
+    candidates = candidates + jax.lax.stop_gradient(bias_M)
   values, indices = jax.lax.top_k(candidates, min(k, m_local))
+  if bias_M is not None:  # carry the unbiased score of each candidate along
+    unbiased = jnp.take_along_axis(jax.lax.stop_gradient(scores_NxM), indices, axis=-1)
   indices = indices + shard * m_local
   if axis_name:  # merge the k-per-shard candidates into a global top-k
     values = jax.lax.all_gather(values, axis_name, axis=-1, tiled=True)
     indices = jax.lax.all_gather(indices, axis_name, axis=-1, tiled=True)
+    if bias_M is not None:
+      unbiased = jax.lax.all_gather(unbiased, axis_name, axis=-1, tiled=True)
   top_values, order = jax.lax.top_k(values, k)
   top_indices = jnp.take_along_axis(indices, order, axis=-1)
+  if bias_M is not None:
+    top_values, resort = jax.lax.top_k(jnp.take_along_axis(unbiased, order, axis=-1), k)
+    top_indices = jnp.take_along_axis(top_indices, resort, axis=-1)
   local = top_indices - shard * m_local
   local = jnp.where((local >= 0) & (local < m_local), local, m_local)  # m_local is dropped
   selected = jax.vmap(lambda row, idx: row.at[idx].set(True, mode="drop"))(
@@ -106,8 +123,11 @@ def _select_top_k(scores_NxM, k: int, axis_name: str | None):
   return activations, jax.nn.relu(top_values), top_indices
 
 
-def sparse_top_k(scores_BxLxM: jax.Array, k: int):
+def sparse_top_k(scores_BxLxM: jax.Array, k: int, selection_bias_M: jax.Array | None = None):
   """(activations [B, L, M], top_values [B, L, k], top_indices [B, L, k]).
+
+  `selection_bias_M` is added to the scores for choosing the top-k only (loss-free
+  balancing); activations and top_values are relu of the unbiased scores.
 
   With the bank sharded over a mesh axis, each shard takes its local top-k and the
   candidates are all-gathered and merged; the [B, L, M] tensor is never gathered.
@@ -120,17 +140,20 @@ def sparse_top_k(scores_BxLxM: jax.Array, k: int):
   spec = sharding.logical_to_spec(("batch", "length", "prototypes"))
   bank_axis = spec[2]
   if sharding.axis_size("prototypes") == 1 or bank_axis is None:
-    act, top_values, top_indices = _select_top_k(flat, k, None)
+    act, top_values, top_indices = _select_top_k(flat, k, None, selection_bias_M)
   else:
     axis_name = bank_axis if isinstance(bank_axis, str) else bank_axis[0]
     row_spec = jax.sharding.PartitionSpec(None, axis_name)
+    bias_spec = jax.sharding.PartitionSpec(axis_name)
+    bias = (jnp.zeros((m,), jnp.float32) if selection_bias_M is None
+            else selection_bias_M.astype(jnp.float32))
     act, top_values, top_indices = jax.shard_map(
-        lambda s: _select_top_k(s, k, axis_name),
-        in_specs=row_spec,
+        lambda s, b: _select_top_k(s, k, axis_name, None if selection_bias_M is None else b),
+        in_specs=(row_spec, bias_spec),
         out_specs=(row_spec, jax.sharding.PartitionSpec(), jax.sharding.PartitionSpec()),
         axis_names={axis_name},
         check_vma=False,
-    )(flat)
+    )(flat, bias)
   act, top_values, top_indices = (act.reshape(batch, length, m),
                                   top_values.reshape(batch, length, k),
                                   top_indices.reshape(batch, length, k))
@@ -142,6 +165,12 @@ def sparse_top_k(scores_BxLxM: jax.Array, k: int):
 def mix_values(activations_BxLxM, values_MxD):
   """sum_j a_j U_j: the hidden state the unembedding reads, [B, L, D]."""
   return jnp.einsum("blm,md->bld", activations_BxLxM, values_MxD.astype(jnp.float32))
+
+
+def mix_selected_values(top_values_BxLxk, top_indices_BxLxk, values_MxD):
+  """sum_j a_j U_j over the k selected rows only: k*D instead of M*D per position."""
+  u_BxLxkxD = jnp.take(values_MxD.astype(jnp.float32), top_indices_BxLxk, axis=0)
+  return jnp.einsum("blk,blkd->bld", top_values_BxLxk, u_BxLxkxD)
 
 
 def logits_from_mixture(mixed_BxLxD, unembedding_VxD):
@@ -168,12 +197,17 @@ def contributions_all_tokens(top_values_BxLxk, top_indices_BxLxk, values_MxD, un
 
 def prototype_logits(h_BxLxD, keys_MxD, values_MxD, log_temperature, unembedding_VxD,
                      cfg: PrototypeConfig, suppressed_M: jax.Array | None = None, *,
-                     controller: Controller | None = None):
+                     controller: Controller | None = None,
+                     selection_bias_M: jax.Array | None = None,
+                     thresholds_M: jax.Array | None = None):
   """The whole head as one pure function: (logits [B, L, V], PrototypeOutput).
 
   `suppressed_M` (bool [M]) removes prototypes before the top-k; the next best fill in.
   `controller` rescales the selected activations (see `apply_controller`); activations and
   top_values then hold a', so contributions computed from them still sum to the logits.
+  `selection_bias_M` shifts only which prototypes are chosen; `thresholds_M` (theta) is
+  subtracted from the similarity inside the relu, s_j = (sim_j - theta_j) / tau. With
+  `cfg.base_prototype`, prototype 0 takes one of the k slots at every position with a_0 = 1.
   """
   # Shapes are pinned at trace time: h [batch, length, d], keys/values [M, d], E [vocab, d].
   chex.assert_rank(h_BxLxD, 3)
@@ -185,14 +219,31 @@ def prototype_logits(h_BxLxD, keys_MxD, values_MxD, log_temperature, unembedding
     chex.assert_shape(suppressed_M, (m,))
   sim, dist = similarity_and_distance(h_BxLxD, keys_MxD, cfg.similarity)
   tau = temperature(log_temperature, cfg)
+  if thresholds_M is not None:
+    sim = sim - thresholds_M.astype(jnp.float32)
   scores = sharding.constrain(sim / tau, ("batch", "length", "prototypes"))
+  if cfg.base_prototype:
+    # Prototype 0: a constant score 1 (so a_0 = 1) and forced into every top-k.
+    base_M = jnp.arange(m) == 0
+    scores = jnp.where(base_M, 1.0, scores)
+    force_M = jnp.where(base_M, _FORCE, 0.0)
+    selection_bias_M = force_M if selection_bias_M is None else selection_bias_M + force_M
   if suppressed_M is not None:
     scores = jnp.where(suppressed_M, -jnp.inf, scores)
-  activations, top_values, top_indices = sparse_top_k(scores, cfg.top_k)
+  activations, top_values, top_indices = sparse_top_k(scores, cfg.top_k, selection_bias_M)
   if controller is not None:
     activations, top_values = apply_controller(activations, top_values, top_indices, controller)
   activations = sharding.constrain(activations, ("batch", "length", "prototypes"))
-  logits = logits_from_mixture(mix_values(activations, values_MxD), unembedding_VxD)
+  if sharding.axis_size("prototypes") == 1:
+    # Gather the k selected value rows (a dense [B, L, M] x [M, D] mix multiplies M - k
+    # zeros per position). The weights are re-read from the scores so they carry the
+    # gradient; they equal top_values exactly.
+    weights = (top_values if controller is not None else
+               jax.nn.relu(jnp.take_along_axis(scores, top_indices, axis=-1)))
+    mixed = mix_selected_values(weights, top_indices, values_MxD)
+  else:  # the bank is split over devices: each shard mixes its own rows
+    mixed = mix_values(activations, values_MxD)
+  logits = logits_from_mixture(mixed, unembedding_VxD)
   chex.assert_shape(logits, (batch, length, vocab))                     # [B, L, V]
   chex.assert_shape([scores, dist, activations], (batch, length, m))    # [B, L, M]
   chex.assert_shape([top_values, top_indices], (batch, length, cfg.top_k))  # [B, L, k]
@@ -207,16 +258,35 @@ class PrototypeHead(nnx.Module):
   def __init__(self, model_cfg: ModelConfig, cfg: PrototypeConfig, rngs: nnx.Rngs):
     m, d = cfg.num_prototypes, model_cfg.d_model
     pd = jnp.dtype(model_cfg.param_dtype)
-    # Keys live where RMS-normalised hidden states live (norm about sqrt(D)).
-    self.keys = nnx.Param(jax.random.normal(rngs.params(), (m, d), jnp.float32).astype(pd),
-                          out_sharding=("prototypes", "embed"))
+    keys = cfg.key_init_std * jax.random.normal(rngs.params(), (m, d), jnp.float32)
+    if cfg.key_renorm:
+      keys = renormalise_keys(keys, cfg, d)
+    self.keys = nnx.Param(keys.astype(pd), out_sharding=("prototypes", "embed"))
     self.values = nnx.Param(
         (model_cfg.init_std * jax.random.normal(rngs.params(), (m, d), jnp.float32)).astype(pd),
         out_sharding=("prototypes", "embed"))
     self.log_temperature = nnx.Param(jnp.log(jnp.float32(cfg.init_temperature)))
+    # Optional per-prototype state. The selection bias and the idle counter get no gradient
+    # (Adam leaves a zero-gradient leaf unchanged); the train step updates them.
+    if cfg.selection_bias_rate:
+      self.selection_bias = nnx.Param(jnp.zeros((m,), jnp.float32), out_sharding=("prototypes",))
+    if cfg.revive_after:
+      self.idle_steps = nnx.Param(jnp.zeros((m,), jnp.float32), out_sharding=("prototypes",))
+    if cfg.thresholds:
+      self.thresholds = nnx.Param(jnp.zeros((m,), jnp.float32), out_sharding=("prototypes",))
     self.cfg = cfg
 
   def __call__(self, h_BxLxD, unembedding_VxD, suppressed_M=None, *, controller=None):
+    optional = lambda name: getattr(self, name)[...] if hasattr(self, name) else None
     return prototype_logits(h_BxLxD, self.keys[...], self.values[...],
                             self.log_temperature[...], unembedding_VxD, self.cfg, suppressed_M,
-                            controller=controller)
+                            controller=controller,
+                            selection_bias_M=optional("selection_bias"),
+                            thresholds_M=optional("thresholds"))
+
+
+def renormalise_keys(keys_MxD, cfg: PrototypeConfig, d: int):
+  """Every key rescaled to norm key_init_std * sqrt(D), the expected norm at init."""
+  keys = keys_MxD.astype(jnp.float32)
+  target = cfg.key_init_std * jnp.sqrt(jnp.float32(d))
+  return keys * (target * jax.lax.rsqrt(jnp.sum(keys * keys, -1, keepdims=True) + 1e-12))

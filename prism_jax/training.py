@@ -1,4 +1,4 @@
-"""Train a PRISM or dense language model: `python -m prism_jax.train --exp prism_tiny`.
+"""The training loop (entry point: `python -m prism_jax.main.train --exp prism_tiny`).
 
 data -> model -> optimizer -> Orbax checkpoints (state + input position) + TensorBoard
 and JSONL metrics + a progress bar. Starting again in the same workdir resumes from the
@@ -24,9 +24,8 @@ from prism_jax import cli, layout, outputs, sharding
 from prism_jax.checkpoint import (CheckpointMismatch, Checkpointer, CheckpointUnreachable,
                                   abstract_with_sharding, model_settings)
 from prism_jax.config import ExperimentConfig
-from prism_jax.errors import UserError, exit_on_user_error
+from prism_jax.errors import UserError
 from prism_jax.metrics_log import MetricsLog
-from prism_jax.run import Run
 from prism_jax.step import CompiledSteps, compile_steps, to_global_batch
 
 
@@ -250,25 +249,3 @@ def _set_aside_before(checkpointer: Checkpointer) -> bool:
   """True when an earlier start set checkpoints aside: the run is not new."""
   directory = checkpointer.directory
   return directory.exists() and any(".unreadable" in p.name for p in directory.iterdir())
-
-
-@exit_on_user_error
-def main(argv=None):
-  parser = cli.base_parser(__doc__.splitlines()[0])
-  args = parser.parse_args(argv)
-  opened = Run.create(args.exp, args.workdir, args.overrides)
-  cfg, workdir = opened.cfg, opened.workdir
-  started = time.perf_counter()
-  with opened:
-    result = train(cfg, workdir, mesh=opened.mesh)
-  elapsed = time.perf_counter() - started
-  if result["preempted"]:
-    return
-  shown = {k: v for k, v in result.items() if k.startswith("val/") or k == "step"}
-  print(f"done in {elapsed:.0f}s: " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()))
-  print(f"checkpoints: {layout.path(workdir, layout.CHECKPOINTS)}  "
-        f"tensorboard: {layout.path(workdir, layout.TENSORBOARD)}")
-
-
-if __name__ == "__main__":
-  main()

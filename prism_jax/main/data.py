@@ -1,4 +1,4 @@
-"""`python -m prism_jax.data [--exp NAME] [--data-dir DIR] [--vocab-size N] [key=value ...]`
+"""`python -m prism_jax.main.data [--exp NAME] [--data-dir DIR] [--vocab-size N] [key=value ...]`
 
 Builds (or reuses) the dataset and tokenizer, then prints a summary: documents, passages and
 characters per split, the tokenizer, and the unigram cross-entropy baseline on validation.

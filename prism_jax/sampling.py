@@ -1,10 +1,10 @@
-"""Generate text from a checkpoint: `python -m prism_jax.generate --exp prism_tiny --prompt ...`.
+"""Sampling with a KV cache (entry point: `python -m prism_jax.main.generate`).
 
 Greedy decoding or temperature / top-k / top-p sampling with a KV cache (`--no-cache` runs
 the full forward pass at every step instead, for comparison). For a PRISM model every
 generated token comes with its prototype contributions c_j(y) = a_j <U_j, E_y> over the k
-active prototypes, which add up exactly to the token's logit; they are printed and written
-as JSON under <workdir>/generations/.
+active prototypes, which add up exactly to the token's logit; `to_json` and
+`format_contributions` present them.
 """
 
 from __future__ import annotations
@@ -20,12 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from prism_jax import cli, control, outputs
 from prism_jax.config import ExperimentConfig
 from prism_jax.downstream import special_id
-from prism_jax.errors import UserError, exit_on_user_error
-from prism_jax.run import Run
-from prism_jax import layout
+from prism_jax.errors import UserError
 from prism_jax.models import lm, prism_head
 
 
@@ -107,7 +104,8 @@ class Generator:
   def __init__(self, graphdef, cfg: ExperimentConfig, sampling: Sampling, *,
                controller=None, suppressed_M=None):
     # controller / suppressed_M: a linear prototype controller and a suppression mask
-    # (prism_jax.control), applied inside the head at every step; None: the model as trained.
+    # (prism_jax.control.interventions), applied inside the head at every step; None: the
+    # model as trained.
     self.cfg, self.sampling = cfg, sampling
     slots = cfg.model.max_seq_len
     # Recompile guard: how often jax traced each step function (the bodies below run only
@@ -241,63 +239,3 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
   ids = list(tokenizer.encode(prompt))
   bos = special_id(tokenizer, "bos_id")
   return ([bos] if bos is not None else []) + ids
-
-
-@exit_on_user_error
-def main(argv=None):
-  parser = cli.base_parser(__doc__.splitlines()[0])
-  parser.add_argument("--prompt", required=True, help="text to continue")
-  parser.add_argument("--max-new-tokens", type=cli.number_flag("--max-new-tokens"), default=48)
-  parser.add_argument("--temperature", type=cli.number_flag("--temperature"),
-                      default=0.8, help="0 = greedy")
-  parser.add_argument("--top-k", type=cli.number_flag("--top-k"),
-                      default=0, help="keep the k most likely (0: all)")
-  parser.add_argument("--top-p", type=cli.number_flag("--top-p"),
-                      default=1.0, help="nucleus mass (1: all)")
-  parser.add_argument("--greedy", action="store_true", help="argmax decoding (temperature 0)")
-  parser.add_argument("--seed", type=cli.number_flag("--seed"), default=0)
-  parser.add_argument("--step", type=cli.number_flag("--step"),
-                      default=None, help="checkpoint step (default latest)")
-  parser.add_argument("--no-cache", action="store_true", help="recompute the full sequence "
-                      "every step instead of using the KV cache")
-  parser.add_argument("--show", type=cli.number_flag("--show"),
-                      default=4, help="prototypes shown per token")
-  control.add_arguments(parser)
-  parser.add_argument("--output", default=None, help="JSON path (default "
-                      "<workdir>/generations/<time>.json)")
-  args = parser.parse_args(argv)
-  with Run.open(args.exp, args.workdir, args.overrides) as opened:
-    _generate(args, opened)
-
-
-def _generate(args, opened: Run):
-  cfg, workdir = opened.cfg, opened.workdir
-  if args.max_new_tokens < 1:
-    raise UserError("--max-new-tokens must be at least 1")
-  sampling = Sampling(temperature=0.0 if args.greedy else args.temperature, top_k=args.top_k,
-                      top_p=args.top_p)
-  interventions = control.interventions(args, cfg)  # a bad file fails before the restore
-  graphdef, params, step = opened.params(args.step)
-  tokenizer = opened.tokenizer()
-  prompt_ids = encode_prompt(tokenizer, args.prompt)
-  eos = special_id(tokenizer, "eos_id")
-  generation = Generator(graphdef, cfg, sampling, **interventions)(
-      params, prompt_ids, args.max_new_tokens, seed=args.seed, use_cache=not args.no_cache,
-      stop_ids=() if eos is None else (eos,), progress=True)
-  result = to_json(generation, tokenizer, args.prompt,
-                   {"experiment": cfg.name, "step": step, "head": cfg.model.head,
-                    "sampling": dataclasses.asdict(sampling), "seed": args.seed,
-                    "kv_cache": not args.no_cache, "controller": args.controller,
-                    "suppress": args.suppress})
-  output = args.output or layout.path(workdir, layout.GENERATIONS,
-                                       time.strftime("%Y%m%d-%H%M%S") + ".json")
-  outputs.write_json(output, result)
-  print(args.prompt + result["completion"])
-  print()
-  print(format_contributions(result, args.show))
-  print(f"\n{len(result['tokens'])} tokens at {result['tokens_per_second']:.1f} tok/s "
-        f"(compilation included; step {step}); JSON: {output}")
-
-
-if __name__ == "__main__":
-  main()

@@ -1,4 +1,4 @@
-"""The PRISM-vs-dense study: `python -m prism_jax.compare [--prism prism_small] [key=value ...]`.
+"""The PRISM-vs-dense study (entry point: `python -m prism_jax.main.compare`).
 
 Trains (or resumes / reuses) the PRISM experiment and its dense twin with the same data,
 tokens and seed, evaluates both the same way, and writes a side-by-side table (validation
@@ -8,14 +8,14 @@ JSON plus a loss-curve plot (PNG) under --workdir (default runs/compare).
 
 from __future__ import annotations
 
-import os
+import io
 import statistics
-import sys
-import time
 
-from prism_jax import cli, downstream, evaluate, layout, outputs, restore
-from prism_jax.config import ExperimentConfig, apply_overrides, to_dict
-from prism_jax.errors import UserError, exit_on_user_error
+from etils import epath
+
+from prism_jax import evaluation, layout, outputs, restore
+from prism_jax.config import ExperimentConfig, to_dict
+from prism_jax.errors import UserError
 from prism_jax.metrics_log import read_jsonl
 
 # Keys that may differ between the twins: everything else must match for a fair study.
@@ -49,7 +49,7 @@ def step_seconds(workdir: str, tokens_per_step: int) -> float | None:
   """Median train-step time from the run's logged tokens/s (the first report, which includes
   compilation, is left out)."""
   path = layout.path(workdir, layout.METRICS)
-  if not os.path.isfile(path):
+  if not epath.Path(path).is_file():
     return None
   rates = [r["tokens_per_second"] for r in read_jsonl(path) if "tokens_per_second" in r]
   rates = rates[1:] if len(rates) > 1 else rates
@@ -87,8 +87,10 @@ def plot_loss_curves(runs: dict[str, str], path: str) -> str:
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
-  fig.savefig(path)
+  png = io.BytesIO()  # matplotlib opens local files only; epath writes buckets too
+  fig.savefig(png, format="png")
   plt.close(fig)
+  epath.Path(path).write_bytes(png.getvalue())
   return path
 
 
@@ -134,14 +136,14 @@ def run_study(prism_cfg: ExperimentConfig, dense_cfg: ExperimentConfig, workdir:
   `train_data`, `tokenizer` and `validation` (a callable cfg -> batches) replace the corpus
   for tests; by default both come from the configured data.
   """
-  from prism_jax.train import train
+  from prism_jax.training import train
 
   check_matched(prism_cfg, dense_cfg)
   study = {"steps": prism_cfg.train.steps, "seed": prism_cfg.train.seed, "limit": limit,
            "tokens_per_step": prism_cfg.data.batch_size * prism_cfg.data.seq_len, "runs": {}}
   run_dirs = {}
   for cfg in (prism_cfg, dense_cfg):
-    run_dir = os.path.join(workdir, cfg.name)
+    run_dir = layout.path(workdir, cfg.name)
     run_dirs[cfg.name] = run_dir
     print(f"== {cfg.name}: training to step {cfg.train.steps} in {run_dir}", flush=True)
     train(cfg, run_dir, train_data(cfg) if train_data else None)
@@ -155,12 +157,12 @@ def run_study(prism_cfg: ExperimentConfig, dense_cfg: ExperimentConfig, workdir:
     else:
       tok, batches = tokenizer, validation(cfg)
     print(f"== {cfg.name}: evaluating step {step}", flush=True)
-    results = evaluate.evaluate(cfg, graphdef, params, tok, validation_batches=batches,
+    results = evaluation.evaluate(cfg, graphdef, params, tok, validation_batches=batches,
                                 tasks=tasks, limit=limit, task_root=task_root,
                                 progress=progress)
     results["step"] = step
-    evaluate.write_results(results, run_dir)
-    print(evaluate.format_table(results), flush=True)
+    evaluation.write_results(results, run_dir)
+    print(evaluation.format_table(results), flush=True)
     val = results["validation"]
     study["runs"][cfg.name] = {
         "head": cfg.model.head, "step": step, "val_loss": val["loss"],
@@ -173,46 +175,10 @@ def run_study(prism_cfg: ExperimentConfig, dense_cfg: ExperimentConfig, workdir:
   prism_s = study["runs"][prism_cfg.name]["step_seconds"]
   dense_s = study["runs"][dense_cfg.name]["step_seconds"]
   study["step_time_ratio"] = prism_s / dense_s if prism_s and dense_s else None
-  os.makedirs(workdir, exist_ok=True)
-  study["plot"] = plot_loss_curves(run_dirs, os.path.join(workdir, "loss_curves.png"))
-  outputs.write_json(os.path.join(workdir, "compare.json"), study)
-  outputs.write_text(os.path.join(workdir, "compare.md"),
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  study["plot"] = plot_loss_curves(run_dirs, layout.path(workdir, "loss_curves.png"))
+  outputs.write_json(layout.path(workdir, "compare.json"), study)
+  outputs.write_text(layout.path(workdir, "compare.md"),
                      f"# {prism_cfg.name} vs {dense_cfg.name}\n\n" + markdown_table(study)
                      + "\n![loss curves](loss_curves.png)\n")
   return study
-
-
-@exit_on_user_error
-def main(argv=None):
-  parser = cli.parser(__doc__.splitlines()[0])
-  parser.add_argument("--prism", default="prism_small", help="the PRISM experiment")
-  parser.add_argument("--dense", default=None, help="its dense twin (default: dense_<size>)")
-  parser.add_argument("--workdir", default="runs/compare")
-  parser.add_argument("--tasks", nargs="+", default=["all"], help="'none' to skip")
-  parser.add_argument("--limit", type=cli.number_flag("--limit"),
-                      default=500, help="documents per task (0: all)")
-  parser.add_argument("--val-batches", type=cli.number_flag("--val-batches"), default=None,
-                      help="validation batches (default: the whole split)")
-  parser.add_argument("overrides", nargs="*", metavar="key=value", help="applied to both runs")
-  args = parser.parse_args(argv)
-  import experiments
-
-  dense_name = args.dense or args.prism.replace("prism", "dense", 1)
-  prism_cfg = apply_overrides(experiments.get(args.prism), args.overrides)
-  dense_cfg = apply_overrides(experiments.get(dense_name), args.overrides)
-  check_matched(prism_cfg, dense_cfg)  # before the task data: cheapest mistakes first
-  tasks = [] if args.tasks == ["none"] else downstream.resolve_tasks(args.tasks)
-  if tasks:
-    downstream.data_root()
-  started = time.perf_counter()
-  with outputs.WorkdirLock(args.workdir, "compare", create=True):
-    study = run_study(prism_cfg, dense_cfg, args.workdir, tasks, args.limit or None,
-                      args.val_batches)
-  print()
-  print(markdown_table(study))
-  print(f"done in {time.perf_counter() - started:.0f}s: {args.workdir}/compare.md, "
-        f"compare.json, loss_curves.png", file=sys.stdout)
-
-
-if __name__ == "__main__":
-  main()

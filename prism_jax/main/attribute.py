@@ -1,13 +1,16 @@
-"""Which training examples drive a token: `python -m prism_jax.attribute --prompt TEXT`.
+"""Which training documents drive a token: `python -m prism_jax.main.attribute --prompt TEXT`.
 
-  --method prototype   single forward pass over the prototype index (default)
-  --method influence   influence restricted to the prototype head (per-prototype solves)
+  --method single_pass  (default) one forward pass + an O(k T) read of the index: the
+                        prototype head's influence, signed, summed over a document's tokens
+  --method prototype    the prototype neighbourhoods (activation overlap, never negative)
+  --method influence    the same head influence from stored per-token gradients (small N)
   --method ekfac|trak|graddot   post-hoc baselines (also on dense models)
 
 The token is --target-token (its first piece) or, without it, the model's greedy next
-token. Prints the top examples with scores and the token highlighted as [[token]]; --json
-writes the same as JSON. prototype/influence read the index (`make index`); baselines
-use the same training examples (attr.index_examples / attr.index_seed).
+token. Prints the top documents with scores and the token highlighted as [[token]]; --json
+writes the same as JSON. The index methods read the run's index (`make index`); the
+baselines score the passages' openings (attr.index_examples / attr.index_seed), recomputing
+training gradients per query. Why single_pass is the default: docs/attribution.md.
 """
 
 from __future__ import annotations
@@ -18,9 +21,9 @@ import time
 import jax
 import numpy as np
 
-from prism_jax import index as index_cli
+from prism_jax import run_index
 from prism_jax import outputs
-from prism_jax.attribution import common, index as index_lib, run
+from prism_jax.attribution import common, index as index_lib, run, service
 from prism_jax.errors import UserError, exit_on_user_error
 from prism_jax.models import lm
 
@@ -29,7 +32,7 @@ def _flags(parser):
   parser.add_argument("--prompt", required=True, help="prompt text")
   parser.add_argument("--target-token", default=None,
                       help="token to explain (default: the model's greedy next token)")
-  parser.add_argument("--method", default="prototype", choices=run.METHODS)
+  parser.add_argument("--method", default=run.DEFAULT_METHOD, choices=run.METHODS)
   parser.add_argument("--json", default=None, help="also write the result as JSON here")
 
 
@@ -52,21 +55,18 @@ def make_query(cfg, graphdef, params, tokenizer, prompt: str, target: str | None
   return common.Query(tuple(ids), int(jax.device_get(logits.argmax())))
 
 
-def _highlight_position(train: common.TrainingSet, example: int, best_token: int, tokens_pos,
-                        target: int, span: int) -> int:
-  """The scored position; for example-level methods the target's first occurrence."""
-  if best_token >= 0:
-    return int(tokens_pos[best_token])
+def _highlight_position(train: common.TrainingSet, example: int, target: int, span: int) -> int:
+  """For the baselines' example-level scores: the target's first occurrence, else the
+  opening."""
   row, n = train.rows[example], int(train.lengths[example]) - 1
   hits = np.nonzero(row[1:n + 1] == target)[0]
-  return int(hits[0]) if len(hits) else max(0, min(span, n - 1))  # else the opening
+  return int(hits[0]) if len(hits) else max(0, min(span, n - 1))
 
 
-def results(prepared_scores, train, query, top: int, span: int, decode, token_positions):
+def results(prepared_scores, train, query, top: int, span: int, decode):
   out = []
   for rank, e in enumerate(common.top_examples(prepared_scores.example_scores, top), 1):
-    pos = _highlight_position(train, int(e), int(prepared_scores.best_token[e]),
-                              token_positions, query.target, span)
+    pos = _highlight_position(train, int(e), query.target, span)
     out.append({"rank": rank, "example": int(e), "example_id": int(train.example_ids[e]),
                 "score": float(prepared_scores.example_scores[e]), "position": pos,
                 "text": index_lib.span_text(train.rows[e], pos, span, decode)})
@@ -75,8 +75,8 @@ def results(prepared_scores, train, query, top: int, span: int, decode, token_po
 
 @exit_on_user_error
 def main(argv=None):
-  args = index_cli.parse(__doc__.splitlines()[0], _flags).parse_args(argv)
-  opened, attr = index_cli.resolve(args)
+  args = run_index.parse(__doc__.splitlines()[0], _flags).parse_args(argv)
+  opened, attr = run_index.resolve(args)
   with opened:
     _attribute(args, opened, attr)
 
@@ -88,12 +88,10 @@ def _attribute(args, opened, attr):
   query = make_query(cfg, graphdef, params, tokenizer, args.prompt, args.target_token)
   index_dir = args.index or opened.index
   if args.method in run.PROTOTYPE_METHODS:
-    index = index_cli.open_index(args, cfg, workdir, step)
-    train = index.training_set()
-    token_positions = index.array("tokens/position.npy")
+    index = run_index.open_index(args, cfg, workdir, step)
+    train = None  # the index holds the documents
   else:
-    train, _ = index_cli.training_set(cfg, attr)
-    token_positions = None
+    train, _ = run_index.training_set(cfg, attr)
   started = time.perf_counter()
   prepared = run.prepare(args.method, cfg, graphdef, params, train, attr, index_dir=index_dir,
                          decode=tokenizer.decode, build_index=False)
@@ -101,14 +99,18 @@ def _attribute(args, opened, attr):
   started = time.perf_counter()
   scores = prepared.query(query)
   query_s = time.perf_counter() - started
-  found = results(scores, train, query, attr.top_examples, attr.span_tokens, tokenizer.decode,
-                  token_positions)
+  if train is None:
+    found = service.top_results(index, scores, attr.top_examples, attr.span_tokens,
+                                tokenizer.decode)
+  else:
+    found = results(scores, train, query, attr.top_examples, attr.span_tokens,
+                    tokenizer.decode)
   target_text = tokenizer.decode([query.target])
-  print(f"{args.method}: top {len(found)} training examples for [[{target_text}]] after "
+  print(f"{args.method}: top {len(found)} training documents for [[{target_text}]] after "
         f"{args.prompt!r} (prepare {prepare_s:.2f}s, query {query_s:.3f}s, "
         f"state {prepared.stored_bytes} bytes)")
   for r in found:
-    print(f"{r['rank']:3d}. {r['score']:+.4g}  example {r['example_id']}: {r['text']}")
+    print(f"{r['rank']:3d}. {r['score']:+.4g}  document {r['example_id']}: {r['text']}")
   if args.json:
     outputs.write_json(args.json, {
         "method": args.method, "prompt": args.prompt, "target_token": target_text,

@@ -1,4 +1,4 @@
-"""LDS retrain study: `python -m prism_jax.lds [--workdir runs/lds] [key=value attr.key=value]`.
+"""LDS retrain study: `python -m prism_jax.main.lds [--workdir runs/lds] [attr.key=value ...]`.
 
 A tiny PRISM model on a synthetic corpus that trains in well under a second: token rows
 drawn from a few random sparse bigram "topics" (so examples of a topic help each other).
@@ -13,12 +13,13 @@ the seed-agreement noise ceiling.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
 import time
 
 import jax
 import numpy as np
+from etils import epath
 
 from prism_jax import cli
 from prism_jax import layout
@@ -68,8 +69,10 @@ def _log_probs_fn(graphdef):
 
 def ground_truth(cfg, train, queries, attr, cache_path: str, say=print) -> dict:
   """outputs [seeds, subsets, queries] and subsets [subsets, examples], cached."""
-  if os.path.exists(cache_path):
-    data = np.load(cache_path)
+  cache = epath.Path(cache_path)
+  if cache.exists():
+    with cache.open("rb") as f:
+      data = dict(np.load(f))
     say(f"ground truth from cache {cache_path}")
     return {"outputs": data["outputs"], "subsets": data["subsets"],
             "seconds": float(data["seconds"])}
@@ -88,8 +91,10 @@ def ground_truth(cfg, train, queries, attr, cache_path: str, say=print) -> dict:
       say(f"  retrained {i + 1}/{attr.lds_subsets} subsets x {attr.lds_seeds} seeds "
           f"({time.perf_counter() - started:.0f}s)")
   seconds = time.perf_counter() - started
-  os.makedirs(os.path.dirname(cache_path), exist_ok=True)
-  np.savez(cache_path, outputs=outputs, subsets=subsets, seconds=seconds)
+  cache.parent.mkdir(parents=True, exist_ok=True)
+  saved = io.BytesIO()  # numpy writes local files only; epath writes buckets too
+  np.savez(saved, outputs=outputs, subsets=subsets, seconds=seconds)
+  cache.write_bytes(saved.getvalue())
   return {"outputs": outputs, "subsets": subsets, "seconds": seconds}
 
 
@@ -114,7 +119,7 @@ def run_study(cfg, attr, workdir: str, methods=run.METHODS, say=print) -> dict:
   key = json.dumps([to_dict(cfg), attr.lds_subsets, attr.lds_seeds, attr.lds_fraction,
                     attr.lds_queries, NUM_TRAIN, NUM_HELD_OUT], sort_keys=True, default=str)
   digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-  truth = ground_truth(cfg, train, queries, attr, os.path.join(workdir, f"ground_truth_{digest}.npz"),
+  truth = ground_truth(cfg, train, queries, attr, layout.path(workdir, f"ground_truth_{digest}.npz"),
                        say)
   ceiling = lds_lib.noise_ceiling(truth["outputs"])
   ceiling_lo, ceiling_hi = lds_lib.bootstrap_interval(ceiling, attr.lds_bootstrap)
@@ -173,7 +178,7 @@ def main(argv=None):
         f"[{m['low']:+.3f}, {m['high']:+.3f}]; "
         f"{results['subsets']} subsets x {results['seeds']} seeds, {results['num_queries']} "
         f"queries; total {time.perf_counter() - started:.0f}s")
-  print(f"wrote {write_json(os.path.join(args.workdir, 'results.json'), results)}")
+  print(f"wrote {write_json(layout.path(args.workdir, 'results.json'), results)}")
 
 
 if __name__ == "__main__":

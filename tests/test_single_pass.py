@@ -1,0 +1,442 @@
+"""`single_pass` and the streaming index over whole documents (prism-index/2).
+
+Exactness: with every posting kept and the full softmax stored, `single_pass` equals
+`influence` (which reads stored g_t). The index covers every target of every document
+exactly once, is the same on the run's sharded mesh, and resumes after a kill.
+"""
+
+import dataclasses
+import json
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from prism_jax import sharding
+from prism_jax.attribution import common, documents, index as index_lib, influence
+from prism_jax.attribution import indexing, prototype, run as run_lib, single_pass
+from prism_jax.attribution.config import AttributionConfig, apply_overrides
+from prism_jax.config import ConfigError, MeshConfig
+from prism_jax.errors import UserError
+from prism_jax.models import lm
+from prism_jax.step import abstract_params
+from tests.synthetic import tiny_config
+
+SMALL = ["model.vocab_size=32", "model.d_model=16", "model.d_ff=32", "model.num_layers=1",
+         "model.num_heads=2", "prototypes.num_prototypes=8", "prototypes.top_k=2",
+         "data.seq_len=8"]
+EXACT = dict(postings=0, softmax_top=32, index_dtype="float32")
+
+
+def _corpus(lengths, vocab, seed=0) -> documents.Corpus:
+  rng = np.random.default_rng(seed)
+  docs = [rng.integers(4, vocab, n).astype(np.int32) for n in lengths]
+  return documents.Corpus(len(docs), lambda: (documents.Document(i, 100 + i, d)
+                                              for i, d in enumerate(docs)))
+
+
+def _docs(corpus):
+  return [d.tokens for d in corpus.open()]
+
+
+def _build(tmp_path, cfg, params, corpus, name="index", devices=None, **attr):
+  attr = AttributionConfig(**{"batch_size": 2, "shard_prototypes": 3, "neighbourhood_size": 4,
+                              "index_part_batches": 2, "index_influence": True, **attr})
+  out = str(tmp_path / name)
+  graphdef, _ = lm.abstract_model(cfg)
+  indexing.build(cfg, graphdef, params, corpus, out, attr,
+                  devices=devices or jax.devices()[:1])
+  return index_lib.Index(out)
+
+
+@pytest.fixture(scope="module")
+def small():
+  cfg = tiny_config(*SMALL)
+  _, params = lm.init(cfg, 0)
+  # Documents shorter than, equal to and several times longer than a chunk (L + 1 = 9).
+  return cfg, params, _corpus([5, 9, 20, 2, 1, 17, 30], cfg.model.vocab_size)
+
+
+def _queries(corpus, count=6):
+  out = []
+  for doc in _docs(corpus):
+    if len(doc) > 7:
+      out.append(common.Query(tuple(int(t) for t in doc[1:6]), int(doc[6])))
+  rng = np.random.default_rng(3)
+  out += [common.Query(tuple(int(t) for t in rng.integers(4, 32, 4)), int(rng.integers(4, 32)))
+          for _ in range(count - len(out))]
+  return out
+
+
+def test_every_target_of_every_document_is_scored_once(small, tmp_path):
+  cfg, params, corpus = small
+  index = _build(tmp_path, cfg, params, corpus, **EXACT)
+  docs = _docs(corpus)
+  assert index.num_tokens == sum(max(len(d) - 1, 0) for d in docs)
+  assert index.num_examples == len(docs)
+  doc = np.asarray(index.array("tokens/example.npy"))
+  offset = np.asarray(index.array("tokens/position.npy"))
+  target = np.asarray(index.array("tokens/target.npy"))
+  expected = sorted((e, o) for e, d in enumerate(docs) for o in range(len(d) - 1))
+  assert sorted(zip(doc.tolist(), offset.tolist())) == expected
+  np.testing.assert_array_equal(target, [docs[e][o + 1] for e, o in zip(doc, offset)])
+  for e, d in enumerate(docs):
+    np.testing.assert_array_equal(index.document(e), d)
+    assert index.record_id(e) == 100 + e
+
+
+def test_chunks_overlap_by_one_token():
+  assert list(documents.chunk_starts(20, 8)) == [0, 8, 16]
+  assert list(documents.chunk_starts(17, 8)) == [0, 8]  # 8..16 predicts targets 9..16
+  assert list(documents.chunk_starts(1, 8)) == []
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_single_pass_equals_influence_with_full_softmax_and_every_posting(tmp_path, top_k):
+  cfg = tiny_config(*SMALL, f"prototypes.top_k={top_k}")
+  graphdef, params = lm.init(cfg, 0)
+  corpus = _corpus([5, 9, 20, 2, 1, 17, 30], cfg.model.vocab_size)
+  index = _build(tmp_path, cfg, params, corpus, **EXACT)
+  e_VxD = np.asarray(lm.unembedding(params), np.float64)
+  for damping in (1e-3, 1e-1):
+    for query in _queries(corpus):
+      head = prototype.query_head(graphdef, params, query, cfg.data.seq_len)
+      fast = single_pass.score(index, head, e_VxD, damping)
+      slow = influence.score(index, head, damping)
+      scale = np.abs(slow.example_scores).max()
+      assert scale > 0
+      np.testing.assert_allclose(fast.example_scores, slow.example_scores, rtol=1e-5,
+                                 atol=1e-6 * scale)
+      tok_f, val_f = single_pass.token_scores(index, head, e_VxD, damping)
+      tok_s, val_s = influence.token_scores(index, head, damping)
+      np.testing.assert_array_equal(tok_f, tok_s)
+      np.testing.assert_allclose(val_f, val_s, rtol=1e-5, atol=1e-6 * np.abs(val_s).max())
+      assert (val_s < 0).any() and (val_s > 0).any()  # signed: opponents too
+
+
+def test_single_pass_matches_the_per_position_formula(small, tmp_path):
+  """Scores the obvious way: full softmax p_t from the model, w_j = E (G_j + l I)^-1 g_q,
+  sum over shared prototypes of a_qj a_tj (w_j . p_t - w_j[y_t]), summed per document."""
+  cfg, params, corpus = small
+  graphdef, _ = lm.abstract_model(cfg)
+  index = _build(tmp_path, cfg, params, corpus, **EXACT)
+  e = np.asarray(lm.unembedding(params), np.float64)
+  damping = 1e-2
+  query = _queries(corpus)[0]
+  head = prototype.query_head(graphdef, params, query, cfg.data.seq_len)
+  w = {}
+  for a_q, j in zip(head.top_values, head.top_indices):
+    g = index.curvature(int(j))
+    w[int(j)] = (float(a_q), e @ np.linalg.solve(g + damping * np.eye(len(g)), head.grad))
+  expected = np.zeros(index.num_examples)
+  for d, doc in enumerate(_docs(corpus)):
+    for start in documents.chunk_starts(len(doc), cfg.data.seq_len):
+      chunk = doc[start:start + cfg.data.seq_len + 1]
+      batch = common.rows_to_batch(chunk[None], np.array([len(chunk)]))
+      out = lm.forward(graphdef, params, batch)
+      p = np.asarray(jax.nn.softmax(out.logits[0]), np.float64)
+      for t in range(len(chunk) - 1):
+        for a_t, j in zip(np.asarray(out.prototypes.top_values[0, t]),
+                          np.asarray(out.prototypes.top_indices[0, t])):
+          if int(j) in w and a_t > 0:
+            a_q, wj = w[int(j)]
+            expected[d] += a_q * a_t * (wj @ p[t] - wj[chunk[t + 1]])
+  got = single_pass.score(index, head, e, damping).example_scores
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+
+
+def test_truncated_postings_keep_the_largest_bounds(small, tmp_path):
+  cfg, params, corpus = small
+  full = _build(tmp_path, cfg, params, corpus, "full", **EXACT)
+  cut = _build(tmp_path, cfg, params, corpus, "cut", **{**EXACT, "postings": 3})
+  for j in range(cfg.prototypes.num_prototypes):
+    tok_full, act_full = full.postings(j)
+    tok_cut, _ = cut.postings(j)
+    np.testing.assert_array_equal(tok_cut, tok_full[:3])  # the same order, cut at T
+    bound = act_full * (1 - _p_target(full, tok_full))
+    assert np.all(np.diff(bound) <= 1e-6)  # ordered by a_tj (1 - p_t[y_t])
+    np.testing.assert_array_equal(cut.all_postings(j)[0], tok_full)  # influence: all
+
+
+def _p_target(index, tok):
+  return index.gather("p_target", tok).astype(np.float64)
+
+
+def test_sharded_run_mesh_gives_the_same_index(small, tmp_path):
+  """On a (data 2, fsdp 2, model 2) mesh with parameters laid out like training (FSDP, the
+  bank on the model axis), under the run's rules: the same index as on one device."""
+  cfg, params, corpus = small
+  graphdef, _, specs = abstract_params(cfg)
+  cfg = dataclasses.replace(cfg, mesh=MeshConfig(2, 2, 2))
+  mesh = sharding.make_mesh(cfg.mesh, jax.devices())
+  attr = AttributionConfig(batch_size=1, shard_prototypes=3, neighbourhood_size=4,
+                           index_part_batches=2, index_influence=True, **EXACT)
+  with jax.set_mesh(mesh), sharding.use_rules(cfg.mesh.rules):
+    placed = jax.device_put(params, sharding.named(mesh, sharding.param_specs(
+        lm.abstract_model(cfg)[1], cfg.mesh.rules)))
+    indexing.build(cfg, graphdef, placed, corpus, str(tmp_path / "mesh"), attr, mesh=mesh)
+  sharded = index_lib.Index(str(tmp_path / "mesh"))
+  single = _build(tmp_path, cfg, params, corpus, "one", batch_size=8, **EXACT)
+  for field in ("target", "document", "offset", "top_indices", "softmax_ids"):
+    np.testing.assert_array_equal(sharded.gather(field, np.arange(single.num_tokens)),
+                                  single.gather(field, np.arange(single.num_tokens)))
+  for field in ("top_values", "softmax_probs", "grad"):
+    np.testing.assert_allclose(sharded.gather(field, np.arange(single.num_tokens)),
+                               single.gather(field, np.arange(single.num_tokens)),
+                               rtol=1e-4, atol=1e-6)
+  for j in range(cfg.prototypes.num_prototypes):
+    np.testing.assert_allclose(sharded.curvature(j), single.curvature(j), rtol=1e-3,
+                               atol=1e-5 * np.abs(single.curvature(j)).max())
+
+
+def _files(path):
+  manifest = json.loads((path / "manifest.json").read_text())
+  return manifest, {rel: np.load(path / rel) for rel in manifest["files"]}
+
+
+def test_a_killed_build_resumes_to_the_same_index(small, tmp_path):
+  cfg, params, corpus = small
+  graphdef, _ = lm.abstract_model(cfg)
+  attr = AttributionConfig(batch_size=2, shard_prototypes=3, neighbourhood_size=4,
+                           index_part_batches=2, postings=5, softmax_top=4)
+  whole = tmp_path / "whole"
+  indexing.build(cfg, graphdef, params, corpus, str(whole), attr, devices=jax.devices()[:1])
+  out = tmp_path / "resumed"
+  for stop in (3, 1, 2):  # killed mid-part, before the next commit, then after one
+    assert indexing.build(cfg, graphdef, params, corpus, str(out), attr,
+                           devices=jax.devices()[:1], stop_after_batches=stop) is None
+    assert not out.exists() and (tmp_path / "resumed.partial" / "progress.json").exists()
+  indexing.build(cfg, graphdef, params, corpus, str(out), attr, devices=jax.devices()[:1])
+  assert not (tmp_path / "resumed.partial").exists()
+  want_manifest, want = _files(whole)
+  got_manifest, got = _files(out)
+  assert got_manifest == want_manifest
+  for rel in want:
+    np.testing.assert_array_equal(got[rel], want[rel], err_msg=rel)
+
+
+def test_compact_dtypes(small, tmp_path):
+  cfg, params, corpus = small
+  index = _build(tmp_path, cfg, params, corpus, postings=4, softmax_top=4)
+  files = index.manifest["files"]
+  part = "processes/00000/parts/000000"
+  assert files[f"{part}/target.npy"]["dtype"] == "uint16"
+  assert files[f"{part}/softmax_ids.npy"]["dtype"] == "uint16"
+  assert files[f"{part}/softmax_probs.npy"]["dtype"] == "float16"
+  assert files[f"{part}/top_indices.npy"]["dtype"] == "uint16"
+  chex.assert_shape(index.gather("softmax_probs", np.arange(5)), (5, 4))
+  chex.assert_shape(index.gather("top_values", np.arange(5)), (5, cfg.prototypes.top_k))
+  per_token = index.manifest["bytes_per_token"]
+  assert per_token["single_pass"] > 0 and per_token["all"] >= per_token["single_pass"]
+
+
+def test_bad_input_is_one_line(small, tmp_path):
+  cfg, params, corpus = small
+  with pytest.raises(UserError, match="attr.softmax_top=33 exceeds the vocabulary"):
+    _build(tmp_path, cfg, params, corpus, softmax_top=33)
+  with pytest.raises(ConfigError, match=r"attr\.postings=-1 must be"):
+    apply_overrides(AttributionConfig(), ["attr.postings=-1"])
+  with pytest.raises(ConfigError, match=r"attr\.softmax_top=0 must be"):
+    apply_overrides(AttributionConfig(), ["attr.softmax_top=0"])
+  old = tmp_path / "old"
+  old.mkdir()
+  (old / "manifest.json").write_text(json.dumps({"format": "prism-index/1"}))
+  with pytest.raises(UserError, match="holds index format 'prism-index/1'.*rebuild"):
+    index_lib.Index(str(old))
+
+
+def test_single_pass_is_the_default_method():
+  assert run_lib.METHODS[0] == run_lib.DEFAULT_METHOD == "single_pass"
+  assert {"prototype", "influence"} <= set(run_lib.METHODS)
+
+
+@pytest.fixture(scope="module")
+def trained_documents():
+  """A tiny PRISM model trained on every chunk of 10 random-token documents of 2-4 chunks.
+
+  128 prototypes for ~400 positions: each prototype's neighbourhood spans a few passages,
+  as at scale (16k prototypes). With 32 the sums over whole documents of the exact head
+  influence (= `influence`) let a long passage sharing many prototypes outscore the copied
+  one for some queries."""
+  from prism_jax.attribution import retrain
+
+  cfg = tiny_config("train.steps=200", "optimizer.warmup_steps=10",
+                    "prototypes.num_prototypes=128")
+  corpus = _corpus([30, 41, 50, 35, 45, 38, 33, 60, 40, 36], cfg.model.vocab_size, seed=1)
+  length = cfg.data.seq_len
+  rows, lengths = [], []
+  for doc in _docs(corpus):
+    for start in documents.chunk_starts(len(doc), length):
+      chunk = doc[start:start + length + 1]
+      rows.append(np.pad(chunk, (0, length + 1 - len(chunk))))
+      lengths.append(len(chunk))
+  train = common.TrainingSet(np.stack(rows), np.asarray(lengths, np.int32),
+                             np.arange(len(rows), dtype=np.int64))
+  graphdef, _ = lm.abstract_model(cfg)
+  return cfg, graphdef, retrain.fit(cfg, train, seed=0), corpus
+
+
+@pytest.mark.parametrize("curvature", ["blocks", "shared"])
+def test_a_query_from_the_middle_of_a_document_brings_it_back_first(trained_documents, tmp_path,
+                                                                     curvature):
+  cfg, graphdef, params, corpus = trained_documents
+  attr = AttributionConfig(batch_size=8, postings=16, softmax_top=8,  # truncated, float16
+                           curvature=curvature)
+  indexing.build(cfg, graphdef, params, corpus, str(tmp_path / "index"), attr,
+                  devices=jax.devices()[:1])
+  index = index_lib.Index(str(tmp_path / "index"))
+  prepared = run_lib.prepare("single_pass", cfg, graphdef, params, None, attr,
+                             index_dir=str(tmp_path / "index"), build_index=False)
+  length = cfg.data.seq_len
+  for e, doc in enumerate(_docs(corpus)):
+    start = list(documents.chunk_starts(len(doc), length))[1]  # the second chunk, not the opening
+    for end in (start + 6, start + 11):
+      query = common.Query(tuple(int(t) for t in doc[start:end]), int(doc[end]))
+      scores = prepared.query(query)
+      assert common.top_examples(scores.example_scores, 1)[0] == e, (e, end)
+      # The best position is the query's own.
+      best = scores.best_token[e]
+      assert index.gather("offset", np.array([best]))[0] == end - 1
+
+
+def test_documents_from_the_source_are_tokenised_like_training():
+  from prism_jax.data.pipeline import _Tokenize
+  from tests.text_model import CharTokenizer
+
+  tok = CharTokenizer()
+  source = [{"text": "the cat sat"}, {"text": b"on the mat"}, {"text": "x"}]
+  corpus = documents.from_source(source, tok)
+  docs = list(corpus.open())
+  assert corpus.num_documents == 3 and [d.record_id for d in docs] == [0, 1, 2]
+  for doc, record in zip(docs, source):
+    np.testing.assert_array_equal(doc.tokens, _Tokenize(tok, "text")(record))
+  sample = documents.from_source(source, tok, max_documents=2, seed=0)
+  assert [d.ordinal for d in sample.open()] == [0, 1]  # renumbered, in record order
+  assert [d.ordinal for d in documents.for_process(corpus.open(), 1, 2)] == [1]
+
+
+def test_top_results_name_the_document_and_its_best_position(small, tmp_path):
+  from prism_jax.attribution import service
+
+  cfg, params, corpus = small
+  graphdef, _ = lm.abstract_model(cfg)
+  index = _build(tmp_path, cfg, params, corpus, postings=8)
+  attr = AttributionConfig(top_examples=3, span_tokens=4)
+  query = _queries(corpus)[0]
+  scores, found = service.explain(cfg, graphdef, params, index, query, attr,
+                                  index_lib.default_decode)
+  assert [r["rank"] for r in found] == [1, 2, 3]
+  assert found[0]["score"] == scores.example_scores.max()
+  assert found[0]["text"]
+  for r in found:
+    doc = _docs(corpus)[r["example"]]
+    assert r["example_id"] == 100 + r["example"]
+    if r["score"] == 0:  # no position of it shares a prototype with the query
+      assert r["text"] == ""
+      continue
+    assert r["text"] == index_lib.span_text(doc, r["position"], 4, index_lib.default_decode)
+
+
+@pytest.mark.slow  # two processes start jax and compile (~30 s on 2 cores)
+def test_two_processes_index_their_shares_into_the_same_index(tmp_path):
+  """Each process indexes every other document into its own folder; the finished index
+  has the same positions, postings and curvature as one process's (token ids differ:
+  they run through processes, then parts)."""
+  from tests.test_multiprocess import ROOT, _env
+  import portpicker
+  import subprocess
+  import sys
+
+  def run(out, processes):
+    port = portpicker.pick_unused_port()
+    procs = []
+    for pid in range(processes):
+      env = _env() if processes == 1 else _env(JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+                                                JAX_NUM_PROCESSES=str(processes),
+                                                JAX_PROCESS_ID=str(pid))
+      procs.append(subprocess.Popen([sys.executable, "-m", "tests.index_worker", str(out)],
+                                    cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True))
+    for p in procs:
+      stdout, stderr = p.communicate(timeout=300)
+      assert p.returncode == 0, stderr[-3000:]
+    return index_lib.Index(str(out / "index"))
+
+  two, one = run(tmp_path / "two", 2), run(tmp_path / "one", 1)
+  assert [p["path"] for p in two.manifest["processes"]] == ["processes/00000",
+                                                              "processes/00001"]
+  assert two.num_tokens == one.num_tokens and two.num_examples == one.num_examples
+
+  def keyed(index):
+    ids = np.arange(index.num_tokens)
+    key = index.gather("document", ids).astype(np.int64) * 1000 + index.gather("offset", ids)
+    return key, np.argsort(key)
+
+  key_two, order_two = keyed(two)
+  key_one, order_one = keyed(one)
+  np.testing.assert_array_equal(key_two[order_two], key_one[order_one])
+  for field in ("target", "top_indices", "softmax_ids"):
+    np.testing.assert_array_equal(two.gather(field, order_two), one.gather(field, order_one))
+  np.testing.assert_allclose(two.gather("softmax_probs", order_two),
+                             one.gather("softmax_probs", order_one), rtol=1e-5, atol=1e-7)
+  for j in range(two.manifest["num_prototypes"]):
+    assert sorted(key_two[two.postings(j)[0]]) == sorted(key_one[one.postings(j)[0]])
+    np.testing.assert_allclose(two.curvature(j), one.curvature(j), rtol=1e-4,
+                               atol=1e-6 * np.abs(one.curvature(j)).max())
+  for e in range(one.num_examples):
+    np.testing.assert_array_equal(two.document(e), one.document(e))
+
+
+def test_tail_estimates_against_the_full_softmax(trained_documents, tmp_path):
+  """Relative L1 error of document scores from the top-4 softmax entries against the full
+  softmax, for each way of estimating the left-out mass; the prototype's average softmax
+  must beat dropping the mass and the even spread (which is worse than dropping it here)."""
+  cfg, graphdef, params, corpus = trained_documents
+  vocab = cfg.model.vocab_size
+
+  def build(name, r, dtype):
+    attr = AttributionConfig(batch_size=8, postings=0, softmax_top=r, index_dtype=dtype,
+                             index_influence=False)
+    indexing.build(cfg, graphdef, params, corpus, str(tmp_path / name), attr,
+                    devices=jax.devices()[:1])
+    return index_lib.Index(str(tmp_path / name))
+
+  exact, top4 = build("exact", vocab, "float32"), build("top4", 4, "float16")
+  e_VxD = np.asarray(lm.unembedding(params), np.float64)
+  errors = {tail: [] for tail in single_pass.TAILS}
+  for doc in _docs(corpus):
+    query = common.Query(tuple(int(t) for t in doc[20:28]), int(doc[28]))
+    head = prototype.query_head(graphdef, params, query, cfg.data.seq_len)
+    want = single_pass.score(exact, head, e_VxD, 1e-3).example_scores
+    for tail in errors:
+      got = single_pass.score(top4, head, e_VxD, 1e-3, tail=tail).example_scores
+      errors[tail].append(np.abs(got - want).sum() / np.abs(want).sum())
+  mean = {tail: float(np.mean(v)) for tail, v in errors.items()}
+  print("relative L1 error by tail estimate:", mean)
+  assert mean["prototype"] < mean["none"] and mean["prototype"] < mean["uniform"], mean
+
+
+def test_shared_basis_curvature_is_the_diagonal_of_each_block_in_that_basis(small, tmp_path):
+  """attr.curvature=shared streams [M, D] instead of [M, D, D]: its values must be
+  diag(Q^T G_j Q) of the exact blocks, Q = eigenvectors of E^T E."""
+  cfg, params, corpus = small
+  graphdef, _ = lm.abstract_model(cfg)
+  exact = _build(tmp_path, cfg, params, corpus, "blocks", **EXACT)
+  shared = _build(tmp_path, cfg, params, corpus, "shared", curvature="shared", **EXACT)
+  e = np.asarray(lm.unembedding(params), np.float64)
+  basis = np.linalg.eigh(e.T @ e)[1]
+  for j in range(cfg.prototypes.num_prototypes):
+    values, q = shared.curvature_eigen(j)
+    np.testing.assert_allclose(q, basis, atol=1e-6)
+    want = np.maximum(np.diag(basis.T @ exact.curvature(j) @ basis), 0)
+    np.testing.assert_allclose(values, want, rtol=1e-3, atol=1e-6 * want.max())
+  assert "curvature_vectors" not in " ".join(shared.manifest["files"])
+  # single_pass and influence still agree on it (they share the stored curvature).
+  query = _queries(corpus)[0]
+  head = prototype.query_head(graphdef, params, query, cfg.data.seq_len)
+  fast = single_pass.score(shared, head, e, 1e-2).example_scores
+  slow = influence.score(shared, head, 1e-2).example_scores
+  np.testing.assert_allclose(fast, slow, rtol=1e-5, atol=1e-6 * np.abs(slow).max())
+  with pytest.raises(UserError, match="attr.curvature='diag' must be blocks or shared"):
+    _build(tmp_path, cfg, params, corpus, "bad", curvature="diag")
