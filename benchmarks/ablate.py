@@ -93,7 +93,8 @@ VARIANTS: dict[str, list[str]] = {
 DIAGNOSTICS = ("prototypes/key_drift_cos", "prototypes/best_match_cos",
                "prototypes/key_pair_cos", "prototypes/usage_perplexity",
                "prototypes/dead_in_batch", "prototypes/top1_share")
-_SHORT = {"prototypes/key_drift_cos": "key drift cos", "prototypes/best_match_cos": "best-match cos",
+_SHORT = {"prototypes/key_drift_cos": "key drift cos",
+          "prototypes/best_match_cos": "best-match cos",
           "prototypes/key_pair_cos": "key pair cos", "prototypes/usage_perplexity": "usage ppl",
           "prototypes/dead_in_batch": "dead", "prototypes/top1_share": "top-1 share"}
 
@@ -126,6 +127,20 @@ def read_metrics(workdir: str) -> list[dict]:
 
 def finished(workdir: str, steps: int) -> bool:
   return any(r.get("step") == steps and "val/loss" in r for r in read_metrics(workdir))
+
+
+def _lock_path(workdir: str) -> str:
+  return os.path.join(workdir, "ablate.pid")
+
+
+def in_use(workdir: str) -> bool:
+  """True while another harness's training process (pid in ablate.pid) is alive."""
+  try:
+    with open(_lock_path(workdir), encoding="utf-8") as f:
+      os.kill(int(f.read().strip()), 0)
+    return True
+  except (OSError, ValueError):
+    return False
 
 
 def summarise_run(workdir: str, steps: int) -> dict:
@@ -179,9 +194,11 @@ def table(summary: dict, header: str) -> str:
            + " | ".join(_SHORT[k] for k in DIAGNOSTICS) + " | val dead |",
            "|" + "---|" * (8 + len(DIAGNOSTICS))]
   for variant, s in summary.items():
+    # Paired: against dense at this variant's own seeds (same init seed, same data).
+    dense_at = _mean([dense.get("per_seed", {}).get(seed) for seed in s["seeds"]])
     gap = None
-    if dense.get("val_loss") and s["val_loss"] is not None:
-      gap = 100.0 * (s["val_loss"] - dense["val_loss"]) / dense["val_loss"]
+    if dense_at and s["val_loss"] is not None:
+      gap = 100.0 * (s["val_loss"] - dense_at) / dense_at
     ratio = None
     if dense.get("tokens_per_second") and s["tokens_per_second"]:
       ratio = dense["tokens_per_second"] / s["tokens_per_second"]
@@ -253,8 +270,9 @@ def main(argv=None):
             f"checkpoint.every={args.steps}", "train.progress=false", *args.overrides]
   runs = {v: {s: os.path.join(root, f"{v}_s{s}") for s in args.seeds} for v in variants}
 
+  # Skip runs that are finished, or being trained by another harness right now.
   todo = [(v, s, w) for v, by_seed in runs.items() for s, w in by_seed.items()
-          if not finished(w, args.steps)]
+          if not finished(w, args.steps) and not in_use(w)]
   if todo and not args.no_train:
     running: list[tuple[str, subprocess.Popen]] = []
     while todo or running:
@@ -266,7 +284,10 @@ def main(argv=None):
         os.makedirs(workdir, exist_ok=True)
         log = open(os.path.join(workdir, "train.log"), "a", encoding="utf-8")
         print(f"[ablate] start {variant} seed {seed}: {' '.join(cmd)}", flush=True)
-        running.append((workdir, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)))
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        with open(_lock_path(workdir), "w", encoding="utf-8") as f:
+          f.write(str(proc.pid))
+        running.append((workdir, proc))
       time.sleep(5)
       for item in list(running):
         if item[1].poll() is not None:
@@ -274,17 +295,19 @@ def main(argv=None):
           print(f"[ablate] done {item[0]} (rc {item[1].returncode})", flush=True)
 
   summary = summarise(runs, args.steps)
-  data = experiments.get(f"dense_{args.size}").data
+  base = experiments.get(f"dense_{args.size}")
+  data = base.data
   cfg_line = (f"prism_{args.size} variants vs dense_{args.size}, {args.steps} steps x "
               f"{data.batch_size * data.seq_len} tokens (batch {data.batch_size} x "
               f"{data.seq_len}), seeds {args.seeds}, measured on a shared "
               f"{os.cpu_count()}-core CPU ({platform.machine()}); extra overrides: "
               f"{' '.join(args.overrides) or 'none'}")
-  header = (f"## Ablation: {cfg_line}\n\nval loss: final validation loss (16 batches); gap: "
-            "(variant - dense) / dense; step ratio: median dense tokens/s / median variant "
-            "tokens/s while sharing the machine (indicative); diagnostics: last logged train "
-            "step (batch-level, see prism_jax/diagnostics.py); val dead: prototypes unused "
-            "on the validation batches.")
+  header = (f"## Ablation: {cfg_line}\n\n"
+            f"val loss: final validation loss ({base.train.eval_batches} batches); gap: "
+            "(variant - dense) / dense, dense averaged over the variant's own seeds; "
+            "step ratio: median dense tokens/s / median variant tokens/s while sharing the "
+            "machine (indicative); diagnostics: last logged train step (batch-level, see "
+            "prism_jax/diagnostics.py); val dead: prototypes unused on the validation batches.")
   md = table(summary, header)
   with open(os.path.join(root, "ablation.md"), "w", encoding="utf-8") as f:
     f.write(md)

@@ -339,6 +339,9 @@ class StageFailed(RuntimeError):
   pass
 
 
+CACHED_ONLY = False  # --cached-only: assemble the report from cached measurements only
+
+
 def call(spec: dict, in_process: bool) -> dict:
   """Runs a stage (in a fresh process unless `in_process`); StageFailed carries its error."""
   if in_process:
@@ -349,7 +352,11 @@ def call(spec: dict, in_process: bool) -> dict:
       raise StageFailed(f"{type(e).__name__}: {e}".splitlines()[0][:300],
                         traceback.format_exc()) from None
   cmd = [sys.executable, "-m", "benchmarks.attribution", "--worker", json.dumps(spec)]
-  out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  env = dict(os.environ)
+  if spec.get("blas_threads"):
+    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+      env[name] = str(spec["blas_threads"])
+  out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
   if out.returncode:
     last = [l for l in out.stderr.strip().splitlines() if l.strip()] or ["(no stderr)"]
     raise StageFailed(last[-1][:300], out.stderr[-4000:])
@@ -420,6 +427,8 @@ def main(argv=None):
   parser.add_argument("--direct-index", default=None,
                       help="largest N whose index is built ('all' for every N); above it the "
                       "prototype methods are extrapolated")
+  parser.add_argument("--index-extra", default="",
+                      help="extra N at which only the prototype methods are measured")
   parser.add_argument("--calibration", type=float, default=None,
                       help="extra smaller N for extrapolated methods (a measured slope)")
   parser.add_argument("--trak-examples", type=int, default=None,
@@ -430,6 +439,11 @@ def main(argv=None):
   parser.add_argument("--trak-bytes", default=None,
                       help="only measure TRAK sized to this many stored bytes at --sizes "
                       "(cached; see --equal-bytes-tolerance)")
+  parser.add_argument("--blas-threads", type=int, default=0,
+                      help="OPENBLAS/OMP/MKL_NUM_THREADS of the workers (0: the default). On a "
+                      "shared machine a multi-threaded OpenBLAS spin-waits on small products")
+  parser.add_argument("--cached-only", action="store_true",
+                      help="measure nothing: report what <out>/cache holds (missing = marked)")
   parser.add_argument("--remeasure", action="store_true",
                       help="measure again what <out>/cache/rows already holds")
   parser.add_argument("--index-only", action="store_true",
@@ -440,6 +454,8 @@ def main(argv=None):
   if args.worker:
     print(json.dumps(WORKERS[json.loads(args.worker)["stage"]](json.loads(args.worker))))
     return
+  global CACHED_ONLY
+  CACHED_ONLY = args.cached_only
   q = args.quick
   d = lambda value, full, quick: value if value is not None else (quick if q else full)
   args.sizes = d(args.sizes, "100000,1000000,all", "300,900")
@@ -506,7 +522,7 @@ def run_benchmark(args):
   methods = [m.strip() for m in args.methods.split(",") if m.strip()]
   key = "quick" if quick else _checkpoint_key(args.workdir)
   spec0 = {"quick": quick, "workdir": args.workdir, "stream": stream_path, "attr": args.attr,
-           "queries": args.queries}
+           "queries": args.queries, "blas_threads": args.blas_threads}
   if quick:
     model = "random-weight PRISM (V=256, d=32, 1 layer, 32 prototypes, k=4) - NOT TRAINED"
   else:
@@ -525,7 +541,9 @@ def run_benchmark(args):
                        f"{args.queries} timed queries from random rows (synthetic)"),
            "machine": (f"{os.cpu_count()}-core CPU"
                        + (f", shared (load average {os.getloadavg()[0]:.1f} at start)")),
-           "process": "one fresh process per measurement" if not quick else "in-process",
+           "process": ("one fresh process per measurement" if not quick else "in-process")
+                      + (f", numpy BLAS threads {args.blas_threads}" if args.blas_threads else
+                         ", numpy BLAS threads: OpenBLAS default"),
            "total_scored_tokens": total}
   _log(f"attribution benchmark: {label['model']}\n  data: {label['data']}\n"
        f"  machine: {label['machine']}; sizes {sizes}")
@@ -548,14 +566,18 @@ def run_benchmark(args):
     cap[m] = index_cap
   cap["influence"] = min(cap["influence"], index_cap)
   # Extrapolated methods are also measured at a smaller calibration N (two measured points).
+  index_extra = {min(_size(x.strip(), total), total) for x in args.index_extra.split(",")
+                 if x.strip()} if args.index_extra else set()
+  measured_at = lambda m: set(sizes) | (index_extra if m in INDEX_METHODS else set())
   needs_calibration = [m for m in ("ekfac", "graddot", "influence")
                        if m in methods and any(n > cap[m] for n in sizes)
-                       and sum(n <= cap[m] for n in sizes) < 2]
-  all_sizes = sorted(set(sizes) | ({args.calibration} if needs_calibration and args.calibration
-                                    else set()))
-  for n in all_sizes:
+                       and sum(n <= cap[m] for n in measured_at(m)) < 2]
+  calibration = {args.calibration} if needs_calibration and args.calibration else set()
+  for n in sorted(set(sizes) | calibration | index_extra):
     calib_only = n not in sizes
-    todo = needs_calibration if calib_only else methods
+    todo = methods if not calib_only else (
+        (needs_calibration if n in calibration else [])
+        + [m for m in INDEX_METHODS if m in methods and n in index_extra])
     index, index_error = None, None
     if any(m in INDEX_METHODS for m in todo) and n <= index_cap:
       try:
@@ -644,7 +666,11 @@ def _ensure_index(spec0, cache, key, n, influence, quick) -> dict:
   folder = os.path.join(cache, name)
   meta = os.path.join(cache, name + ".build.json")
   lock = os.path.join(cache, name + ".lock")
+  if not influence and os.path.exists(os.path.join(cache, name + "_g.lock")):
+    lock = os.path.join(cache, name + "_g.lock")  # the build with g_t serves this one too
   while os.path.exists(lock) and _alive(lock):  # another run (--index-only) is building it
+    if CACHED_ONLY:
+      raise StageFailed("not measured (--cached-only: its index is still being built)")
     time.sleep(10)
   if not (os.path.exists(meta) and os.path.exists(os.path.join(folder, "manifest.json"))):
     if not influence:  # an index with g_t serves every method too
@@ -652,6 +678,8 @@ def _ensure_index(spec0, cache, key, n, influence, quick) -> dict:
       if os.path.exists(with_g):
         with open(with_g) as f:
           return json.load(f)
+    if CACHED_ONLY:
+      raise StageFailed("not measured (--cached-only: its index is not built)")
     _log(f"  building the index of N={_fmt_n(n)} tokens{' (with g_t)' if influence else ''}")
     with open(lock, "w") as f:
       f.write(str(os.getpid()))
@@ -674,6 +702,8 @@ def measure_cached(spec: dict, cache: str, key: str, quick: bool, remeasure: boo
   queries, settings) was made before: parallel or interrupted runs fill the table in parts."""
   what = {k: spec.get(k) for k in ("method", "variant", "tokens", "queries", "attr", "dim",
                                    "equal_bytes", "trak_examples", "index_seconds")}
+  if spec.get("blas_threads"):
+    what["blas_threads"] = spec["blas_threads"]
   digest = hashlib.sha1(json.dumps(what, sort_keys=True).encode()).hexdigest()[:10]
   path = os.path.join(cache, "rows", f"{key}_{spec.get('variant', spec['method'])}_"
                       f"N{spec['tokens']}_{digest}.json")
@@ -695,6 +725,8 @@ def measure_cached(spec: dict, cache: str, key: str, quick: bool, remeasure: boo
             row["stored_bytes"] / spec["equal_bytes"] - 1) <= spec.get("tolerance", 0)):
           row["cached"] = True
           return row
+  if CACHED_ONLY:
+    raise StageFailed("not measured (--cached-only: no cached measurement)")
   row = call(spec, quick)
   row["queries"] = spec["queries"]
   os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -794,7 +826,7 @@ def report(result) -> str:
                    f"{r['error'].replace('|', '/')} | - | - | - | - | - |")
       continue
     peak = f"{r['peak_rss'] / 2**20:,.0f}" if r.get("peak_rss") else "-"
-    status = r["status"] + (" (calibration)" if r.get("calibration") else "")
+    status = r["status"] + (" (extra N)" if r.get("calibration") else "")
     name = r["variant"] + (f" (dim {r['dim']})" if r.get("dim") else "")
     lines.append(f"| {name} | {_fmt_n(r['tokens'])} | {_fmt_n(r['examples'])} | {status} | "
                  f"{_ms(r['query_s'])} | {_fmt_n(r['stored_bytes'])} | "

@@ -23,7 +23,7 @@ def test_overrides_parse_types():
     (["model.d_modle=64"], "unknown config key 'model.d_modle' (did you mean 'model.d_model'?)"),
     (["train.steps=ten"], "train.steps='ten' is not a valid int"),
     (["model.tie_embeddings=maybe"], "model.tie_embeddings='maybe' is not a boolean"),
-    (["prototypes.similarity=dot"], "prototypes.similarity='dot' is not one of"),
+    (["prototypes.similarity=manhattan"], "prototypes.similarity='manhattan' is not one of"),
     (["train.steps"], "is not of the form key=value"),
     (["prototypes.top_k=9999"], "prototypes.top_k=9999 must be in [1,"),
     (["model.num_heads=5"], "not divisible by model.num_heads=5"),

@@ -1,0 +1,47 @@
+"""The ablation harness (benchmarks/ablate.py) on hand-written run logs: no training."""
+
+import json
+import os
+
+from benchmarks import ablate
+
+
+def _write_run(workdir, steps, val_loss, speed, diag=None):
+  os.makedirs(workdir)
+  with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+    for step in range(5, steps + 1, 5):
+      row = {"step": step, "loss/cross_entropy": 7.0 - step / steps, "tokens_per_second": speed}
+      row.update(diag or {})
+      f.write(json.dumps(row) + "\n")
+    f.write(json.dumps({"step": steps, "val/loss": val_loss, "val/dead_prototypes": 0.25}) + "\n")
+    f.write('{"step": 1')  # a torn last line is skipped
+
+
+def test_rescoring_reuses_finished_runs_and_writes_table_and_plot(tmp_path, capsys):
+  root = tmp_path / "tiny_10"
+  diag = {"prototypes/dead_in_batch": 0.5, "prototypes/top1_share": 0.25}
+  _write_run(root / "dense_s0", 10, 5.0, 1000.0)
+  _write_run(root / "dense_s1", 10, 5.2, 1000.0)
+  _write_run(root / "defaults_s0", 10, 5.5, 800.0, diag)
+  _write_run(root / "defaults_s1", 10, 5.7, 800.0, diag)
+  assert ablate.finished(str(root / "dense_s0"), 10)
+  assert not ablate.finished(str(root / "dense_s0"), 20)
+  ablate.main(["--steps", "10", "--seeds", "0", "1", "--variants", "defaults", "--out",
+               str(tmp_path), "--no-train"])
+  table = (root / "ablation.md").read_text()
+  assert (root / "ablation.png").stat().st_size > 0
+  dense_row = next(line for line in table.splitlines() if line.startswith("| dense |"))
+  row = next(line for line in table.splitlines() if line.startswith("| defaults |"))
+  cells = [c.strip() for c in row.split("|")[1:-1]]
+  assert cells[3].startswith("5.600")      # mean val loss over the seeds
+  assert cells[4] == "0.200"               # seed spread
+  assert cells[5] == "+9.8%"               # (5.6 - 5.1) / 5.1
+  assert cells[6] == "1.25"                # 1000 / 800 tokens/s
+  assert "0.500" in cells and "0.250" in cells  # dead and top-1 share
+  assert "+0.0%" in dense_row
+  assert "prism_tiny" in table and "seeds [0, 1]" in table  # what it was measured on
+
+
+def test_train_command_names_the_experiment_workdir_and_overrides():
+  cmd = ablate.train_command("prism_tiny", "runs/x", ["train.seed=1"])
+  assert cmd[-5:] == ["--exp", "prism_tiny", "--workdir", "runs/x", "train.seed=1"]
