@@ -536,7 +536,7 @@ def run_benchmark(args):
              f", k={run_cfg['prototypes']['top_k']})")
   label = {"model": model, "data": str(stream["source"]),
            "queries": (f"{args.queries} timed next-token queries at seeded positions of "
-                       f"validation passages (1 warm-up first); ekfac/graddot "
+                       f"validation passages (1 warm-up first); ekfac/graddot/trak "
                        f"{args.slow_queries}" if not quick else
                        f"{args.queries} timed queries from random rows (synthetic)"),
            "machine": (f"{os.cpu_count()}-core CPU"

@@ -22,6 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
+from prism_jax import layout, outputs
 from prism_jax.attribution import config as attr_config
 from prism_jax.attribution import ground_truth, lds, run, text_examples
 from prism_jax.config import apply_overrides
@@ -156,6 +157,19 @@ def score_model(cfg, params, text, truth, attr, methods, workdir: str, say=print
   return stats
 
 
+def check_arguments(overrides: Sequence[str], methods: Sequence[str]):
+  """(PRISM config, dense twin, AttributionConfig), or a one-line UserError before any
+  retraining."""
+  for method in methods:
+    if method not in run.METHODS:
+      raise UserError(f"unknown method {method!r}; choose from {', '.join(run.METHODS)}")
+  cfg, dense, attr = study_configs(overrides)
+  if attr.lds_examples < 2 * attr.trak_projection_dim and "trak" in methods:
+    raise UserError(f"attr.trak_projection_dim={attr.trak_projection_dim} must stay below "
+                    f"half of attr.lds_examples={attr.lds_examples} (the subsets' size)")
+  return cfg, dense, attr
+
+
 def run_study(overrides: Sequence[str] = (), workdir: str = "runs/lds",
               methods: Sequence[str] | None = None, say=print, text=None) -> dict:
   """The whole study; writes WORKDIR/results.{json,md} and returns the results.
@@ -165,13 +179,7 @@ def run_study(overrides: Sequence[str] = (), workdir: str = "runs/lds",
   instead of the embedded corpus (the tests' reduced mode).
   """
   methods = tuple(run.METHODS if methods is None else methods)
-  for method in methods:  # before any retraining
-    if method not in run.METHODS:
-      raise UserError(f"unknown method {method!r}; choose from {', '.join(run.METHODS)}")
-  cfg, dense, attr = study_configs(overrides)
-  if attr.lds_examples < 2 * attr.trak_projection_dim and "trak" in methods:
-    raise UserError(f"attr.trak_projection_dim={attr.trak_projection_dim} must stay below "
-                    f"half of attr.lds_examples={attr.lds_examples} (the subsets' size)")
+  cfg, dense, attr = check_arguments(overrides, methods)
   started = time.perf_counter()
   text = text or text_examples.load(cfg, attr)
   truths = retrain_all(cfg, dense, attr, text, workdir, say)
@@ -183,11 +191,9 @@ def run_study(overrides: Sequence[str] = (), workdir: str = "runs/lds",
                                                   workdir, say)
     results["models"][c.model.head]["description"] = describe_model(c)
   results["seconds_total"] = time.perf_counter() - started
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(results, f, indent=1, default=float)
-  with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write(format_table(results) + "\n")
+  outputs.write_text(layout.path(workdir, "results.json"),
+                     json.dumps(results, indent=1, default=float))
+  outputs.write_text(layout.path(workdir, "results.md"), format_table(results) + "\n")
   return results
 
 
