@@ -33,7 +33,9 @@ def run_dir():
 
 
 def test_index_covers_every_token_then_attribute_finds_the_document(run_dir, tmp_path, capsys):
-  index.main(["--exp", "prism_tiny", "--workdir", run_dir])
+  # The trained run is shared by the session's tests: the index goes to this test's folder.
+  built = ["--index", str(tmp_path / "index")]
+  index.main(["--exp", "prism_tiny", "--workdir", run_dir, *built])
   printed = capsys.readouterr().out
   # Every token of each document (BOS + text + EOS) is a target once: len + 1 per document.
   expected = sum(len(CharTokenizer().encode(d * 3)) + 1 for d in DOCUMENTS)
@@ -42,7 +44,8 @@ def test_index_covers_every_token_then_attribute_finds_the_document(run_dir, tmp
 
   out = tmp_path / "found.json"
   # A prompt from the middle of document 1 ("a dog is blue."), its next token asked for.
-  attribute.main(["--exp", "prism_tiny", "--workdir", run_dir, "--prompt", "blue. a dog is",
+  attribute.main(["--exp", "prism_tiny", "--workdir", run_dir, *built,
+                  "--prompt", "blue. a dog is",
                   "--target-token", " ", "--json", str(out)])
   found = json.loads(out.read_text())
   assert found["method"] == run_lib.DEFAULT_METHOD == "single_pass"
