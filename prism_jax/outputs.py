@@ -45,18 +45,23 @@ def os_error(e: OSError, doing: str) -> UserError:
   return UserError(f"{doing} failed: {e.strerror or e}")
 
 
-def write_text(path, text: str) -> str:
-  """Writes `text` to `path` whole: a temporary sibling, then a rename."""
+def write_bytes(path, data: bytes) -> str:
+  """Writes `data` to `path` whole: a temporary sibling, then a rename."""
   path = epath.Path(path)
   tmp = path.parent / f".{path.name}.tmp{os.getpid()}"
   try:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_text(text)
+    tmp.write_bytes(data)
     tmp.replace(path)
   except OSError as e:
     _remove_quietly(tmp)
     raise os_error(e, f"writing {path}") from None
   return str(path)
+
+
+def write_text(path, text: str) -> str:
+  """Writes `text` to `path` whole: a temporary sibling, then a rename."""
+  return write_bytes(path, text.encode("utf-8"))
 
 
 def write_json(path, record) -> str:

@@ -22,7 +22,6 @@ import contextlib
 import dataclasses
 import io
 import json
-import os
 
 import jax
 import numpy as np
@@ -75,26 +74,14 @@ def save_npy(path: epath.Path, array) -> int:
   """Writes one .npy whole (temporary sibling, then a rename); returns its bytes."""
   buffer = io.BytesIO()
   np.save(buffer, np.ascontiguousarray(array))
-  tmp = path.parent / f".{path.name}.tmp{os.getpid()}"
-  try:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_bytes(buffer.getvalue())
-    tmp.replace(path)
-  except OSError as e:
-    raise outputs.os_error(e, f"writing {path}") from None
+  outputs.write_bytes(path, buffer.getvalue())
   return len(buffer.getvalue())
 
 
 def save_npz(path: epath.Path, arrays: dict) -> None:
   buffer = io.BytesIO()
   np.savez(buffer, **arrays)
-  tmp = path.parent / f".{path.name}.tmp{os.getpid()}"
-  try:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_bytes(buffer.getvalue())
-    tmp.replace(path)
-  except OSError as e:
-    raise outputs.os_error(e, f"writing {path}") from None
+  outputs.write_bytes(path, buffer.getvalue())
 
 
 def load_npz(path: epath.Path) -> dict:

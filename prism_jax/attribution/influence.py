@@ -22,7 +22,7 @@ import numpy as np
 
 from prism_jax.attribution import curvature
 from prism_jax.attribution.index import Index
-from prism_jax.attribution.prototype import QueryHead, Scores
+from prism_jax.attribution.prototype import QueryHead, Scores, document_scores
 
 
 def preconditioned(index: Index, head: QueryHead, damping: float) -> list[tuple[int, np.ndarray]]:
@@ -52,13 +52,6 @@ def token_scores(index: Index, head: QueryHead, damping: float) -> tuple[np.ndar
 
 
 def score(index: Index, head: QueryHead, damping: float) -> Scores:
-  num_examples = index.num_examples
   tok, val = token_scores(index, head, damping)
   ex = index.gather("document", tok).astype(np.int64)
-  example_scores = np.bincount(ex, weights=val, minlength=num_examples)
-  best = np.full(num_examples, -1, np.int64)
-  if len(tok):
-    order = np.lexsort((val, ex))
-    last = np.r_[ex[order][1:] != ex[order][:-1], True]
-    best[ex[order][last]] = tok[order][last]
-  return Scores(example_scores, best)
+  return document_scores(tok, val, ex, index.num_examples)

@@ -43,6 +43,19 @@ class Scores:
   best_token: np.ndarray      # [E] token id (index row) behind the score, -1 if none
 
 
+def document_scores(tok: np.ndarray, val: np.ndarray, ex: np.ndarray, num_examples: int
+                    ) -> Scores:
+  """Position scores summed per document (its loss is their sum); best_token = the
+  document's highest-scoring position."""
+  example_scores = np.bincount(ex, weights=val, minlength=num_examples)
+  best = np.full(num_examples, -1, np.int64)
+  if len(tok):
+    order = np.lexsort((val, ex))
+    last = np.r_[ex[order][1:] != ex[order][:-1], True]
+    best[ex[order][last]] = tok[order][last]
+  return Scores(example_scores, best)
+
+
 @functools.lru_cache(maxsize=8)
 def _head_fn(graphdef):
   def fn(params, batch, position, target):

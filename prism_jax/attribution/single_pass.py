@@ -24,7 +24,7 @@ import numpy as np
 
 from prism_jax.attribution import curvature
 from prism_jax.attribution.index import Index
-from prism_jax.attribution.prototype import QueryHead, Scores
+from prism_jax.attribution.prototype import QueryHead, Scores, document_scores
 
 
 def directions(index: Index, head: QueryHead, e_VxD: np.ndarray, damping: float
@@ -97,12 +97,5 @@ def _scored(index, head, e_VxD, damping, tail):
 def score(index: Index, head: QueryHead, e_VxD: np.ndarray, damping: float,
           tail: str = "prototype") -> Scores:
   """Example (document) scores: the sum over its positions; best_token = its top position."""
-  num_examples = index.num_examples
   tok, val, ex = _scored(index, head, e_VxD, damping, tail)
-  example_scores = np.bincount(ex, weights=val, minlength=num_examples)
-  best = np.full(num_examples, -1, np.int64)
-  if len(tok):
-    order = np.lexsort((val, ex))
-    last = np.r_[ex[order][1:] != ex[order][:-1], True]
-    best[ex[order][last]] = tok[order][last]
-  return Scores(example_scores, best)
+  return document_scores(tok, val, ex, index.num_examples)
