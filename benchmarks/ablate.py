@@ -68,6 +68,13 @@ VARIANTS: dict[str, list[str]] = {
     "dot": ["prototypes.similarity=dot", "prototypes.key_init_std=0.02"],
     "dot_bias": ["prototypes.similarity=dot", "prototypes.key_init_std=0.02",
                  "prototypes.selection_bias_rate=0.01"],
+    # Sharper weights and a wider bank at once: M = 8 D, k = 32.
+    "dot_bias_wide": ["prototypes.similarity=dot", "prototypes.key_init_std=0.02",
+                      "prototypes.selection_bias_rate=0.01", "prototypes.num_prototypes=1024",
+                      "prototypes.top_k=32"],
+    "dot_bias_k64": ["prototypes.similarity=dot", "prototypes.key_init_std=0.02",
+                     "prototypes.selection_bias_rate=0.01", "prototypes.num_prototypes=1024",
+                     "prototypes.top_k=64"],
     "dot_sg_bias": ["prototypes.similarity=dot", "prototypes.key_init_std=0.02",
                     "losses.stop_data_gradient=true", "prototypes.selection_bias_rate=0.01"],
     # Sharper weights: a learned per-prototype threshold inside the relu.

@@ -275,6 +275,9 @@ def worker_measure(spec: dict) -> dict:
     started = time.perf_counter()
     prepared = run.prepare(method, cfg, graphdef, params, train, attr)
     row.update(examples=train.num_examples, prepare_s=time.perf_counter() - started)
+    if method == "ekfac" and 0 < attr.ekfac_fit_examples < train.num_examples:
+      row["prepare_note"] = (f"factors fitted on the first {attr.ekfac_fit_examples} of "
+                             f"{train.num_examples} examples (--ekfac-fit-examples)")
     # Warm-up on one batch of examples: compiles the same per-batch functions.
     warm = run.prepare(method, cfg, graphdef, params,
                        train.subset(range(min(attr.batch_size, train.num_examples))), attr)
@@ -422,6 +425,9 @@ def main(argv=None):
                       help="timed queries for ekfac/graddot (each a backward over N tokens)")
   parser.add_argument("--direct-ekfac", type=float, default=None,
                       help="largest N at which EK-FAC is run (above: extrapolated)")
+  parser.add_argument("--ekfac-fit-examples", type=int, default=16,
+                      help="fit EK-FAC's factors on the first N examples (0: all); a query "
+                           "still scores every example, so its time does not depend on N")
   parser.add_argument("--direct-graddot", type=float, default=None)
   parser.add_argument("--direct-influence", type=float, default=None)
   parser.add_argument("--direct-index", default=None,
@@ -612,6 +618,8 @@ def run_benchmark(args):
         continue
       if method in ("ekfac", "graddot"):
         spec["queries"] = args.slow_queries
+      if method == "ekfac" and args.ekfac_fit_examples:
+        spec["extra_attr"] = [f"attr.ekfac_fit_examples={args.ekfac_fit_examples}"]
       if method in INDEX_METHODS:
         if index is None:
           rows.append(failed_row(spec, index_error))
@@ -662,7 +670,10 @@ def run_benchmark(args):
 
 def _ensure_index(spec0, cache, key, n, influence, quick) -> dict:
   """The cached index of the first n tokens (built when missing)."""
-  name = f"index_{key}_N{n}" + ("_g" if influence else "")
+  from prism_jax.attribution.index import FORMAT
+  # The index follows the checkpoint, the format and the attr.* settings it was built with.
+  tag = hashlib.sha1(json.dumps([FORMAT, spec0["attr"]]).encode()).hexdigest()[:6]
+  name = f"index_{key}_{tag}_N{n}" + ("_g" if influence else "")
   folder = os.path.join(cache, name)
   meta = os.path.join(cache, name + ".build.json")
   lock = os.path.join(cache, name + ".lock")
@@ -702,6 +713,8 @@ def measure_cached(spec: dict, cache: str, key: str, quick: bool, remeasure: boo
   queries, settings) was made before: parallel or interrupted runs fill the table in parts."""
   what = {k: spec.get(k) for k in ("method", "variant", "tokens", "queries", "attr", "dim",
                                    "equal_bytes", "trak_examples", "index_seconds")}
+  if spec.get("extra_attr"):
+    what["extra_attr"] = spec["extra_attr"]
   if spec.get("blas_threads"):
     what["blas_threads"] = spec["blas_threads"]
   digest = hashlib.sha1(json.dumps(what, sort_keys=True).encode()).hexdigest()[:10]
@@ -857,15 +870,15 @@ def report(result) -> str:
   for variant, s in result["slopes"].items():
     f = lambda v: "-" if v is None else f"{v:+.2f}"
     lines.append(f"| {variant} | {f(s['all'])} | {f(s['measured'])} |")
-  notes = [r for r in rows if r.get("note")]
+  notes = [r for r in rows if r.get("note") or r.get("prepare_note", "").startswith("factors")]
   if notes:
     lines += ["", "Extrapolated and tiled rows (how each figure was obtained):", ""]
     for r in notes:
       why = f" ({r['why']})" if r.get("why") else ""
       prep = f"; prepare {r['prepare_note']}" if r.get("prepare_note", "").startswith(
-          "extrapolated") else ""
+          ("extrapolated", "factors")) else ""
       lines.append(f"- {r['variant']} at N={_fmt_n(r['tokens'])}, {r['status']}{why}: "
-                   f"{r['note']}{prep}")
+                   f"{r.get('note', 'query timed on every example')}{prep}")
   cached = [r for r in rows if r.get("cached")]
   lines += ["", f"Whole benchmark: {result['seconds']:.0f} s"
             + (f" ({len(cached)} of {len(rows)} rows reused from earlier runs' measurements in "

@@ -97,6 +97,10 @@ ENTRY_POINTS = {
     ]),
     "index": ("prism_jax.main.index", [], CHECKPOINT + [
         ("unknown attribution key", ["attr.dampin=1"], "unknown attribution key 'attr.dampin'"),
+        ("curvature that is not a choice", ["attr.curvature=diag"],
+         "attr.curvature='diag' is not one of ['blocks', 'shared']"),
+        ("index dtype that is not a choice", ["attr.index_dtype=int8"],
+         "attr.index_dtype='int8' is not one of ['float16', 'float32']"),
         ("index folder that is the run", ["--index", RUN], "exists and is not a prototype index"),
         ("index folder that is a file", ["--index", f"{TMP}/a_file"], "is a file, not a"),
         ("workdir held by another writer", ["--workdir", f"{TMP}/locked"],
@@ -105,6 +109,8 @@ ENTRY_POINTS = {
     "attribute": ("prism_jax.main.attribute", ["--prompt", "a cat is"], CHECKPOINT + INDEX + [
         ("prompt longer than the context", ["--prompt", LONG_PROMPT], "context"),
         ("missing index", [], "no prototype index"),
+        ("single_pass terms that are not a choice", ["attr.single_pass_terms=all"],
+         "attr.single_pass_terms='all' is not one of ['unembedding', 'values', 'both']"),
     ]),
     "control calibrate": ("prism_jax.main.control", ["calibrate", "--task", "piqa",
                                                          "--task-data", TMP], CHECKPOINT + [

@@ -158,3 +158,20 @@ def test_ekfac_runs_on_the_dense_twin_with_scan_layers():
   assert any(n.startswith("backbone/embedding") for n in factors.layers)
   scores = ekfac.lm_score(graphdef, params, factors, train, query, 8, 3)
   assert scores.shape == (train.num_examples,) and np.all(np.isfinite(scores))
+
+
+def test_ekfac_fit_examples_fits_on_the_first_examples_and_scores_them_all():
+  """attr.ekfac_fit_examples=n: the factors of the first n examples; scoring still covers
+  every example (the benchmark times queries with factors fitted on a sample)."""
+  cfg, graphdef, params, train, query = _setup(exp="dense_tiny")
+  n = 3
+  sampled = ekfac.lm_fit(graphdef, params, train, AttributionConfig(batch_size=3,
+                                                                      ekfac_fit_examples=n))
+  first = ekfac.lm_fit(graphdef, params, train.subset(np.arange(n)),
+                       AttributionConfig(batch_size=3))
+  full = ekfac.lm_fit(graphdef, params, train, AttributionConfig(batch_size=3))
+  name = next(iter(sampled.layers))
+  np.testing.assert_allclose(sampled.layers[name].lam, first.layers[name].lam, rtol=1e-5)
+  assert not np.allclose(sampled.layers[name].lam, full.layers[name].lam)
+  scores = ekfac.lm_score(graphdef, params, sampled, train, query, 8, 3)
+  assert scores.shape == (train.num_examples,) and np.all(np.isfinite(scores))

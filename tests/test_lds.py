@@ -160,7 +160,8 @@ REDUCED = ["model.vocab_size=64", "model.d_model=16", "model.d_ff=32", "model.nu
            "model.max_seq_len=12", "train.steps=30", "optimizer.warmup_steps=5",
            "attr.lds_examples=24", "attr.lds_subsets=6", "attr.lds_seeds=2",
            "attr.lds_queries=4", "attr.lds_tuning_queries=3", "attr.lds_group=4",
-           "attr.lds_bootstrap=50", "attr.trak_projection_dim=8", "attr.batch_size=8"]
+           "attr.lds_bootstrap=50", "attr.trak_projection_dim=8", "attr.batch_size=8",
+           "attr.lds_copied_queries=5"]
 
 
 def test_reduced_study_end_to_end_and_a_rerun_retrains_nothing(tmp_path, monkeypatch):
@@ -183,6 +184,7 @@ def test_reduced_study_end_to_end_and_a_rerun_retrains_nothing(tmp_path, monkeyp
     assert set(trak["tuning_lds"]) == {f"{v:g}" for v in grid}
     assert trak["tuning_lds"][f"{trak['damping']:g}"] == max(trak["tuning_lds"].values())
     assert 0 <= m["ceiling"]["ceiling"] <= 1
+    assert trak["copied"]["queries"] == 5 and 0 <= trak["copied"]["top1"] <= 1
   with open(os.path.join(workdir, "results.json")) as f:
     assert json.load(f)["setup"]["subsets"] == 6
   table = open(os.path.join(workdir, "results.md")).read()
@@ -202,6 +204,18 @@ def test_reduced_study_end_to_end_and_a_rerun_retrains_nothing(tmp_path, monkeyp
   assert "model.scan_layers" not in ground_truth.settings(cfg)
   assert ground_truth.settings(cfg2)["train.steps"] == 31
   assert key(cfg) in {r["cache"] for r in first["setup"]["retrain"].values()}
+
+
+def test_copied_queries_are_cut_from_their_own_passage():
+  rows = np.random.default_rng(0).integers(4, 60, (10, 13))
+  train = common.from_rows(rows)
+  picked = text_examples.copied_queries(train, 6, seed=1)
+  assert len({e for e, _ in picked}) == 6
+  for e, q in picked:
+    n = len(q.prompt)
+    assert n >= text_examples.MIN_PROMPT
+    assert list(rows[e, :n]) == list(q.prompt) and rows[e, n] == q.target
+  assert picked == text_examples.copied_queries(train, 6, seed=1)  # seeded
 
 
 @pytest.mark.parametrize("override, message", [

@@ -7,6 +7,7 @@ the run was trained). Overrides reuse the experiment config's key/value parsing.
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 from prism_jax.config import check_ranges, flat_keys, parse_override
 
@@ -26,10 +27,16 @@ class AttributionConfig:
   shard_prototypes: int = 256     # prototypes per index shard
   index_influence: bool = False   # also store g_t [N, D] + every posting (influence; small N)
   postings: int = 4096            # single_pass: postings kept per prototype, by bound (0: all)
+  target_postings: int = 256      # single_pass: positions kept per target token, by bound
   softmax_top: int = 8            # single_pass: softmax entries stored per position (r)
-  index_dtype: str = "float16"    # stored activations/probabilities: float16 or float32
+  index_dtype: Literal["float16", "float32"] = "float16"  # stored activations/probabilities
   index_part_batches: int = 16    # batches per part file (and per resumable commit)
-  curvature: str = "blocks"       # per-prototype G_j: exact "blocks" or "shared" basis (scale)
+  # Per-prototype G_j of the values term: exact "blocks" or a "shared" basis (scale).
+  curvature: Literal["blocks", "shared"] = "blocks"
+  # single_pass: which head gradient it scores. "unembedding" (the default: the highest LDS
+  # on real text, docs/attribution.md), "values" (= `influence`), or their sum "both".
+  single_pass_terms: Literal["unembedding", "values", "both"] = "unembedding"
+  unembedding_damping: float = 1e-3  # lambda of the vocabulary curvature 1 / (f_v + lambda)
   # Prototype influence: damped Gauss-Newton, block-diagonal by prototype.
   damping: float = 1e-3           # added to every per-prototype GN block (mean over tokens)
   # TRAK: Gaussian projection of per-example gradients, Gauss-Newton inverse in that space.
@@ -41,6 +48,7 @@ class AttributionConfig:
   ekfac_damping: float = 0.1      # times the mean corrected eigenvalue, per layer
   ekfac_sampled_labels: bool = True  # true Fisher (labels ~ model) rather than empirical
   ekfac_label_seed: int = 0
+  ekfac_fit_examples: int = 0     # fit the factors on the first N examples (0: all of them)
   # LDS retrain study (prism_jax/attribution/study.py).
   lds_examples: int = 256         # training passages (examples) of the study
   lds_subsets: int = 64
@@ -48,6 +56,7 @@ class AttributionConfig:
   lds_fraction: float = 0.5
   lds_queries: int = 100          # reported query tokens (validation text)
   lds_tuning_queries: int = 40    # other validation tokens, for choosing each damping
+  lds_copied_queries: int = 60    # queries cut from training passages: is their passage first?
   lds_group: int = 8              # models retrained at once (jax.vmap)
   lds_dense: bool = True          # also retrain the dense twin and score the baselines on it
   lds_bootstrap: int = 1000

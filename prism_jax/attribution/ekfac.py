@@ -203,17 +203,23 @@ _LAST_FIT: list = []  # [(params, train, settings, factors at damping 1)]: re-da
 
 
 def lm_fit(graphdef, params, train, attr) -> Factors:
-  """Factors of the model over `train`; fitting again the same params and examples with
-  only another damping (the LDS study's damping grid) reuses the last fit."""
+  """Factors of the model over `train` (its first attr.ekfac_fit_examples examples when set);
+  fitting again the same params and examples with only another damping (the LDS study's
+  damping grid) reuses the last fit."""
   settings = (graphdef, attr.batch_size, attr.ekfac_sampled_labels, attr.ekfac_label_seed)
+  sample = train
+  if 0 < attr.ekfac_fit_examples < train.num_examples:  # the first examples
+    sample = train.subset(np.arange(attr.ekfac_fit_examples))
   last = _LAST_FIT[0] if _LAST_FIT else None
-  if last and last[0] is params and last[1] is train and last[2] == settings:
+  if (last and last[0] is params and last[2] == settings
+      and np.array_equal(last[1].rows, sample.rows)
+      and np.array_equal(last[1].lengths, sample.lengths)):
     base = last[3]
   else:
     base = fit(lm_loss(graphdef), lm_target, params,
-               lm_batches(graphdef, params, train, attr.batch_size, attr.ekfac_sampled_labels,
+               lm_batches(graphdef, params, sample, attr.batch_size, attr.ekfac_sampled_labels,
                           attr.ekfac_label_seed), 1.0)
-    _LAST_FIT[:] = [(params, train, settings, base)]
+    _LAST_FIT[:] = [(params, sample, settings, base)]
   return Factors({name: dataclasses.replace(layer, damping=attr.ekfac_damping * layer.damping)
                   for name, layer in base.layers.items()})
 

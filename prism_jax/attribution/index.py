@@ -1,7 +1,7 @@
 """The prototype index over every token the model trained on: format and reader.
 
 Built by one streaming pass (`build`, in indexing.py), read memory-mapped. Format
-`prism-index/2`, a directory:
+`prism-index/3`, a directory:
 
   manifest.json         format, model, step, sizes, the processes and their parts (global
                         token ids run through processes, then parts, in order), the
@@ -29,6 +29,10 @@ Built by one streaming pass (`build`, in indexing.py), read memory-mapped. Forma
                                                softmax (single_pass's tail estimate)
     curvature_values.npy  [S, D] float32       G_j = Q diag(lam) Q^T (curvature.py)
     curvature_vectors.npy [S, D, D] float32    (attr.curvature=blocks)
+  targets/target_offsets.npy [V+1] int64    CSR lists per vocabulary token y: the top-T'
+  targets/target_token.npy [P'] uint32|int64  positions predicting y by (1 - p_t[y]) ||o_t||
+                                               (T' = attr.target_postings; single_pass)
+  targets/target_counts.npy [V] int64        how many positions predict each token
   prototypes/curvature_basis.npy [D, D] float32  the shared basis (attr.curvature=shared,
                                                then curvature_values is diag(Q^T G_j Q))
 
@@ -56,7 +60,7 @@ from prism_jax.checkpoint import settings_difference
 from prism_jax.config import MeshConfig
 from prism_jax.errors import UserError
 
-FORMAT = "prism-index/2"
+FORMAT = "prism-index/3"
 PART_FIELDS = ("target", "document", "offset", "top_indices", "top_values", "softmax_ids",
                "softmax_probs", "grad")
 
@@ -328,6 +332,17 @@ class Index:
     if self.manifest.get("curvature") == "shared":
       return values, np.asarray(self.array("prototypes/curvature_basis.npy"))
     return values, np.asarray(self.array(f"{rel}/curvature_vectors.npy")[local])
+
+  def target_postings(self, y: int) -> np.ndarray:
+    """Token ids of the indexed positions predicting token y, best bound first (top T')."""
+    offsets = self.array("targets/target_offsets.npy")
+    return np.asarray(self.array("targets/target_token.npy")[offsets[y]:offsets[y + 1]],
+                      np.int64)
+
+  def target_frequency(self) -> np.ndarray:
+    """f [V]: the share of indexed positions predicting each token (float64)."""
+    counts = np.asarray(self.array("targets/target_counts.npy"), np.float64)
+    return counts / max(counts.sum(), 1.0)
 
   def softmax_prior(self, j: int) -> np.ndarray:
     """Prototype j's average softmax, Pi_j / sum(Pi_j) [V] (weights a_tj^2)."""

@@ -38,8 +38,12 @@ def _forward(graphdef, params, batch, top_r: int, with_grad: bool):
   p_BxLxV = jax.nn.softmax(out.logits.astype(jnp.float32), axis=-1)
   probs, ids = jax.lax.top_k(p_BxLxV, top_r)
   p_target = jnp.take_along_axis(p_BxLxV, batch["targets"][..., None], -1)[..., 0]
+  values_MxD = params["prototype_head"]["values"].astype(jnp.float32)
+  mix_BxLxD = jnp.einsum("blk,blkd->bld", protos.top_values.astype(jnp.float32),
+                         jnp.take(values_MxD, protos.top_indices, axis=0))
   records = {"top_values": protos.top_values, "top_indices": protos.top_indices,
-             "softmax_ids": ids, "softmax_probs": probs, "p_target": p_target}
+             "softmax_ids": ids, "softmax_probs": probs, "p_target": p_target,
+             "mix_norm": jnp.linalg.norm(mix_BxLxD, axis=-1)}
   if with_grad:  # g_t = E^T (p_t - e_{y_t}), for `influence` only (N x D: small N)
     m_BxLxD = jnp.einsum("blv,vd->bld", p_BxLxV, e_VxD)
     records["grad"] = m_BxLxD - jnp.take(e_VxD, batch["targets"], 0)

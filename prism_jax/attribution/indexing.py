@@ -43,12 +43,15 @@ from prism_jax.models import lm
 # Which query methods read each file (bytes_by_method); "display" = text shown to users.
 USED_BY = {
     "target": ["single_pass", "prototype"], "document": ["single_pass", "influence", "prototype"],
-    "offset": ["display"], "top_indices": [], "top_values": [], "p_target": [],
+    "offset": ["display"], "top_indices": ["single_pass"], "top_values": ["single_pass"],
+    "p_target": [],
     "softmax_ids": ["single_pass"], "softmax_probs": ["single_pass"], "grad": ["influence"],
     "doc_ordinal": ["display"], "doc_record": ["display"], "doc_offsets": ["display"],
     "doc_tokens": ["display"],
     "posting_offsets": ["single_pass"], "posting_token": ["single_pass"],
     "posting_activation": ["single_pass"],
+    "target_offsets": ["single_pass"], "target_token": ["single_pass"],
+    "target_counts": ["single_pass"],
     "full_offsets": ["influence"], "full_token": ["influence"], "full_activation": ["influence"],
     "neighbour_token": ["prototype"], "neighbour_activation": ["prototype"],
     "span_offsets": ["prototype"], "span_bytes": ["prototype"],
@@ -56,7 +59,7 @@ USED_BY = {
     "curvature_vectors": ["single_pass", "influence"],
 }
 METHODS = ("single_pass", "prototype", "influence")
-CONTENT_KNOBS = ("postings", "softmax_top", "neighbourhood_size", "index_influence",
+CONTENT_KNOBS = ("postings", "target_postings", "softmax_top", "neighbourhood_size", "index_influence",
                  "index_dtype", "batch_size", "index_part_batches", "index_examples",
                  "index_seed", "span_tokens", "shard_prototypes", "curvature")
 
@@ -184,6 +187,7 @@ def _records(host: dict, batch: dict, chunks: documents_lib.ChunkBatch, first_to
   if "grad" in host:
     out["grad"] = pick("grad").astype(np.float32)
   out["_token"] = first_token + np.arange(len(row), dtype=np.int64)
+  out["_mix_norm"] = pick("mix_norm").astype(np.float32)  # a bound only: not stored
   return out
 
 
@@ -191,6 +195,11 @@ def _bound(top_values, p_target):
   """a_tj (1 - p_t[y_t]) per posting [n, k] (see postings.py)."""
   return (np.asarray(top_values, np.float32)
           * (1.0 - np.asarray(p_target, np.float32))[:, None])
+
+
+def _target_bound(p_target, mix_norm):
+  """(1 - p_t[y_t]) ||o_t|| per position: the target postings' key (see postings.py)."""
+  return (1.0 - np.asarray(p_target, np.float32)) * np.asarray(mix_norm, np.float32)
 
 
 def _add_to_tables(records: dict, tables: dict, k: int):
@@ -201,6 +210,10 @@ def _add_to_tables(records: dict, tables: dict, k: int):
     bound = _bound(records["top_values"], records["p_target"]).reshape(-1)
     tables["postings"].add(proto, bound, token, act)
   tables["neighbours"].add(proto, act, token, act)
+  target = records["target"].astype(np.int64)
+  bound = _target_bound(records["p_target"], records["_mix_norm"])
+  tables["targets"].add(target, bound, records["_token"], bound)
+  tables["target_counts"].add(target)
 
 
 def _fingerprint(cfg, attr: AttributionConfig, step, setup: _Setup, num_documents: int
@@ -283,9 +296,7 @@ def _pass(graphdef, params, corpus, work: epath.Path, fingerprint: dict, setup: 
   if progress is None and setup.process_index == 0:
     _remove(work)  # a stale or different build: start afresh
   _sync("prism_index_start", setup.process_count)
-  tables = {"neighbours": postings.TopT(m, attr.neighbourhood_size)}
-  if attr.postings:
-    tables["postings"] = postings.TopT(m, attr.postings)
+  tables = _tables(attr, m, cfg.model.vocab_size)
   batches_done, num_tokens, parts = 0, 0, []
   if progress is not None:
     batches_done = progress["batches_done"]
@@ -326,6 +337,7 @@ def _pass(graphdef, params, corpus, work: epath.Path, fingerprint: dict, setup: 
     num_tokens += len(records["target"])
     _add_to_tables(records, tables, k)
     records.pop("_token")
+    records.pop("_mix_norm")
     part.add(records, chunks.documents)
     ran += 1
     if b % attr.index_part_batches == 0:
@@ -390,7 +402,8 @@ def _finish(cfg, attr, work: epath.Path, fingerprint: dict, setup: _Setup, e_VxD
       "num_prototypes": m, "top_k": cfg.prototypes.top_k, "d_model": d,
       "vocab_size": cfg.model.vocab_size, "seq_len": cfg.data.seq_len,
       "num_examples": num_documents, "num_tokens": num_tokens,
-      "postings": attr.postings, "softmax_top": attr.softmax_top,
+      "postings": attr.postings, "target_postings": attr.target_postings,
+      "softmax_top": attr.softmax_top,
       "neighbourhood_size": attr.neighbourhood_size, "span_tokens": attr.span_tokens,
       "index_dtype": attr.index_dtype, "has_influence": attr.index_influence,
       "curvature": attr.curvature,
@@ -398,7 +411,7 @@ def _finish(cfg, attr, work: epath.Path, fingerprint: dict, setup: _Setup, e_VxD
                     for i, p in enumerate(processes)],
       "shards": [], "model_settings": model_settings(cfg)}
   reader = Index.from_manifest(work, manifest)
-  tables = _merged_tables(work, processes, bases, batches, attr, m)
+  tables = _merged_tables(work, processes, bases, batches, attr, m, cfg.model.vocab_size)
   full = None
   if attr.postings == 0 or attr.index_influence:
     full = _all_postings(reader, m)
@@ -446,6 +459,10 @@ def _finish(cfg, attr, work: epath.Path, fingerprint: dict, setup: _Setup, e_VxD
                                            e_VxD, basis, num_tokens)
     save(f"{rel}/curvature_values.npy", values.astype(np.float32), USED_BY["curvature_values"])
     manifest["shards"].append({"start": start, "stop": stop, "path": rel})
+  offsets, token, _ = postings.from_top(tables["targets"])
+  save("targets/target_offsets.npy", offsets, USED_BY["target_offsets"])
+  save("targets/target_token.npy", token.astype(token_dtype), USED_BY["target_token"])
+  save("targets/target_counts.npy", tables["target_counts"].counts, USED_BY["target_counts"])
   if basis is not None:
     save("prototypes/curvature_basis.npy", basis.astype(np.float32), USED_BY["curvature_vectors"])
   for proc in manifest["processes"]:
@@ -478,17 +495,24 @@ def span_text_of(reader: Index, token: int, context: int, decode) -> bytes:
   return reader.position_span(token, context, decode).encode("utf-8")
 
 
-def _merged_tables(work, processes, bases, batches: int, attr, m: int) -> dict:
-  """The processes' running tables merged, their token ids made global."""
-  merged = {"neighbours": postings.TopT(m, attr.neighbourhood_size)}
+def _tables(attr, m: int, vocab: int) -> dict:
+  """A process's running state: top-T tables per prototype and per target, target counts."""
+  tables = {"neighbours": postings.TopT(m, attr.neighbourhood_size),
+            "targets": postings.TopT(vocab, attr.target_postings),
+            "target_counts": postings.Counts(vocab)}
   if attr.postings:
-    merged["postings"] = postings.TopT(m, attr.postings)
+    tables["postings"] = postings.TopT(m, attr.postings)
+  return tables
+
+
+def _merged_tables(work, processes, bases, batches: int, attr, m: int, vocab: int) -> dict:
+  """The processes' running tables merged, their token ids made global."""
+  merged = _tables(attr, m, vocab)
   for i in range(len(processes)):
     state = load_npz(work / "processes" / f"{i:05d}" / f"state_{batches:09d}.npz")
+    own = _tables(attr, m, vocab)
     for name, table in merged.items():
-      own = postings.TopT(m, table.t).load(state, name)
-      proto, key, token, act = own.entries()
-      table.add(proto, key, token + bases[i], act)
+      table.merge(own[name].load(state, name), bases[i])
   return merged
 
 

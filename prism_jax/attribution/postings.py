@@ -6,8 +6,11 @@ prototype's postings by a query-independent bound on how much a position can sco
   |a_tj [w . p_t - w[y_t]]| <= 2 a_tj (1 - p_t[y_t]) ||w||_inf,
 
 so the key a_tj (1 - p_t[y_t]) ranks them for every query at once; the `prototype` method
-ranks by a_tj. Ties go to the smaller token id, so the result never depends on how the
-positions were batched or how often the build was interrupted.
+ranks by a_tj. The target postings (one list per vocabulary token y, the positions that
+predict y) feed single_pass's unembedding term, whose size for a position is at most
+||W r_q|| ||o_q|| times ||r_t|| ||o_t||, and ||r_t|| <= sqrt(2) (1 - p_t[y_t]) + ..., so they
+are ranked by (1 - p_t[y_t]) ||o_t||. Ties go to the smaller token id, so the result never
+depends on how the positions were batched or how often the build was interrupted.
 """
 
 from __future__ import annotations
@@ -60,6 +63,11 @@ class TopT:
     proto, slot = np.nonzero(self.token >= 0)
     return proto, self.key[proto, slot], self.token[proto, slot], self.act[proto, slot]
 
+  def merge(self, other: "TopT", token_base: int) -> None:
+    """Adds another process's table, its token ids shifted to global ids."""
+    proto, key, token, act = other.entries()
+    self.add(proto, key, token + token_base, act)
+
   def state(self, prefix: str) -> dict:
     return {f"{prefix}_key": self.key, f"{prefix}_token": self.token, f"{prefix}_act": self.act}
 
@@ -67,6 +75,27 @@ class TopT:
     self.key = np.array(state[f"{prefix}_key"])
     self.token = np.array(state[f"{prefix}_token"])
     self.act = np.array(state[f"{prefix}_act"])
+    return self
+
+
+class Counts:
+  """Running counts of ids in [0, n) (the target tokens): same interface as TopT."""
+
+  def __init__(self, n: int):
+    self.counts = np.zeros(n, np.int64)
+
+  def add(self, ids) -> None:
+    self.counts += np.bincount(np.asarray(ids, np.int64), minlength=len(self.counts))
+
+  def merge(self, other: "Counts", token_base: int) -> None:
+    del token_base  # counts carry no token ids
+    self.counts += other.counts
+
+  def state(self, prefix: str) -> dict:
+    return {f"{prefix}_counts": self.counts}
+
+  def load(self, state, prefix: str) -> "Counts":
+    self.counts = np.array(state[f"{prefix}_counts"], np.int64)
     return self
 
 

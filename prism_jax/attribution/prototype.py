@@ -34,6 +34,9 @@ class QueryHead:
   contributions: np.ndarray  # [k] c_j(y)
   grad: np.ndarray           # [D] g_q = E^T (p - e_y)
   log_prob: float
+  probs: np.ndarray | None = None  # [V] p_q, the softmax
+  mix: np.ndarray | None = None    # [D] o_q = sum_k a_qk U_k, the mixed value (logits o_q E^T)
+  target: int = -1
 
 
 @dataclasses.dataclass
@@ -66,17 +69,20 @@ def _head_fn(graphdef):
     c = prism_head.prototype_contributions(protos.top_values, protos.top_indices, values, e_VxD,
                                            batch["targets"])
     logp = jax.nn.log_softmax(out.logits[0, position])
-    g = jnp.exp(logp) @ e_VxD - e_VxD[target]
-    return (protos.top_values[0, position], protos.top_indices[0, position], c[0, position], g,
-            logp[target])
+    p = jnp.exp(logp)
+    g = p @ e_VxD - e_VxD[target]
+    top_values, top_indices = protos.top_values[0, position], protos.top_indices[0, position]
+    mix = top_values.astype(jnp.float32) @ values.astype(jnp.float32)[top_indices]
+    return top_values, top_indices, c[0, position], g, logp[target], p, mix
   return jax.jit(fn)
 
 
 def query_head(graphdef, params, query: Query, length: int) -> QueryHead:
-  values, indices, contrib, grad, logp = jax.device_get(
+  values, indices, contrib, grad, logp, probs, mix = jax.device_get(
       _head_fn(graphdef)(params, query.batch(length), query.position, query.target))
   return QueryHead(np.asarray(values), np.asarray(indices), np.asarray(contrib),
-                   np.asarray(grad, np.float64), float(logp))
+                   np.asarray(grad, np.float64), float(logp), np.asarray(probs, np.float64),
+                   np.asarray(mix, np.float64), int(query.target))
 
 
 def token_scores(index: Index, head: QueryHead) -> tuple[np.ndarray, np.ndarray]:

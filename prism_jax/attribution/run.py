@@ -9,14 +9,12 @@ import os
 import tempfile
 from typing import Callable
 
-import jax
 import numpy as np
 
 from prism_jax.attribution import common, ekfac, graddot, index as index_lib, influence
 from prism_jax.attribution import indexing, prototype, single_pass, trak
 from prism_jax.attribution.config import AttributionConfig
 from prism_jax.errors import UserError
-from prism_jax.models import lm
 
 # The first is the default: one forward pass + an O(k T) index read, as faithful as
 # `influence` (docs/attribution.md).
@@ -56,8 +54,8 @@ def prepare(method: str, cfg, graphdef, params, train: common.TrainingSet,
     index = index_lib.Index(index_dir)
     head = lambda q: prototype.query_head(graphdef, params, q, length)
     if method == "single_pass":
-      e_VxD = np.asarray(jax.device_get(lm.unembedding(params)), np.float64)
-      return Prepared(method, lambda q: single_pass.score(index, head(q), e_VxD, attr.damping),
+      matrices, settings = single_pass.HeadMatrices.of(params), single_pass.Settings.of(attr)
+      return Prepared(method, lambda q: single_pass.score(index, head(q), matrices, settings),
                       index.method_bytes("single_pass"))
     if method == "prototype":
       return Prepared(method, lambda q: prototype.score(index, head(q)),

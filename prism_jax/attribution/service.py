@@ -8,13 +8,11 @@
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 
 from prism_jax.attribution import common, documents, indexing, prototype, single_pass
 from prism_jax.attribution.config import AttributionConfig
 from prism_jax.attribution.index import Index
-from prism_jax.models import lm
 
 
 def training_corpus(cfg, attr: AttributionConfig):
@@ -38,18 +36,14 @@ def build_run_index(run, attr: AttributionConfig, out_dir: str, step: int | None
                         stop_after_batches=stop_after_batches)
 
 
-def unembedding(params) -> np.ndarray:
-  """E [V, D] float64 on the host (single_pass computes w_j = E v_j there)."""
-  return np.asarray(jax.device_get(lm.unembedding(params)), np.float64)
-
-
 def explain(cfg, graphdef, params, index: Index, query: common.Query, attr: AttributionConfig,
-            decode, e_VxD: np.ndarray | None = None) -> tuple[prototype.Scores, list[dict]]:
+            decode, matrices: single_pass.HeadMatrices | None = None
+            ) -> tuple[prototype.Scores, list[dict]]:
   """`single_pass` for one query: (scores over documents, the top attr.top_examples as
   {rank, example, example_id, score, position, text})."""
   head = prototype.query_head(graphdef, params, query, cfg.data.seq_len)
-  e_VxD = unembedding(params) if e_VxD is None else e_VxD
-  scores = single_pass.score(index, head, e_VxD, attr.damping)
+  matrices = single_pass.HeadMatrices.of(params) if matrices is None else matrices
+  scores = single_pass.score(index, head, matrices, single_pass.Settings.of(attr))
   return scores, top_results(index, scores, attr.top_examples, attr.span_tokens, decode)
 
 

@@ -1,30 +1,74 @@
 """`single_pass`, the default method: head influence from one forward pass and an index read.
 
-The logits are linear in the prototype values U and dL_t/dU_j = a_tj g_t with
-g_t = E^T (p_t - e_{y_t}). So for w_j = E (G_j + lambda I)^-1 g_q,
+The head's logits are z_t = E o_t with o_t = sum_k a_tk U_k (the k active prototypes' mixed
+value). Both head matrices have gradients that need nothing stored per position beyond its
+target y_t, its k prototype ids and activations, and its top-r softmax entries:
 
-  g_q^T (G_j + lambda I)^-1 g_t = w_j . p_t - w_j[y_t],
+* **unembedding term** (the default, attr.single_pass_terms=unembedding). Through the
+  logits, dL_t/dE = r_t o_t^T with r_t = p_t - e_{y_t}. With the Gauss-Newton curvature of E
+  Kronecker-factored as diag(f + lambda) x I (f: how often each token is a target, the
+  diagonal of E[diag p_t]; the o-side factor left at the identity, as heavy damping does),
 
-and the influence score of position t on the query q (influence.py) is
+    s_E(q, t) = [r_q^T diag(f + lambda)^-1 r_t] (o_q . o_t) = [u . p_t - u[y_t]] (o_q . o_t),
 
-  s(q, t) = sum_{j in act(q) and act(t)} a_qj a_tj [w_j . p_t - w_j[y_t]]
+  u = r_q / (f + lambda), and o_q . o_t = sum_k a_tk (U o_q)[i_tk]: one [M] product per
+  query, then k lookups per position.
+* **values term** (attr.single_pass_terms=values; equals `influence`). dL_t/dU_j = a_tj g_t
+  with g_t = E^T r_t, so for w_j = E (G_j + lambda I)^-1 g_q,
 
-which needs, per position, only its target and its softmax: no stored g_t. The index keeps
-the r most probable entries of p_t; the rest of the mass, rho_t = 1 - sum of those r, is
-spread over the other tokens like prototype j's average softmax (`expected_w`; exact when
-r = V).
-Postings are read best bound first, at most T per prototype (attr.postings), so a query is
-k solves with stored eigendecompositions plus an O(k T) read, whatever N is. Signed
-(negative = opponent); an example's score sums its positions' scores.
+    s_U(q, t) = sum_{j in act(q) and act(t)} a_qj a_tj [w_j . p_t - w_j[y_t]].
+
+The index keeps the r most probable entries of p_t; the rest of the mass, rho_t = 1 - sum of
+those r, is spread over the other tokens like prototype j's average softmax (values term)
+or like f (unembedding term) (`expected_w`; exact when r = V).
+
+Candidates: the postings of the query's active prototypes (at most T each, best bound first,
+attr.postings) and, for the unembedding term, the positions that predict the query's own
+token (at most T', attr.target_postings). So a query is one [M] product (plus k solves for
+the values term) and an O(k T + T') read, whatever N is. Signed (negative = opponent); an
+example's score sums its positions' scores. Why the unembedding term is the default: on
+the real-text LDS study it scores higher than the values term, their sum, and every
+post-hoc baseline (docs/attribution.md).
 """
 
 from __future__ import annotations
 
+import dataclasses
+
+import jax
 import numpy as np
 
 from prism_jax.attribution import curvature
 from prism_jax.attribution.index import Index
 from prism_jax.attribution.prototype import QueryHead, Scores, document_scores
+from prism_jax.models import lm
+
+TERMS = ("unembedding", "values", "both")
+TAILS = ("prototype", "uniform", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadMatrices:
+  """The head's matrices as queries use them (float64, on the host)."""
+  e_VxD: np.ndarray  # E, the unembedding (the token embedding when tied)
+  u_MxD: np.ndarray  # U, the prototype values
+
+  @classmethod
+  def of(cls, params) -> "HeadMatrices":
+    get = lambda x: np.asarray(jax.device_get(x), np.float64)
+    return cls(get(lm.unembedding(params)), get(params["prototype_head"]["values"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  terms: str = "unembedding"
+  damping: float = 1e-3              # values term: lambda added to each G_j
+  unembedding_damping: float = 1e-3  # unembedding term: lambda in 1 / (f + lambda)
+  tail: str = "prototype"
+
+  @classmethod
+  def of(cls, attr) -> "Settings":
+    return cls(attr.single_pass_terms, attr.damping, attr.unembedding_damping)
 
 
 def directions(index: Index, head: QueryHead, e_VxD: np.ndarray, damping: float
@@ -39,16 +83,14 @@ def directions(index: Index, head: QueryHead, e_VxD: np.ndarray, damping: float
   return out
 
 
-TAILS = ("prototype", "uniform", "none")
-
-
 def expected_w(w_V: np.ndarray, ids_NxR: np.ndarray, probs_NxR: np.ndarray, tail: str,
                prior_V: np.ndarray | None = None) -> np.ndarray:
   """w . p_t per position from its top-r softmax entries plus an estimate of the rest.
 
   The mass left out, rho_t = 1 - sum of the r entries, is spread over the other tokens in
   proportion to `prior_V` (tail="prototype": the prototype's own average softmax,
-  Pi_j / sum Pi_j), or evenly (tail="uniform"), or dropped (tail="none"). Exact at r = V.
+  Pi_j / sum Pi_j, or the target frequency f), or evenly (tail="uniform"), or dropped
+  (tail="none"). Exact at r = V.
   """
   probs = np.asarray(probs_NxR, np.float64)
   w_top = w_V[ids_NxR]
@@ -64,38 +106,65 @@ def expected_w(w_V: np.ndarray, ids_NxR: np.ndarray, probs_NxR: np.ndarray, tail
                                0.0)
 
 
-def token_scores(index: Index, head: QueryHead, e_VxD: np.ndarray, damping: float,
-                 tail: str = "prototype") -> tuple[np.ndarray, np.ndarray]:
-  """(token ids, scores) of every posting of the query's active prototypes."""
-  tok, val, _ = _scored(index, head, e_VxD, damping, tail)
+def _unembedding_scores(index: Index, head: QueryHead, matrices: HeadMatrices,
+                        settings: Settings, unique, target, ids, probs) -> np.ndarray:
+  """s_E(q, t) for the positions `unique` (module docstring)."""
+  f = index.target_frequency()
+  r_q = head.probs.copy()
+  r_q[head.target] -= 1.0
+  u = r_q / (f + settings.unembedding_damping)
+  c_M = matrices.u_MxD @ head.mix  # U o_q
+  act = index.gather("top_values", unique).astype(np.float64)
+  protos = index.gather("top_indices", unique).astype(np.int64)
+  overlap = np.sum(act * c_M[protos], axis=-1)  # o_t . o_q
+  return (expected_w(u, ids, probs, settings.tail, f) - u[target]) * overlap
+
+
+def _scored(index: Index, head: QueryHead, matrices: HeadMatrices, settings: Settings):
+  """(unique token ids, their scores, their documents)."""
+  if settings.terms not in TERMS:
+    raise ValueError(f"single_pass terms {settings.terms!r} is not one of {TERMS}")
+  values = settings.terms in ("values", "both")
+  unembedding = settings.terms in ("unembedding", "both")
+  active = [(int(j), float(a)) for a, j in zip(head.top_values, head.top_indices) if a > 0]
+  lists = [index.postings(j) for j, _ in active]
+  toks = [tok for tok, _ in lists]
+  if unembedding:
+    toks.append(index.target_postings(head.target))
+  tok = np.concatenate(toks) if toks else np.zeros(0, np.int64)
+  if not len(tok):
+    return np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64)
+  # Each position read once (sorted, so the reads follow the files), for every list.
+  unique, inverse = np.unique(tok, return_inverse=True)
+  target = index.gather("target", unique).astype(np.int64)
+  ids = index.gather("softmax_ids", unique).astype(np.int64)
+  probs = index.gather("softmax_probs", unique)
+  total = np.zeros(len(unique))
+  if unembedding:
+    total += _unembedding_scores(index, head, matrices, settings, unique, target, ids, probs)
+  if values:
+    at = 0
+    for (j, a_q, w), (_, act) in zip(directions(index, head, matrices.e_VxD, settings.damping),
+                                      lists):
+      rows = inverse[at:at + len(act)]
+      at += len(act)
+      prior = index.softmax_prior(j) if settings.tail == "prototype" else None
+      s = a_q * act * (expected_w(w, ids[rows], probs[rows], settings.tail, prior)
+                       - w[target[rows]])
+      total += np.bincount(rows, weights=s, minlength=len(unique))
+  document = index.gather("document", unique).astype(np.int64)
+  return unique, total, document
+
+
+def token_scores(index: Index, head: QueryHead, matrices: HeadMatrices,
+                 settings: Settings = Settings()) -> tuple[np.ndarray, np.ndarray]:
+  """(token ids, scores) of every candidate position."""
+  tok, val, _ = _scored(index, head, matrices, settings)
   return tok, val
 
 
-def _scored(index, head, e_VxD, damping, tail):
-  """(unique token ids, their scores, their documents)."""
-  per_proto = [(a_q, w, *index.postings(j), j) for j, a_q, w in
-               directions(index, head, e_VxD, damping)]
-  per_proto = [x for x in per_proto if len(x[2])]
-  if not per_proto:
-    return np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64)
-  tok = np.concatenate([x[2] for x in per_proto])
-  # Each position read once (sorted, so the reads follow the files), for all k lists.
-  unique, inverse = np.unique(tok, return_inverse=True)
-  target = index.gather("target", unique).astype(np.int64)[inverse]
-  ids = index.gather("softmax_ids", unique).astype(np.int64)[inverse]
-  probs = index.gather("softmax_probs", unique)[inverse]
-  vals, at = [], 0
-  for a_q, w, t, act, j in per_proto:
-    sl = slice(at, at + len(t))
-    at += len(t)
-    prior = index.softmax_prior(j) if tail == "prototype" else None
-    vals.append(a_q * act * (expected_w(w, ids[sl], probs[sl], tail, prior) - w[target[sl]]))
-  document = index.gather("document", unique).astype(np.int64)
-  return unique, np.bincount(inverse, weights=np.concatenate(vals)), document
-
-
-def score(index: Index, head: QueryHead, e_VxD: np.ndarray, damping: float,
-          tail: str = "prototype") -> Scores:
+def score(index: Index, head: QueryHead, matrices: HeadMatrices,
+          settings: Settings = Settings()) -> Scores:
   """Example (document) scores: the sum over its positions; best_token = its top position."""
-  tok, val, ex = _scored(index, head, e_VxD, damping, tail)
+  tok, val, ex = _scored(index, head, matrices, settings)
   return document_scores(tok, val, ex, index.num_examples)

@@ -59,6 +59,17 @@ def queries_from_rows(rows_QxL1: np.ndarray, seed: int) -> list[common.Query]:
   return out
 
 
+def copied_queries(train: common.TrainingSet, count: int, seed: int
+                   ) -> list[tuple[int, common.Query]]:
+  """[(example, query)]: `count` seeded training passages, each cut at a seeded position
+  (prompt = the passage up to it, target = its next token): a query whose own passage is
+  in the training set, anywhere in it."""
+  rng = np.random.default_rng(seed)
+  picks = rng.choice(train.num_examples, min(count, train.num_examples), replace=False)
+  rows = train.rows[picks]
+  return list(zip((int(e) for e in picks), queries_from_rows(rows, seed + 1)))
+
+
 def load(cfg, attr, seed: int = 0) -> StudyText:
   from prism_jax import data  # deferred: tfds is a heavy import
 

@@ -1,9 +1,10 @@
 """Which training documents drive a token: `python -m prism_jax.main.attribute --prompt TEXT`.
 
   --method single_pass  (default) one forward pass + an O(k T) read of the index: the
-                        prototype head's influence, signed, summed over a document's tokens
+                        head's influence through the unembedding, signed, summed over a
+                        document's tokens (attr.single_pass_terms=values: through U)
   --method prototype    the prototype neighbourhoods (activation overlap, never negative)
-  --method influence    the same head influence from stored per-token gradients (small N)
+  --method influence    the head influence through U from stored per-token gradients
   --method ekfac|trak|graddot   post-hoc baselines (also on dense models)
 
 The token is --target-token (its first piece) or, without it, the model's greedy next
