@@ -400,6 +400,9 @@ def extrapolated_row(method: str, variant: str, n: int, measured: list[dict], wh
   b, b_how = extrapolate(measured, n, "stored_bytes")
   if method in ("ekfac", "graddot"):  # state does not grow with N: the measured size
     b, b_how = measured[-1]["stored_bytes"], "independent of N (measured)"
+  if measured[-1].get("prepare_note", "").startswith("factors fitted"):
+    # A fit on a sample says nothing of the fit over N: report the measured one as it is.
+    p, p_how = measured[-1]["prepare_s"], f"not extrapolated ({measured[-1]['prepare_note']})"
   return {"method": method, "variant": variant, "tokens": n, "examples": examples,
           "status": "extrapolated", "query_s": q, "prepare_s": p, "stored_bytes": int(b),
           "peak_rss": None, "why": why,
