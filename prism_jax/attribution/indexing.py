@@ -59,9 +59,9 @@ USED_BY = {
     "curvature_vectors": ["single_pass", "influence"],
 }
 METHODS = ("single_pass", "prototype", "influence")
-CONTENT_KNOBS = ("postings", "target_postings", "softmax_top", "neighbourhood_size", "index_influence",
-                 "index_dtype", "batch_size", "index_part_batches", "index_examples",
-                 "index_seed", "span_tokens", "shard_prototypes", "curvature")
+CONTENT_KNOBS = ("postings", "target_postings", "softmax_top", "neighbourhood_size",
+                 "index_influence", "index_dtype", "batch_size", "index_part_batches",
+                 "index_examples", "index_seed", "span_tokens", "shard_prototypes", "curvature")
 
 
 def id_dtype(count: int):
