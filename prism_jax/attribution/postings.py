@@ -8,8 +8,9 @@ prototype's postings by a query-independent bound on how much a position can sco
 so the key a_tj (1 - p_t[y_t]) ranks them for every query at once; the `prototype` method
 ranks by a_tj. The target postings (one list per vocabulary token y, the positions that
 predict y) feed single_pass's unembedding term, whose size for a position is at most
-||W r_q|| ||o_q|| times ||r_t|| ||o_t||, and ||r_t|| <= sqrt(2) (1 - p_t[y_t]) + ..., so they
-are ranked by (1 - p_t[y_t]) ||o_t||. Ties go to the smaller token id, so the result never
+||W r_q|| ||o_q|| times ||r_t|| ||o_t|| (W = diag(f + lambda)^-1), and
+||r_t||^2 = (1 - p_t[y_t])^2 + sum_{v != y_t} p_t[v]^2 <= 2 (1 - p_t[y_t])^2, so they are
+ranked by (1 - p_t[y_t]) ||o_t||. Ties go to the smaller token id, so the result never
 depends on how the positions were batched or how often the build was interrupted.
 """
 

@@ -27,8 +27,8 @@ attr.postings) and, for the unembedding term, the positions that predict the que
 token (at most T', attr.target_postings). So a query is one [M] product (plus k solves for
 the values term) and an O(k T + T') read, whatever N is. Signed (negative = opponent); an
 example's score sums its positions' scores. Why the unembedding term is the default: on
-the real-text LDS study it scores higher than the values term, their sum, and every
-post-hoc baseline (docs/attribution.md).
+the real-text LDS study it scores higher than the values term and every post-hoc baseline,
+and as high as their sum, which also needs the per-prototype curvature (docs/attribution.md).
 """
 
 from __future__ import annotations
