@@ -151,8 +151,9 @@ def _toy_text(cfg, num_examples=24, queries=4, tuning=3):
     for t in range(1, length):
       rows[r, t] = rng.choice(successors[topic, rows[r, t - 1]])
   held = text_examples.queries_from_rows(rows[num_examples:], 0)
-  return text_examples.StudyText(common.from_rows(rows[:num_examples]), held[:queries],
-                                 held[queries:], "toy bigram rows")
+  train = common.from_rows(rows[:num_examples])
+  return text_examples.StudyText(train, held[:queries], held[queries:], "toy bigram rows",
+                                 text_examples.copied_queries(train, 5, seed=7))
 
 
 REDUCED = ["model.vocab_size=64", "model.d_model=16", "model.d_ff=32", "model.num_layers=1",
@@ -185,6 +186,7 @@ def test_reduced_study_end_to_end_and_a_rerun_retrains_nothing(tmp_path, monkeyp
     assert trak["tuning_lds"][f"{trak['damping']:g}"] == max(trak["tuning_lds"].values())
     assert 0 <= m["ceiling"]["ceiling"] <= 1
     assert trak["copied"]["queries"] == 5 and 0 <= trak["copied"]["top1"] <= 1
+    assert m["copied_truth"]["queries"] == 5 and 0 <= m["copied_truth"]["top1"] <= 1
   with open(os.path.join(workdir, "results.json")) as f:
     assert json.load(f)["setup"]["subsets"] == 6
   table = open(os.path.join(workdir, "results.md")).read()
@@ -198,7 +200,8 @@ def test_reduced_study_end_to_end_and_a_rerun_retrains_nothing(tmp_path, monkeyp
   cfg2, _, attr = study.study_configs(REDUCED + ["train.steps=31"])
   subsets = ground_truth.draw_subsets(6, 24, 0.5)
   key = lambda c, s=subsets, seeds=2: ground_truth.cache_dir(
-      workdir, c, text.train, text.queries + text.tuning, s, seeds, 4)
+      workdir, c, text.train, text.queries + text.tuning + [q for _, q in text.copied], s,
+      seeds, 4)
   assert len({key(cfg), key(cfg2), key(cfg, subsets[::-1]), key(cfg, seeds=3)}) == 4
   # ... but a config field added later at a default that keeps the old behaviour is not.
   assert "model.scan_layers" not in ground_truth.settings(cfg)
@@ -235,3 +238,18 @@ def test_unknown_method_and_a_projection_above_the_subset_size_fail_before_retra
   with pytest.raises(UserError, match="trak_projection_dim=200 must stay below"):
     study.run_study(["attr.trak_projection_dim=200"], str(tmp_path), methods=("trak",))
   assert not os.listdir(tmp_path)
+
+
+def test_copied_truth_ranks_each_passage_by_its_measured_effect():
+  """The retrains' own ranking: a passage whose presence raises the output most ranks 0."""
+  rng = np.random.default_rng(0)
+  subsets = ground_truth.draw_subsets(40, 10, 0.5, seed=3)
+  held = subsets.astype(np.float64)
+  small = rng.normal(0, 0.1, (10, 3))  # every passage's small effect on each of 3 queries
+  strong = [4, 7, 7]  # query c is copied from passage strong[c] ...
+  small[4, 0] = small[7, 1] = 3.0
+  small[7, 2] = -3.0  # ... except that passage 7 hurts query 2
+  outputs = held @ small + rng.normal(0, 0.05, (2, 40, 3))  # [seeds, subsets, queries]
+  truth = {"outputs": np.concatenate([np.zeros((2, 40, 1)), outputs], axis=-1)}
+  got = study.copied_truth(truth, subsets, [(e, None) for e in strong], offset=1)
+  assert got == {"top1": pytest.approx(2 / 3), "top5": pytest.approx(2 / 3), "queries": 3}

@@ -26,6 +26,8 @@ class StudyText:
   queries: list[common.Query]      # reported
   tuning: list[common.Query]       # disjoint validation tokens for choosing dampings
   source: str                      # what the text is, for every figure's caption
+  # [(example, query)] cut from training passages (copied_queries): is their passage first?
+  copied: list[tuple[int, common.Query]] = dataclasses.field(default_factory=list)
 
 
 def _text(record, key: str) -> str:
@@ -85,4 +87,5 @@ def load(cfg, attr, seed: int = 0) -> StudyText:
   source = (f"{cfg.data.dataset} ({len(bundle.train_source)} train / "
             f"{len(bundle.validation_source)} validation passages), sentencepiece "
             f"{bundle.tokenizer.vocab_size} ({bundle.tokenizer_path})")
-  return StudyText(train, queries[:attr.lds_queries], queries[attr.lds_queries:], source)
+  return StudyText(train, queries[:attr.lds_queries], queries[attr.lds_queries:], source,
+                   copied_queries(train, attr.lds_copied_queries, seed=7))
