@@ -162,6 +162,7 @@ CONFIG_RANGES: dict[str, Range] = {
     "attr.softmax_top": count(1, 2**20),
     "attr.target_postings": count(1, 10**9),
     "attr.unembedding_damping": positive(1e6),
+    "attr.context_sharpness": weight(64.0),
     "attr.index_part_batches": count(1, 10**6),
     "attr.damping": weight(),
     "attr.trak_projection_dim": count(1, 2**16),
@@ -178,6 +179,7 @@ CONFIG_RANGES: dict[str, Range] = {
     "attr.lds_queries": count(1, 10**6),
     "attr.lds_tuning_queries": count(1, 10**6),
     "attr.lds_copied_queries": count(0, 10**6),
+    "attr.lds_copied_tuning": count(0, 10**6),
     "attr.lds_group": count(1, 4096),
     "attr.lds_bootstrap": count(1, 10**6),
 }

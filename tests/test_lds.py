@@ -152,8 +152,9 @@ def _toy_text(cfg, num_examples=24, queries=4, tuning=3):
       rows[r, t] = rng.choice(successors[topic, rows[r, t - 1]])
   held = text_examples.queries_from_rows(rows[num_examples:], 0)
   train = common.from_rows(rows[:num_examples])
+  copied = text_examples.copied_queries(train, 8, seed=7)
   return text_examples.StudyText(train, held[:queries], held[queries:], "toy bigram rows",
-                                 text_examples.copied_queries(train, 5, seed=7))
+                                 copied[3:], copied[:3])
 
 
 REDUCED = ["model.vocab_size=64", "model.d_model=16", "model.d_ff=32", "model.num_layers=1",
@@ -200,8 +201,7 @@ def test_reduced_study_end_to_end_and_a_rerun_retrains_nothing(tmp_path, monkeyp
   cfg2, _, attr = study.study_configs(REDUCED + ["train.steps=31"])
   subsets = ground_truth.draw_subsets(6, 24, 0.5)
   key = lambda c, s=subsets, seeds=2: ground_truth.cache_dir(
-      workdir, c, text.train, text.queries + text.tuning + [q for _, q in text.copied], s,
-      seeds, 4)
+      workdir, c, text.train, text.retrain_queries(), s, seeds, 4)
   assert len({key(cfg), key(cfg2), key(cfg, subsets[::-1]), key(cfg, seeds=3)}) == 4
   # ... but a config field added later at a default that keeps the old behaviour is not.
   assert "model.scan_layers" not in ground_truth.settings(cfg)

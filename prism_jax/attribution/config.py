@@ -37,6 +37,10 @@ class AttributionConfig:
   # on real text, docs/attribution.md), "values" (= `influence`), or their sum "both".
   single_pass_terms: Literal["unembedding", "values", "both"] = "unembedding"
   unembedding_damping: float = 1e-3  # lambda of the vocabulary curvature 1 / (f_v + lambda)
+  # single_pass: beta, how sharply a position's score falls as its prediction (top-r softmax)
+  # departs from the query's (kappa^beta; 0: off). 2: the LDS study's choice on validation and
+  # copied tuning queries together (docs/attribution.md).
+  context_sharpness: float = 2.0
   # Prototype influence: damped Gauss-Newton, block-diagonal by prototype.
   damping: float = 1e-3           # added to every per-prototype GN block (mean over tokens)
   # TRAK: Gaussian projection of per-example gradients, Gauss-Newton inverse in that space.
@@ -56,7 +60,8 @@ class AttributionConfig:
   lds_fraction: float = 0.5
   lds_queries: int = 100          # reported query tokens (validation text)
   lds_tuning_queries: int = 40    # other validation tokens, for choosing each damping
-  lds_copied_queries: int = 60    # queries cut from training passages: is their passage first?
+  lds_copied_queries: int = 40    # queries cut from training passages: is their passage first?
+  lds_copied_tuning: int = 20     # other such queries, which join the tuning queries
   lds_group: int = 8              # models retrained at once (jax.vmap)
   lds_dense: bool = True          # also retrain the dense twin and score the baselines on it
   lds_bootstrap: int = 1000

@@ -9,10 +9,19 @@ target y_t, its k prototype ids and activations, and its top-r softmax entries:
   Kronecker-factored as diag(f + lambda) x I (f: how often each token is a target, the
   diagonal of E[diag p_t]; the o-side factor left at the identity, as heavy damping does),
 
-    s_E(q, t) = [r_q^T diag(f + lambda)^-1 r_t] (o_q . o_t) = [u . p_t - u[y_t]] (o_q . o_t),
+    s_E(q, t) = [r_q^T diag(f + lambda)^-1 r_t] (o_q . o_t) kappa(q, t)^beta
+              = [u . p_t - u[y_t]] (o_q . o_t) kappa(q, t)^beta,
 
   u = r_q / (f + lambda), and o_q . o_t = sum_k a_tk (U o_q)[i_tk]: one [M] product per
-  query, then k lookups per position.
+  query, then k lookups per position. kappa(q, t) in [0, 1] is the cosine between the two
+  positions' stored top-r softmaxes (how alike the model's predictions, hence contexts,
+  are), beta = attr.context_sharpness. Why: the head's gradient sees a context only
+  through o_t and p_t, and o_t mixes a few prototypes, so every position that predicts
+  the same rare token from the same prototypes scores alike; the retrains show the
+  query's own context matters more than that (a passage a query was copied from moves the
+  query's loss ~4x more than a typical passage). beta = 0 is the plain Gauss-Newton term;
+  the LDS study chooses beta on validation and copied tuning queries together
+  (docs/attribution.md).
 * **values term** (attr.single_pass_terms=values; equals `influence`). dL_t/dU_j = a_tj g_t
   with g_t = E^T r_t, so for w_j = E (G_j + lambda I)^-1 g_q,
 
@@ -39,6 +48,7 @@ import jax
 import numpy as np
 
 from prism_jax.attribution import curvature
+from prism_jax.attribution.config import AttributionConfig
 from prism_jax.attribution.index import Index
 from prism_jax.attribution.prototype import QueryHead, Scores, document_scores
 from prism_jax.models import lm
@@ -65,10 +75,12 @@ class Settings:
   damping: float = 1e-3              # values term: lambda added to each G_j
   unembedding_damping: float = 1e-3  # unembedding term: lambda in 1 / (f + lambda)
   tail: str = "prototype"
+  context_sharpness: float = AttributionConfig.context_sharpness  # beta in kappa(q, t)^beta
 
   @classmethod
   def of(cls, attr) -> "Settings":
-    return cls(attr.single_pass_terms, attr.damping, attr.unembedding_damping)
+    return cls(attr.single_pass_terms, attr.damping, attr.unembedding_damping,
+               context_sharpness=attr.context_sharpness)
 
 
 def directions(index: Index, head: QueryHead, e_VxD: np.ndarray, damping: float
@@ -117,7 +129,24 @@ def _unembedding_scores(index: Index, head: QueryHead, matrices: HeadMatrices,
   act = index.gather("top_values", unique).astype(np.float64)
   protos = index.gather("top_indices", unique).astype(np.int64)
   overlap = np.sum(act * c_M[protos], axis=-1)  # o_t . o_q
-  return (expected_w(u, ids, probs, settings.tail, f) - u[target]) * overlap
+  out = (expected_w(u, ids, probs, settings.tail, f) - u[target]) * overlap
+  if settings.context_sharpness > 0:
+    out *= prediction_similarity(head.probs, ids, probs) ** settings.context_sharpness
+  return out
+
+
+def prediction_similarity(p_q_V: np.ndarray, ids_NxR: np.ndarray, probs_NxR: np.ndarray
+                          ) -> np.ndarray:
+  """kappa(q, t) [N]: cosine between the query's top-r softmax and each position's stored
+  top-r entries (r = the index's softmax_top; the full softmaxes at r = V), in [0, 1]."""
+  r = ids_NxR.shape[-1]
+  top = np.argpartition(-p_q_V, r - 1)[:r] if r < len(p_q_V) else np.arange(len(p_q_V))
+  q_V = np.zeros_like(p_q_V)
+  q_V[top] = p_q_V[top]
+  probs = np.asarray(probs_NxR, np.float64)
+  dot = np.sum(q_V[ids_NxR] * probs, axis=-1)
+  norms = np.linalg.norm(q_V) * np.linalg.norm(probs, axis=-1)
+  return np.where(norms > 0, dot / np.where(norms > 0, norms, 1.0), 0.0)
 
 
 def _scored(index: Index, head: QueryHead, matrices: HeadMatrices, settings: Settings):

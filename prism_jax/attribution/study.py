@@ -40,10 +40,12 @@ STUDY_OVERRIDES = (
 STUDY_ATTR = ("attr.trak_projection_dim=128", "attr.batch_size=32", "attr.index_influence=true")
 # method -> (AttributionConfig field, candidate values); chosen on the tuning queries.
 # (First run's grids were 1e-4..1e-1 and 1e-3..1: the choices sat on their edges; EK-FAC's
-# then chose 100, the edge of 1e-2..100, so its grid now reaches 1000.)
+# then chose 100, the edge of 1e-2..100, so its grid now reaches 1000. single_pass's
+# unembedding_damping was flat over 1e-5..1e-2, tuning LDS 0.532-0.539: its grid is now
+# the context sharpness, at the default damping.)
 DAMPING_GRIDS = {
     "influence": ("damping", (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)),
-    "single_pass": ("unembedding_damping", (1e-5, 1e-4, 1e-3, 1e-2)),
+    "single_pass": ("context_sharpness", (0.0, 1.0, 2.0, 4.0, 8.0)),
     "trak": ("trak_damping", (1e-2, 1e-1, 1.0, 10.0, 100.0)),
     "ekfac": ("ekfac_damping", (1e-1, 1.0, 10.0, 100.0, 1000.0)),
 }
@@ -77,7 +79,7 @@ def retrain_all(cfg, dense, attr, text, workdir: str, say=print) -> dict:
   """Ground truth of the PRISM model and (attr.lds_dense) its dense twin: {name: truth}."""
   subsets = ground_truth.draw_subsets(attr.lds_subsets, text.train.num_examples,
                                       attr.lds_fraction)
-  queries = text.queries + text.tuning + [q for _, q in text.copied]
+  queries = text.retrain_queries()
   out = {}
   for c in [cfg] + ([dense] if attr.lds_dense else []):
     truth = ground_truth.compute(c, text.train, queries, subsets, attr.lds_seeds,
@@ -101,8 +103,14 @@ def _scores(prepared, queries) -> np.ndarray:
 def score_method(method: str, cfg, graphdef, params, text, truth, attr, index_dir: str,
                  say=print) -> dict:
   """Reported-query scores [Q, E] of `method`, its damping chosen on the tuning queries."""
-  nq, nt = len(text.queries), len(text.tuning)
-  tuning_truth = truth["outputs"][:, :, nq:nq + nt].mean(axis=0)
+  columns = text.columns()
+  nq = len(text.queries)
+  # Dampings are chosen on the tuning validation tokens and the tuning copied queries
+  # together: faithful on text the model never saw and on text it trained on.
+  tuning_queries = text.tuning + [q for _, q in text.copied_tuning]
+  mean_truth = truth["outputs"].mean(axis=0)
+  tuning_truth = np.concatenate([mean_truth[:, columns["tuning"]],
+                                 mean_truth[:, columns["copied_tuning"]]], axis=1)
   field, grid = DAMPING_GRIDS.get(method, (None, (None,)))
   needs_index = method in run.PROTOTYPE_METHODS
   tuning, best = {}, None
@@ -118,7 +126,7 @@ def score_method(method: str, cfg, graphdef, params, text, truth, attr, index_di
     if field is None:
       best = (value, prepared, prepare_s)
       break
-    s = _scores(prepared, text.tuning)
+    s = _scores(prepared, tuning_queries)
     tuning[value] = float(lds.per_query(s, truth["subsets"], tuning_truth).mean())
     say(f"    {cfg.name} {method} {field}={value:g}: tuning LDS {tuning[value]:+.3f}")
     if best is None or tuning[value] > tuning[best[0]]:
@@ -190,7 +198,7 @@ def score_model(cfg, params, text, truth, attr, methods, workdir: str, say=print
   for method, extra in per_method.items():
     stats["methods"][method].update(extra)
   stats["copied_truth"] = copied_truth(truth, truth["subsets"], text.copied,
-                                       nq + len(text.tuning))
+                                       text.columns()["copied"].start)
   return stats
 
 
@@ -239,6 +247,7 @@ def _setup(cfg, dense, attr, text, truths) -> dict:
       "data": text.source, "examples": text.train.num_examples,
       "example_tokens": int(text.train.num_tokens()), "queries": len(text.queries),
       "tuning_queries": len(text.tuning), "copied_queries": len(text.copied),
+      "copied_tuning_queries": len(text.copied_tuning),
       "subsets": attr.lds_subsets,
       "fraction": attr.lds_fraction, "seeds": attr.lds_seeds, "machine": MACHINE,
       "bootstrap": attr.lds_bootstrap,
@@ -258,7 +267,8 @@ def format_table(results: dict) -> str:
   s = results["setup"]
   lines = [f"LDS on real text: {s['examples']} training passages ({s['example_tokens']:,} "
            f"scored tokens) of {s['data']}; {s['queries']} validation query tokens "
-           f"(+{s['tuning_queries']} other ones for choosing dampings); {s['subsets']} random "
+           f"(+{s['tuning_queries']} other ones and {s.get('copied_tuning_queries', 0)} "
+           f"copied ones for choosing dampings); {s['subsets']} random "
            f"subsets (fraction {s['fraction']:g}) x {s['seeds']} seeds; paired bootstrap "
            f"({s['bootstrap']} draws over queries and subsets, 95%); {s['machine']}. "
            f"Copied: {s.get('copied_queries', 0)} queries cut from training passages at a "

@@ -28,6 +28,21 @@ class StudyText:
   source: str                      # what the text is, for every figure's caption
   # [(example, query)] cut from training passages (copied_queries): is their passage first?
   copied: list[tuple[int, common.Query]] = dataclasses.field(default_factory=list)
+  copied_tuning: list[tuple[int, common.Query]] = dataclasses.field(default_factory=list)
+
+  def retrain_queries(self) -> list[common.Query]:
+    """Every query the retrains read, in the order of their outputs' columns."""
+    return (self.queries + self.tuning + [q for _, q in self.copied_tuning]
+            + [q for _, q in self.copied])
+
+  def columns(self) -> dict[str, slice]:
+    """Each query set's columns in the retrains' outputs."""
+    sizes = {"queries": len(self.queries), "tuning": len(self.tuning),
+             "copied_tuning": len(self.copied_tuning), "copied": len(self.copied)}
+    out, at = {}, 0
+    for name, n in sizes.items():
+      out[name], at = slice(at, at + n), at + n
+    return out
 
 
 def _text(record, key: str) -> str:
@@ -87,5 +102,6 @@ def load(cfg, attr, seed: int = 0) -> StudyText:
   source = (f"{cfg.data.dataset} ({len(bundle.train_source)} train / "
             f"{len(bundle.validation_source)} validation passages), sentencepiece "
             f"{bundle.tokenizer.vocab_size} ({bundle.tokenizer_path})")
+  copied = copied_queries(train, attr.lds_copied_tuning + attr.lds_copied_queries, seed=7)
   return StudyText(train, queries[:attr.lds_queries], queries[attr.lds_queries:], source,
-                   copied_queries(train, attr.lds_copied_queries, seed=7))
+                   copied[attr.lds_copied_tuning:], copied[:attr.lds_copied_tuning])
