@@ -674,8 +674,12 @@ def run_benchmark(args):
 def _ensure_index(spec0, cache, key, n, influence, quick) -> dict:
   """The cached index of the first n tokens (built when missing)."""
   from prism_jax.attribution.index import FORMAT
-  # The index follows the checkpoint, the format and the attr.* settings it was built with.
-  tag = hashlib.sha1(json.dumps([FORMAT, spec0["attr"]]).encode()).hexdigest()[:6]
+  from prism_jax.attribution.indexing import CONTENT_KNOBS
+  # The index follows the checkpoint, the format and the attr.* settings it was built with
+  # (those that change its content: a query-time knob reuses it).
+  content = [a for a in spec0["attr"]
+             if a.split("=")[0].strip().removeprefix("attr.") in CONTENT_KNOBS]
+  tag = hashlib.sha1(json.dumps([FORMAT, content]).encode()).hexdigest()[:6]
   name = f"index_{key}_{tag}_N{n}" + ("_g" if influence else "")
   folder = os.path.join(cache, name)
   meta = os.path.join(cache, name + ".build.json")
