@@ -111,6 +111,8 @@ ENTRY_POINTS = {
         ("missing index", [], "no prototype index"),
         ("single_pass terms that are not a choice", ["attr.single_pass_terms=all"],
          "attr.single_pass_terms='all' is not one of ['unembedding', 'values', 'both']"),
+        ("negative context sharpness", ["attr.context_sharpness=-1"],
+         "attr.context_sharpness=-1 must be in [0, 64]"),
     ]),
     "control calibrate": ("prism_jax.main.control", ["calibrate", "--task", "piqa",
                                                          "--task-data", TMP], CHECKPOINT + [

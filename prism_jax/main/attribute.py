@@ -1,8 +1,9 @@
 """Which training documents drive a token: `python -m prism_jax.main.attribute --prompt TEXT`.
 
   --method single_pass  (default) one forward pass + an O(k T) read of the index: the
-                        head's influence through the unembedding, signed, summed over a
-                        document's tokens (attr.single_pass_terms=values: through U)
+                        head's influence through the unembedding, weighted by how alike
+                        each position's prediction is to the query's, signed, summed over
+                        a document's tokens (attr.single_pass_terms=values: through U)
   --method prototype    the prototype neighbourhoods (activation overlap, never negative)
   --method influence    the head influence through U from stored per-token gradients
   --method ekfac|trak|graddot   post-hoc baselines (also on dense models)
