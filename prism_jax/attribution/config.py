@@ -38,9 +38,9 @@ class AttributionConfig:
   single_pass_terms: Literal["unembedding", "values", "both"] = "unembedding"
   unembedding_damping: float = 1e-3  # lambda of the vocabulary curvature 1 / (f_v + lambda)
   # single_pass: beta, how sharply a position's score falls as its prediction (top-r softmax)
-  # departs from the query's (kappa^beta; 0: off). 2: the LDS study's choice on validation and
+  # departs from the query's (kappa^beta; 0: off). 1: the LDS study's choice on validation and
   # copied tuning queries together (docs/attribution.md).
-  context_sharpness: float = 2.0
+  context_sharpness: float = 1.0
   # Prototype influence: damped Gauss-Newton, block-diagonal by prototype.
   damping: float = 1e-3           # added to every per-prototype GN block (mean over tokens)
   # TRAK: Gaussian projection of per-example gradients, Gauss-Newton inverse in that space.
