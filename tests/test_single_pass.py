@@ -286,11 +286,48 @@ def test_a_killed_build_resumes_to_the_same_index(small, tmp_path):
     np.testing.assert_array_equal(got[rel], want[rel], err_msg=rel)
 
 
+@pytest.mark.parametrize("merged_tokens", [20, 1 << 24])
+def test_merged_parts_hold_what_the_committed_parts_held(small, tmp_path, monkeypatch,
+                                                         merged_tokens):
+  """A build commits a part every attr.index_part_batches batches; the finished index
+  merges each process's parts (a query's gather costs per part file). Merged into groups
+  of at most 20 positions, or into one: the same positions, documents, spans and postings
+  as the parts left unmerged."""
+  cfg, params, corpus = small
+  attr = dict(batch_size=1, index_part_batches=1, postings=5, softmax_top=4,
+              neighbourhood_size=4)
+  monkeypatch.setattr(indexing, "MERGED_PART_TOKENS", 1)  # every part stays alone
+  apart = _build(tmp_path, cfg, params, corpus, "apart", **attr)
+  monkeypatch.setattr(indexing, "MERGED_PART_TOKENS", merged_tokens)
+  merged = _build(tmp_path, cfg, params, corpus, "merged", **attr)
+  parts = lambda index: [part for p in index.manifest["processes"] for part in p["parts"]]
+  assert len(parts(apart)) > 2  # one batch (of one chunk) per part
+  sizes = [part["num_tokens"] for part in parts(merged)]
+  assert sum(sizes) == apart.num_tokens
+  assert (len(sizes) == 1 if merged_tokens > apart.num_tokens
+          else 1 < len(sizes) < len(parts(apart)))
+  on_disk = sorted(d.name for d in (tmp_path / "merged" / "processes/00000/parts").iterdir())
+  assert on_disk == sorted(part["path"].rsplit("/", 1)[1] for part in parts(merged))
+  every = np.arange(apart.num_tokens)
+  for field in indexing.USED_BY:
+    if field in index_lib.PART_FIELDS:
+      np.testing.assert_array_equal(merged.gather(field, every), apart.gather(field, every))
+  decode = lambda ids: " ".join(map(str, ids))
+  for e in range(apart.num_examples):
+    np.testing.assert_array_equal(merged.document(e), apart.document(e))
+    assert merged.record_id(e) == apart.record_id(e)
+  for t in every:
+    assert merged.position_span(int(t), 3, decode) == apart.position_span(int(t), 3, decode)
+  for j in range(cfg.prototypes.num_prototypes):
+    for got, want in zip(merged.postings(j), apart.postings(j)):
+      np.testing.assert_array_equal(got, want)
+
+
 def test_compact_dtypes(small, tmp_path):
   cfg, params, corpus = small
   index = _build(tmp_path, cfg, params, corpus, postings=4, softmax_top=4)
   files = index.manifest["files"]
-  part = "processes/00000/parts/000000"
+  part = index.manifest["processes"][0]["parts"][0]["path"]
   assert files[f"{part}/target.npy"]["dtype"] == "uint16"
   assert files[f"{part}/softmax_ids.npy"]["dtype"] == "uint16"
   assert files[f"{part}/softmax_probs.npy"]["dtype"] == "float16"

@@ -6,7 +6,8 @@ Built by one streaming pass (`build`, in indexing.py), read memory-mapped. Forma
   manifest.json         format, model, step, sizes, the processes and their parts (global
                         token ids run through processes, then parts, in order), the
                         prototype shards, every file (bytes, shape, dtype, methods reading it)
-  processes/PPPPP/parts/NNNNNN/      one part of process P's positions and documents
+  processes/PPPPP/parts/<part>/      one part of process P's positions and documents
+                        (merged_NNNNNN once finished: consecutive committed parts joined)
     target.npy          [n] uint16|int32       y_t, the predicted token
     document.npy        [n] int32              the example (document ordinal) of the position
     offset.npy          [n] int32              offset in the document (predicts tokens[o+1])

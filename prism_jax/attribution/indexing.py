@@ -13,7 +13,10 @@ commits: parts written, then the running state (processes' tables, process 0 the
 sums), then `progress.json` naming the committed batch count. A rerun after a kill resumes
 from the last commit and gives the same index as an uninterrupted run. Process 0 then
 merges the per-process tables, turns the sums into per-prototype eigendecompositions,
-writes the prototype shards and the manifest, and moves the folder into place.
+writes the prototype shards and the manifest, and moves the folder into place. Before
+that it merges each process's consecutive parts into parts of up to MERGED_PART_TOKENS
+positions: a query gathers its positions part by part, so its cost grows with the number
+of part files, not only with the positions it reads.
 """
 
 from __future__ import annotations
@@ -62,6 +65,10 @@ METHODS = ("single_pass", "prototype", "influence")
 CONTENT_KNOBS = ("postings", "target_postings", "softmax_top", "neighbourhood_size",
                  "index_influence", "index_dtype", "batch_size", "index_part_batches",
                  "index_examples", "index_seed", "span_tokens", "shard_prototypes", "curvature")
+
+
+# Positions per merged part (host memory while merging: one merged part's fields).
+MERGED_PART_TOKENS = 1 << 24
 
 
 def id_dtype(count: int):
@@ -387,11 +394,46 @@ def _commit(work, proc, part: _Part, parts: list, tables: dict, sums, batches: i
 # Finishing (process 0)
 
 
+def _merge_parts(work: epath.Path, process: int, parts: list, max_tokens: int) -> list:
+  """One process's committed parts, consecutive ones concatenated into parts of at most
+  `max_tokens` positions (a part already larger stays alone); returns the new part list.
+  Writes new folders only (merged_NNNNNN): the committed parts stay until the index is done,
+  so a kill here leaves a build that finishes again."""
+  groups, tokens = [], 0
+  for part in parts:
+    if not groups or tokens + part["num_tokens"] > max_tokens:
+      groups.append([])
+      tokens = 0
+    groups[-1].append(part)
+    tokens += part["num_tokens"]
+  if len(groups) == len(parts):
+    return parts
+  merged = []
+  for g, group in enumerate(groups):
+    rel = f"processes/{process:05d}/parts/merged_{g:06d}"
+    names = sorted(f.name[:-4] for f in (work / group[0]["path"]).glob("*.npy"))
+    for name in names:
+      arrays = [np.load(io.BytesIO((work / part["path"] / f"{name}.npy").read_bytes()))
+                for part in group]
+      if name == "doc_offsets":  # each part's offsets start at 0: shift them onto the last
+        shifted, at = [np.zeros(1, np.int64)], 0
+        for offsets in arrays:
+          shifted.append(offsets[1:] + at)
+          at += int(offsets[-1])
+        arrays = shifted
+      save_npy(work / rel / f"{name}.npy", np.concatenate(arrays))
+    merged.append({"path": rel, "num_tokens": sum(p["num_tokens"] for p in group),
+                   "num_documents": sum(p["num_documents"] for p in group)})
+  return merged
+
+
 def _finish(cfg, attr, work: epath.Path, fingerprint: dict, setup: _Setup, e_VxD, basis,
             step, decode, num_documents: int) -> dict:
   progress = json.loads((work / "progress.json").read_text())
   batches = progress["batches_done"]
-  processes = progress["processes"]
+  committed = progress["processes"]
+  processes = [{**p, "parts": _merge_parts(work, i, p["parts"], MERGED_PART_TOKENS)}
+               for i, p in enumerate(committed)]
   bases = np.r_[0, np.cumsum([p["num_tokens"] for p in processes])].astype(np.int64)
   num_tokens = int(bases[-1])
   if num_tokens == 0:
@@ -479,6 +521,11 @@ def _finish(cfg, attr, work: epath.Path, fingerprint: dict, setup: _Setup, e_VxD
   for proc in work.glob("processes/*"):
     for old in list(proc.glob("state_*.npz")) + list(proc.glob("progress_*.json")):
       _remove(old)
+  kept = {part["path"] for p in processes for part in p["parts"]}
+  for p in committed:  # the parts that were merged (progress.json, which named them, is gone)
+    for part in p["parts"]:
+      if part["path"] not in kept:
+        _remove(work / part["path"])
   manifest["files"] = files
   manifest["bytes_total"] = sum(f["bytes"] for f in files.values())
   manifest["bytes_by_method"] = {
