@@ -75,6 +75,20 @@ VARIANTS: dict[str, list[str]] = {
     "dot_bias_k64": ["prototypes.similarity=dot", "prototypes.key_init_std=0.02",
                      "prototypes.selection_bias_rate=0.01", "prototypes.num_prototypes=1024",
                      "prototypes.top_k=64"],
+    # k = 32 at the default and a doubled bank: the active set widened where the scores
+    # stay cheap ([B, L, M] grows with M, not k).
+    "dot_bias_k32": ["prototypes.similarity=dot", "prototypes.key_init_std=0.02",
+                     "prototypes.selection_bias_rate=0.01", "prototypes.top_k=32"],
+    "dot_bias_m512k32": ["prototypes.similarity=dot", "prototypes.key_init_std=0.02",
+                         "prototypes.selection_bias_rate=0.01", "prototypes.num_prototypes=512",
+                         "prototypes.top_k=32"],
+    # The wide bank with a base-rate slice, or with the k-means (data-side stopped) pull.
+    "dot_bias_wide_base": ["prototypes.similarity=dot", "prototypes.key_init_std=0.02",
+                           "prototypes.selection_bias_rate=0.01", "prototypes.num_prototypes=1024",
+                           "prototypes.top_k=32", "prototypes.base_prototype=true"],
+    "dot_bias_wide_sg": ["prototypes.similarity=dot", "prototypes.key_init_std=0.02",
+                         "prototypes.selection_bias_rate=0.01", "prototypes.num_prototypes=1024",
+                         "prototypes.top_k=32", "losses.stop_data_gradient=true"],
     "dot_sg_bias": ["prototypes.similarity=dot", "prototypes.key_init_std=0.02",
                     "losses.stop_data_gradient=true", "prototypes.selection_bias_rate=0.01"],
     # Sharper weights: a learned per-prototype threshold inside the relu.
