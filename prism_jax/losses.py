@@ -44,6 +44,34 @@ def evidence_loss(distances_NxM, mask_N):
   return jnp.mean(jnp.min(masked, axis=0))
 
 
+def _pair_distance(h_NxD, keys_NxD, similarity: str):
+  """The head's distance between h_n and keys_n (row by row), [N]."""
+  _, dist = prism_head.selected_similarity_and_distance(h_NxD[None], keys_NxD[None, :, None],
+                                                        similarity)
+  return dist[0, :, 0]
+
+
+def nearest_key_loss(h_NxD, keys_MxD, distances_NxM, mask_N, similarity: str):
+  """`cluster_loss` with its gradient through each token's nearest key alone.
+
+  `distances_NxM` only chooses the nearest key (no gradient flows through it); the distance
+  is recomputed for that one pair, so the backward pass costs N*D, not N*M*D. Equal to
+  `cluster_loss` in value and gradient (up to ties).
+  """
+  nearest_N = jnp.argmin(jax.lax.stop_gradient(distances_NxM), axis=-1)
+  dist_N = _pair_distance(h_NxD, jnp.take(keys_MxD, nearest_N, axis=0), similarity)
+  return jnp.sum(dist_N * mask_N) / jnp.maximum(jnp.sum(mask_N), 1.0)
+
+
+def nearest_token_loss(h_NxD, keys_MxD, distances_NxM, mask_N, similarity: str):
+  """`evidence_loss` with its gradient through each prototype's nearest real token alone."""
+  masked = jnp.where(mask_N[:, None] > 0, jax.lax.stop_gradient(distances_NxM), _BIG)
+  nearest_M = jnp.argmin(masked, axis=0)
+  dist_M = _pair_distance(jnp.take(h_NxD, nearest_M, axis=0), keys_MxD, similarity)
+  # no real token in the batch: the dense loss's _BIG, kept
+  return jnp.mean(jnp.where(jnp.sum(mask_N) > 0, dist_M, _BIG))
+
+
 def diversity_loss(keys_MxD, margin: float, reduce: str = "mean_pairs"):
   """relu(cos(P_i, P_j) - margin)^2 over prototype pairs: no two collapse.
 
@@ -102,23 +130,28 @@ def total_loss(out: LMOutput, batch: dict, keys_MxD, cfg: LossConfig, top_k: int
     protos = out.prototypes
     m = protos.scores.shape[-1]
     flat_mask = mask.reshape(-1)
-    distances = protos.distances.reshape(-1, m)
+    # The dense distances only choose the nearest pairs; the gradient flows through those
+    # pairs alone (k-means: with stop_data_gradient, into the keys only).
+    distances = jax.lax.stop_gradient(protos.distances.reshape(-1, m))
+    h_NxD = out.hidden.reshape(-1, out.hidden.shape[-1])
     if cfg.stop_data_gradient:
-      _, distances = prism_head.similarity_and_distance(
-          jax.lax.stop_gradient(out.hidden), keys_MxD, similarity)
-      distances = distances.reshape(-1, m)
+      h_NxD = jax.lax.stop_gradient(h_NxD)
     terms = {
-        "cluster": lambda: cluster_loss(distances, flat_mask),
-        "evidence": lambda: evidence_loss(distances, flat_mask),
+        "cluster": lambda: nearest_key_loss(h_NxD, keys_MxD, distances, flat_mask, similarity),
+        "evidence": lambda: nearest_token_loss(h_NxD, keys_MxD, distances, flat_mask,
+                                               similarity),
         "diversity": lambda: diversity_loss(keys_MxD, cfg.diversity_margin,
                                             cfg.diversity_reduce),
         "balance": lambda: balance_loss(protos.scores.reshape(-1, m),
                                         protos.activations.reshape(-1, m), flat_mask, top_k),
     }
     for name, term in terms.items():
-      value = term()
+      weight = getattr(cfg, name)
+      # A term at weight 0 is reported but adds no backward pass (balance: [N, M] dense).
+      value = term() if weight else jax.lax.stop_gradient(term())
       metrics[f"loss/{name}"] = value
-      objective += getattr(cfg, name) * value
+      if weight:
+        objective += weight * value
     usage = usage_counts(protos.activations, mask)
     metrics["prototypes/dead_in_batch"] = dead_fraction(usage)
     metrics["prototypes/temperature"] = protos.temperature

@@ -109,3 +109,52 @@ def test_stop_data_gradient_keeps_the_clustering_pull_off_the_hidden_states():
     assert float(jnp.abs(g_keys).sum()) > 0          # keys are pulled either way
     assert (float(jnp.abs(g_h).sum()) == 0) == stop  # h only without the stop
   np.testing.assert_allclose(clustering(h, keys, True), clustering(h, keys, False), rtol=1e-6)
+
+
+def test_nearest_pair_losses_equal_the_dense_losses_in_value_and_gradient():
+  """cluster/evidence recompute only the nearest pairs; the dense min over [N, M] is the
+  reference for the value and for the gradient into both h and the keys."""
+  rng = np.random.default_rng(1)
+  h = jnp.asarray(rng.normal(size=(9, 6)), jnp.float32)
+  keys = jnp.asarray(rng.normal(size=(7, 6)), jnp.float32)
+  mask = jnp.asarray([1, 1, 0, 1, 1, 1, 0, 1, 1], jnp.float32)
+  for similarity in ("cosine", "dot", "neg_sq_distance"):
+    pairs = [(losses.nearest_key_loss, losses.cluster_loss),
+             (losses.nearest_token_loss, losses.evidence_loss)]
+    for gathered, dense in pairs:
+      def via_pairs(h, keys):
+        return gathered(h, keys, _distances(h, keys, similarity), mask, similarity)
+
+      def via_dense(h, keys):
+        return dense(_distances(h, keys, similarity), mask)
+
+      np.testing.assert_allclose(via_pairs(h, keys), via_dense(h, keys), rtol=1e-5)
+      for got, want in zip(jax.grad(via_pairs, (0, 1))(h, keys),
+                           jax.grad(via_dense, (0, 1))(h, keys)):
+        assert float(jnp.abs(want).max()) > 0
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_a_term_at_weight_zero_is_reported_and_adds_no_gradient():
+  from prism_jax.config import LossConfig, PrototypeConfig
+  from prism_jax.models.lm import LMOutput
+
+  rng = np.random.default_rng(2)
+  h = jnp.asarray(rng.normal(size=(1, 6, 4)), jnp.float32)
+  keys = jnp.asarray(rng.normal(size=(5, 4)), jnp.float32)
+  batch = {"targets": jnp.zeros((1, 6), jnp.int32), "loss_mask": jnp.ones((1, 6))}
+  pcfg = PrototypeConfig(num_prototypes=5, top_k=2)
+
+  def objective(h, balance):
+    _, protos = prism_head.prototype_logits(h, keys, keys, jnp.log(0.1), jnp.zeros((2, 4)),
+                                            pcfg)
+    out = LMOutput(logits=jnp.zeros((1, 6, 2)), hidden=h, prototypes=protos)
+    cfg = LossConfig(cluster=0.0, evidence=0.0, diversity=0.0, balance=balance)
+    loss, metrics = losses.total_loss(out, batch, keys, cfg, 2)
+    return loss, metrics["loss/balance"]
+
+  (_, reported), g_off = jax.value_and_grad(objective, has_aux=True)(h, 0.0)
+  _, g_on = jax.value_and_grad(objective, has_aux=True)(h, 1.0)
+  assert float(reported) > 0.5                    # computed and logged
+  assert float(jnp.abs(g_off).sum()) == 0         # but no pull at weight 0
+  assert float(jnp.abs(g_on).sum()) > 0

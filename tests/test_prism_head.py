@@ -323,3 +323,40 @@ def test_attention_stays_inside_a_document():
                positions=positions[:, :8], segment_ids=np.ones((8, 8), np.int32))
   np.testing.assert_allclose(lm.forward(graphdef, params, alone).logits, a[:, 8:], rtol=1e-5,
                              atol=1e-5)
+
+
+@pytest.mark.parametrize("similarity, extra", [
+    ("cosine", {}), ("dot", {}), ("neg_sq_distance", {}),
+    ("cosine", {"thresholds": True}), ("dot", {"base_prototype": True}),
+    ("cosine", {"suppress": True})])
+def test_gradient_through_the_selected_keys_equals_the_dense_gradient(similarity, extra):
+  """The head's weights take their gradient from the k gathered keys; the reference mixes
+  the dense activations, whose gradient runs through the whole [B, L, M] score product."""
+  rng = np.random.default_rng(3)
+  b, l, d, m, v, k = 2, 5, 8, 12, 11, 4
+  h, keys, values, emb = (jnp.asarray(rng.normal(size=s), jnp.float32)
+                          for s in [(b, l, d), (m, d), (m, d), (v, d)])
+  thresholds = (jnp.asarray(rng.normal(scale=0.2, size=(m,)), jnp.float32)
+                if extra.get("thresholds") else None)
+  # 9 of 12 suppressed with k = 4: a suppressed prototype fills the last slot at weight 0
+  suppressed = (jnp.arange(m) % 4 != 0) if extra.get("suppress") else None
+  cfg = PrototypeConfig(num_prototypes=m, top_k=k, similarity=similarity,
+                        base_prototype=extra.get("base_prototype", False))
+  probe = jnp.asarray(rng.normal(size=(b, l, v)), jnp.float32)
+
+  def objective(h, keys, values, log_tau, thresholds, dense):
+    logits, out = prism_head.prototype_logits(h, keys, values, log_tau, emb, cfg, suppressed,
+                                              thresholds_M=thresholds)
+    if dense:
+      logits = prism_head.logits_from_mixture(
+          prism_head.mix_values(out.activations, values), emb)
+    return jnp.sum(logits * probe)
+
+  args = (h, keys, values, jnp.log(0.3), thresholds)
+  argnums = (0, 1, 2, 3) + ((4,) if thresholds is not None else ())
+  sparse = jax.grad(objective, argnums)(*args, False)
+  dense = jax.grad(objective, argnums)(*args, True)
+  np.testing.assert_allclose(objective(*args, False), objective(*args, True), rtol=1e-5)
+  for got, want in zip(sparse, dense):
+    assert float(jnp.abs(want).max()) > 0
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

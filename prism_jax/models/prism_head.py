@@ -88,6 +88,25 @@ def similarity_and_distance(h_BxLxD, keys_MxD, similarity: str):
   return jnp.log((sq_dist + 1.0) / (sq_dist + _NEG_SQ_EPS)), sq_dist
 
 
+def selected_similarity_and_distance(h_BxLxD, keys_BxLxkxD, similarity: str):
+  """`similarity_and_distance` for k keys per position (gathered rows), [B, L, k].
+
+  The same formulas on k instead of M keys: the gradient of a selected score costs k*D
+  per position instead of the M*D of the dense product's backward pass.
+  """
+  h = h_BxLxD.astype(jnp.float32)
+  keys = keys_BxLxkxD.astype(jnp.float32)
+  dot = jnp.einsum("bld,blkd->blk", h, keys)
+  inv_h = jax.lax.rsqrt(jnp.sum(h * h, -1, keepdims=True) + 1e-12)
+  inv_keys = jax.lax.rsqrt(jnp.sum(keys * keys, -1) + 1e-12)
+  if similarity in ("dot", "cosine"):
+    cos = dot * inv_h * inv_keys
+    return (dot if similarity == "dot" else cos), 1.0 - cos
+  sq_dist = jnp.maximum(jnp.sum(h * h, -1, keepdims=True) - 2.0 * dot
+                        + jnp.sum(keys * keys, -1), 0.0)
+  return jnp.log((sq_dist + 1.0) / (sq_dist + _NEG_SQ_EPS)), sq_dist
+
+
 def _select_top_k(scores_NxM, k: int, axis_name: str | None, bias_M=None):
   """Top-k of relu(scores) over M, where M may be this shard's slice of the bank.
 
@@ -219,27 +238,45 @@ def prototype_logits(h_BxLxD, keys_MxD, values_MxD, log_temperature, unembedding
     chex.assert_shape(suppressed_M, (m,))
   sim, dist = similarity_and_distance(h_BxLxD, keys_MxD, cfg.similarity)
   tau = temperature(log_temperature, cfg)
-  if thresholds_M is not None:
-    sim = sim - thresholds_M.astype(jnp.float32)
-  scores = sharding.constrain(sim / tau, ("batch", "length", "prototypes"))
-  if cfg.base_prototype:
-    # Prototype 0: a constant score 1 (so a_0 = 1) and forced into every top-k.
-    base_M = jnp.arange(m) == 0
-    scores = jnp.where(base_M, 1.0, scores)
+  base_M = jnp.arange(m) == 0
+
+  def finish_scores(sim_, ids):
+    """sim -> scores for prototype ids `ids` (broadcast against sim_): the one recipe
+    that both the dense [B, L, M] scores and the k selected ones follow."""
+    if thresholds_M is not None:
+      sim_ = sim_ - thresholds_M.astype(jnp.float32)[ids]
+    scores_ = sim_ / tau
+    if cfg.base_prototype:  # prototype 0: a constant score 1, so a_0 = 1
+      scores_ = jnp.where(ids == 0, 1.0, scores_)
+    if suppressed_M is not None:
+      scores_ = jnp.where(suppressed_M[ids], -jnp.inf, scores_)
+    return scores_
+
+  scores = sharding.constrain(finish_scores(sim, jnp.arange(m)),
+                              ("batch", "length", "prototypes"))
+  if cfg.base_prototype:  # ... and forced into every top-k
     force_M = jnp.where(base_M, _FORCE, 0.0)
     selection_bias_M = force_M if selection_bias_M is None else selection_bias_M + force_M
-  if suppressed_M is not None:
-    scores = jnp.where(suppressed_M, -jnp.inf, scores)
   activations, top_values, top_indices = sparse_top_k(scores, cfg.top_k, selection_bias_M)
   if controller is not None:
     activations, top_values = apply_controller(activations, top_values, top_indices, controller)
   activations = sharding.constrain(activations, ("batch", "length", "prototypes"))
   if sharding.axis_size("prototypes") == 1:
     # Gather the k selected value rows (a dense [B, L, M] x [M, D] mix multiplies M - k
-    # zeros per position). The weights are re-read from the scores so they carry the
-    # gradient; they equal top_values exactly.
-    weights = (top_values if controller is not None else
-               jax.nn.relu(jnp.take_along_axis(scores, top_indices, axis=-1)))
+    # zeros per position). The weights equal top_values exactly (their forward value is
+    # read from the dense scores); their gradient comes from the k selected keys alone
+    # (the dense product's backward pass would spend M*D per position on M - k zeros).
+    if controller is not None:
+      weights = top_values
+    else:
+      sel_sim, _ = selected_similarity_and_distance(
+          h_BxLxD, jnp.take(keys_MxD, top_indices, axis=0), cfg.similarity)
+      sel_scores = finish_scores(sel_sim, top_indices)
+      dense_value = jax.lax.stop_gradient(jnp.take_along_axis(scores, top_indices, axis=-1))
+      # (a suppressed prototype can only be chosen when fewer than k remain: score -inf)
+      delta = jnp.where(jnp.isfinite(sel_scores),
+                        sel_scores - jax.lax.stop_gradient(sel_scores), 0.0)
+      weights = jax.nn.relu(dense_value + delta)
     mixed = mix_selected_values(weights, top_indices, values_MxD)
   else:  # the bank is split over devices: each shard mixes its own rows
     mixed = mix_values(activations, values_MxD)
