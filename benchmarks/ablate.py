@@ -89,6 +89,16 @@ VARIANTS: dict[str, list[str]] = {
     "dot_bias_wide_sg": ["prototypes.similarity=dot", "prototypes.key_init_std=0.02",
                          "prototypes.selection_bias_rate=0.01", "prototypes.num_prototypes=1024",
                          "prototypes.top_k=32", "losses.stop_data_gradient=true"],
+    # The wide bank made cheap: no balance loss (the selection bias balances; the loss's
+    # softmax needs a dense [B, L, M] backward pass) and the diversity term on 256 sampled
+    # keys per step; then with a diversity term that acts (per prototype).
+    "wide_lean": ["prototypes.similarity=dot", "prototypes.key_init_std=0.02",
+                  "prototypes.selection_bias_rate=0.01", "prototypes.num_prototypes=1024",
+                  "prototypes.top_k=32", "losses.balance=0", "losses.diversity_sample=256"],
+    "wide_lean_div": ["prototypes.similarity=dot", "prototypes.key_init_std=0.02",
+                      "prototypes.selection_bias_rate=0.01", "prototypes.num_prototypes=1024",
+                      "prototypes.top_k=32", "losses.balance=0", "losses.diversity_sample=256",
+                      "losses.diversity_reduce=per_prototype"],
     "dot_sg_bias": ["prototypes.similarity=dot", "prototypes.key_init_std=0.02",
                     "losses.stop_data_gradient=true", "prototypes.selection_bias_rate=0.01"],
     # Sharper weights: a learned per-prototype threshold inside the relu.

@@ -85,6 +85,9 @@ class LossConfig:
   # mean_pairs: mean over M(M-1) pairs (vanishes as M grows); per_prototype: each key's
   # summed excess over the others, averaged over keys.
   diversity_reduce: Literal["mean_pairs", "per_prototype"] = "mean_pairs"
+  # The diversity term over this many keys drawn afresh each step (an unbiased estimate of
+  # the all-pairs term at S^2 D instead of M^2 D per step); 0: every key.
+  diversity_sample: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -117,6 +117,7 @@ CONFIG_RANGES: dict[str, Range] = {
     "losses.evidence": weight(),
     "losses.diversity": weight(),
     "losses.diversity_margin": Range(float, -1.0, 1.0),
+    "losses.diversity_sample": count(0, 2**22),
     "losses.balance": weight(),
     "losses.z_loss": weight(),
     "data.validation_fraction": fraction_open(),

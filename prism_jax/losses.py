@@ -72,19 +72,27 @@ def nearest_token_loss(h_NxD, keys_MxD, distances_NxM, mask_N, similarity: str):
   return jnp.mean(jnp.where(jnp.sum(mask_N) > 0, dist_M, _BIG))
 
 
-def diversity_loss(keys_MxD, margin: float, reduce: str = "mean_pairs"):
+def diversity_loss(keys_MxD, margin: float, reduce: str = "mean_pairs", sample: int = 0,
+                   rng=None):
   """relu(cos(P_i, P_j) - margin)^2 over prototype pairs: no two collapse.
 
   mean_pairs: the mean over the M(M-1) pairs (each key's push shrinks as 1/M^2);
   per_prototype: each key's sum over the others, averaged over keys (M times larger).
+  `sample` > 0 (with `rng`): the same over `sample` keys drawn without replacement, scaled
+  so that its expectation is the all-keys value.
   """
   keys = keys_MxD.astype(jnp.float32)
+  m_all = keys.shape[0]
+  if sample and rng is not None and sample < m_all:
+    keys = jnp.take(keys, jax.random.choice(rng, m_all, (sample,), replace=False), axis=0)
   unit = keys * jax.lax.rsqrt(jnp.sum(keys * keys, -1, keepdims=True) + 1e-12)
   cos_MxM = unit @ unit.T
   m = keys.shape[0]
   off_diagonal = 1.0 - jnp.eye(m, dtype=cos_MxM.dtype)
   excess = jax.nn.relu(cos_MxM - margin) * off_diagonal
-  return jnp.sum(excess**2) / (m if reduce == "per_prototype" else max(m * (m - 1), 1))
+  pairs_mean = jnp.sum(excess**2) / max(m * (m - 1), 1)
+  # per_prototype = each key's sum over its M - 1 partners, averaged over keys
+  return pairs_mean * (m_all - 1) if reduce == "per_prototype" else pairs_mean
 
 
 def balance_loss(scores_NxM, activations_NxM, mask_N, top_k: int):
@@ -113,7 +121,7 @@ def dead_fraction(usage_M) -> jax.Array:
 
 
 def total_loss(out: LMOutput, batch: dict, keys_MxD, cfg: LossConfig, top_k: int,
-               similarity: str = "cosine"):
+               similarity: str = "cosine", step=None):
   """(weighted objective, metrics dict with every term reported separately).
 
   With `cfg.stop_data_gradient` the cluster and evidence distances are recomputed from
@@ -140,8 +148,9 @@ def total_loss(out: LMOutput, batch: dict, keys_MxD, cfg: LossConfig, top_k: int
         "cluster": lambda: nearest_key_loss(h_NxD, keys_MxD, distances, flat_mask, similarity),
         "evidence": lambda: nearest_token_loss(h_NxD, keys_MxD, distances, flat_mask,
                                                similarity),
-        "diversity": lambda: diversity_loss(keys_MxD, cfg.diversity_margin,
-                                            cfg.diversity_reduce),
+        "diversity": lambda: diversity_loss(
+            keys_MxD, cfg.diversity_margin, cfg.diversity_reduce, cfg.diversity_sample,
+            None if step is None else jax.random.fold_in(jax.random.key(17), step)),
         "balance": lambda: balance_loss(protos.scores.reshape(-1, m),
                                         protos.activations.reshape(-1, m), flat_mask, top_k),
     }

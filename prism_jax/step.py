@@ -94,7 +94,8 @@ def make_train_step(graphdef, cfg: ExperimentConfig, tx: optax.GradientTransform
     def objective(params):
       out = lm.forward(graphdef, params, batch)
       loss, metrics = losses.total_loss(out, batch, prototype_keys(params), cfg.losses,
-                                        cfg.prototypes.top_k, cfg.prototypes.similarity)
+                                        cfg.prototypes.top_k, cfg.prototypes.similarity,
+                                        state.step)
       if not prism:
         return loss, (metrics, None)
       mask = batch["loss_mask"].astype(jnp.float32)

@@ -158,3 +158,16 @@ def test_a_term_at_weight_zero_is_reported_and_adds_no_gradient():
   assert float(reported) > 0.5                    # computed and logged
   assert float(jnp.abs(g_off).sum()) == 0         # but no pull at weight 0
   assert float(jnp.abs(g_on).sum()) > 0
+
+
+def test_sampled_diversity_is_an_unbiased_estimate_of_the_all_pairs_term():
+  keys = jnp.asarray(np.random.default_rng(4).normal(size=(12, 3)), jnp.float32)
+  for reduce in ("mean_pairs", "per_prototype"):
+    full = float(losses.diversity_loss(keys, 0.0, reduce))
+    draws = [float(losses.diversity_loss(keys, 0.0, reduce, 4, jax.random.key(i)))
+             for i in range(400)]
+    assert full > 0 and len(set(draws)) > 10          # the subsets differ from step to step
+    np.testing.assert_allclose(np.mean(draws), full, rtol=0.08)
+  # a sample at least the bank size is the exact term
+  np.testing.assert_allclose(losses.diversity_loss(keys, 0.0, "mean_pairs", 12, jax.random.key(0)),
+                             losses.diversity_loss(keys, 0.0), rtol=1e-6)
