@@ -103,6 +103,21 @@ VARIANTS: dict[str, list[str]] = {
                        "prototypes.selection_bias_rate=0.01", "prototypes.num_prototypes=1024",
                        "prototypes.top_k=32", "losses.balance=0", "losses.diversity_sample=256",
                        "prototypes.base_prototype=true"],
+    # The lean wide bank with the k-means pull (the best of the wide variants at 1000 steps)
+    # and a base slice; then with the diversity term that acts.
+    "lean_sg": ["prototypes.similarity=dot", "prototypes.key_init_std=0.02",
+                "prototypes.selection_bias_rate=0.01", "prototypes.num_prototypes=1024",
+                "prototypes.top_k=32", "losses.balance=0", "losses.diversity_sample=256",
+                "losses.stop_data_gradient=true"],
+    "lean_sg_base": ["prototypes.similarity=dot", "prototypes.key_init_std=0.02",
+                     "prototypes.selection_bias_rate=0.01", "prototypes.num_prototypes=1024",
+                     "prototypes.top_k=32", "losses.balance=0", "losses.diversity_sample=256",
+                     "losses.stop_data_gradient=true", "prototypes.base_prototype=true"],
+    "lean_sg_base_div": ["prototypes.similarity=dot", "prototypes.key_init_std=0.02",
+                         "prototypes.selection_bias_rate=0.01", "prototypes.num_prototypes=1024",
+                         "prototypes.top_k=32", "losses.balance=0", "losses.diversity_sample=256",
+                         "losses.stop_data_gradient=true", "prototypes.base_prototype=true",
+                         "losses.diversity_reduce=per_prototype"],
     "dot_sg_bias": ["prototypes.similarity=dot", "prototypes.key_init_std=0.02",
                     "losses.stop_data_gradient=true", "prototypes.selection_bias_rate=0.01"],
     # Sharper weights: a learned per-prototype threshold inside the relu.

@@ -142,8 +142,11 @@ def fit(loss_fn: Callable, is_target: Callable, params, batches: Callable[[], It
   layers = {}
   for name, (qa, qs) in rotations.items():
     lam_ab = lam[name] / max(examples, 1)
+    # A site no gradient reaches (the PRISM head's dense key scores only choose the top-k;
+    # the selected keys are their own site) has Lambda = 0: damping 1 makes it score 0.
+    mean = float(np.mean(lam_ab))
     layers[name] = Layer(qa.astype(np.float32), qs.astype(np.float32), lam_ab.astype(np.float32),
-                         damping * float(np.mean(lam_ab)))
+                         damping * mean if mean > 0 else 1.0)
   return Factors(layers)
 
 

@@ -78,8 +78,7 @@ def similarity_and_distance(h_BxLxD, keys_MxD, similarity: str):
     return dot, 1.0 - cos
   if similarity == "cosine":
     h_unit = h * jax.lax.rsqrt(jnp.sum(h * h, -1, keepdims=True) + 1e-12)
-    keys_unit = keys * jax.lax.rsqrt(jnp.sum(keys * keys, -1, keepdims=True) + 1e-12)
-    cos = jnp.einsum("bld,md->blm", h_unit, keys_unit)
+    cos = jnp.einsum("bld,md->blm", h_unit, unit_rows(keys))
     return cos, 1.0 - cos
   sq_dist = (jnp.sum(h * h, -1, keepdims=True) - 2.0 * jnp.einsum("bld,md->blm", h, keys)
              + jnp.sum(keys * keys, -1))
@@ -88,14 +87,25 @@ def similarity_and_distance(h_BxLxD, keys_MxD, similarity: str):
   return jnp.log((sq_dist + 1.0) / (sq_dist + _NEG_SQ_EPS)), sq_dist
 
 
-def selected_similarity_and_distance(h_BxLxD, keys_BxLxkxD, similarity: str):
+def unit_rows(x_MxD):
+  x = x_MxD.astype(jnp.float32)
+  return x * jax.lax.rsqrt(jnp.sum(x * x, -1, keepdims=True) + 1e-12)
+
+
+def selected_similarity_and_distance(h_BxLxD, keys_BxLxkxD, similarity: str,
+                                     keys_are_unit: bool = False):
   """`similarity_and_distance` for k keys per position (gathered rows), [B, L, k].
 
   The same formulas on k instead of M keys: the gradient of a selected score costs k*D
-  per position instead of the M*D of the dense product's backward pass.
+  per position instead of the M*D of the dense product's backward pass. `keys_are_unit`
+  (cosine): the rows were gathered from `unit_rows(keys)`, as the dense path normalises.
   """
   h = h_BxLxD.astype(jnp.float32)
   keys = keys_BxLxkxD.astype(jnp.float32)
+  if similarity == "cosine" and keys_are_unit:
+    cos = jnp.einsum("bld,blkd->blk", h * jax.lax.rsqrt(jnp.sum(h * h, -1, keepdims=True)
+                                                        + 1e-12), keys)
+    return cos, 1.0 - cos
   dot = jnp.einsum("bld,blkd->blk", h, keys)
   inv_h = jax.lax.rsqrt(jnp.sum(h * h, -1, keepdims=True) + 1e-12)
   inv_keys = jax.lax.rsqrt(jnp.sum(keys * keys, -1) + 1e-12)
@@ -244,12 +254,12 @@ def prototype_logits(h_BxLxD, keys_MxD, values_MxD, log_temperature, unembedding
     """sim -> scores for prototype ids `ids` (broadcast against sim_): the one recipe
     that both the dense [B, L, M] scores and the k selected ones follow."""
     if thresholds_M is not None:
-      sim_ = sim_ - thresholds_M.astype(jnp.float32)[ids]
+      sim_ = sim_ - jnp.asarray(thresholds_M, jnp.float32)[ids]
     scores_ = sim_ / tau
     if cfg.base_prototype:  # prototype 0: a constant score 1, so a_0 = 1
       scores_ = jnp.where(ids == 0, 1.0, scores_)
     if suppressed_M is not None:
-      scores_ = jnp.where(suppressed_M[ids], -jnp.inf, scores_)
+      scores_ = jnp.where(jnp.asarray(suppressed_M)[ids], -jnp.inf, scores_)
     return scores_
 
   scores = sharding.constrain(finish_scores(sim, jnp.arange(m)),
@@ -269,8 +279,12 @@ def prototype_logits(h_BxLxD, keys_MxD, values_MxD, log_temperature, unembedding
     if controller is not None:
       weights = top_values
     else:
+      # Cosine gathers from the unit keys (an [M, D] rescaling), so that the gathered rows
+      # are the same matrix the dense scores read (one EK-FAC site, prism_jax/attribution).
+      cosine = cfg.similarity == "cosine"
+      table = unit_rows(keys_MxD) if cosine else keys_MxD
       sel_sim, _ = selected_similarity_and_distance(
-          h_BxLxD, jnp.take(keys_MxD, top_indices, axis=0), cfg.similarity)
+          h_BxLxD, jnp.take(table, top_indices, axis=0), cfg.similarity, keys_are_unit=cosine)
       sel_scores = finish_scores(sel_sim, top_indices)
       dense_value = jax.lax.stop_gradient(jnp.take_along_axis(scores, top_indices, axis=-1))
       # (a suppressed prototype can only be chosen when fewer than k remain: score -inf)
