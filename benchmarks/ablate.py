@@ -118,6 +118,10 @@ VARIANTS: dict[str, list[str]] = {
                          "prototypes.top_k=32", "losses.balance=0", "losses.diversity_sample=256",
                          "losses.stop_data_gradient=true", "prototypes.base_prototype=true",
                          "losses.diversity_reduce=per_prototype"],
+    "wide_sg_sampled": ["prototypes.similarity=dot", "prototypes.key_init_std=0.02",
+                        "prototypes.selection_bias_rate=0.01", "prototypes.num_prototypes=1024",
+                        "prototypes.top_k=32", "losses.stop_data_gradient=true",
+                        "losses.diversity_sample=256"],
     "dot_sg_bias": ["prototypes.similarity=dot", "prototypes.key_init_std=0.02",
                     "losses.stop_data_gradient=true", "prototypes.selection_bias_rate=0.01"],
     # Sharper weights: a learned per-prototype threshold inside the relu.
