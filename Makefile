@@ -37,6 +37,7 @@ test-fast: eval-data
 # and measurements under runs/bench/cache; ATTR_BENCH_ARGS=--quick is the random-weight check.
 bench: setup
 	$(PY) -m benchmarks.train_step --configs tiny small
+	$(PY) -m benchmarks.head_cost --configs tiny
 	$(PY) -m benchmarks.attribution $(ATTR_BENCH_ARGS)
 	$(PY) -m benchmarks.generation --configs tiny small
 

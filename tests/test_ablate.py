@@ -3,6 +3,8 @@
 import json
 import os
 
+import pytest
+
 from benchmarks import ablate
 
 
@@ -45,3 +47,11 @@ def test_rescoring_reuses_finished_runs_and_writes_table_and_plot(tmp_path, caps
 def test_train_command_names_the_experiment_workdir_and_overrides():
   cmd = ablate.train_command("prism_tiny", "runs/x", ["train.seed=1"])
   assert cmd[-5:] == ["--exp", "prism_tiny", "--workdir", "runs/x", "train.seed=1"]
+
+
+@pytest.mark.parametrize("spec", ["3:5", "1024", "a:b", "8:0"])
+def test_head_cost_refuses_a_bad_bank_in_one_line(spec, capsys):
+  from benchmarks import head_cost
+  with pytest.raises(SystemExit) as exit_info:
+    head_cost.main(["--banks", spec])
+  assert str(exit_info.value).startswith("error: --banks") and spec in str(exit_info.value)
