@@ -12,7 +12,6 @@ rounds), the figures to quote; the milliseconds are this machine's.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
