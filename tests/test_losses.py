@@ -84,16 +84,21 @@ def test_per_prototype_diversity_is_the_pair_mean_times_m_minus_one():
   np.testing.assert_allclose(per_prototype, mean_pairs * 5, rtol=1e-5)
 
 
+def _head_case(seed, length, d):
+  """(h [1, length, d], keys [5, d], a batch of that length, a 5-prototype top-2 config)."""
+  from prism_jax.config import PrototypeConfig
+  rng = np.random.default_rng(seed)
+  h = jnp.asarray(rng.normal(size=(1, length, d)), jnp.float32)
+  keys = jnp.asarray(rng.normal(size=(5, d)), jnp.float32)
+  batch = {"targets": jnp.zeros((1, length), jnp.int32), "loss_mask": jnp.ones((1, length))}
+  return h, keys, batch, PrototypeConfig(num_prototypes=5, top_k=2)
+
+
 def test_stop_data_gradient_keeps_the_clustering_pull_off_the_hidden_states():
   from prism_jax.config import LossConfig
   from prism_jax.models.lm import LMOutput
 
-  rng = np.random.default_rng(0)
-  h = jnp.asarray(rng.normal(size=(1, 4, 3)), jnp.float32)
-  keys = jnp.asarray(rng.normal(size=(5, 3)), jnp.float32)
-  batch = {"targets": jnp.zeros((1, 4), jnp.int32), "loss_mask": jnp.ones((1, 4))}
-  from prism_jax.config import PrototypeConfig
-  pcfg = PrototypeConfig(num_prototypes=5, top_k=2)
+  h, keys, batch, pcfg = _head_case(0, 4, 3)
 
   def clustering(h, keys, stop):
     cfg = LossConfig(cluster=1.0, evidence=1.0, diversity=0.0, balance=0.0,
@@ -136,14 +141,10 @@ def test_nearest_pair_losses_equal_the_dense_losses_in_value_and_gradient():
 
 
 def test_a_term_at_weight_zero_is_reported_and_adds_no_gradient():
-  from prism_jax.config import LossConfig, PrototypeConfig
+  from prism_jax.config import LossConfig
   from prism_jax.models.lm import LMOutput
 
-  rng = np.random.default_rng(2)
-  h = jnp.asarray(rng.normal(size=(1, 6, 4)), jnp.float32)
-  keys = jnp.asarray(rng.normal(size=(5, 4)), jnp.float32)
-  batch = {"targets": jnp.zeros((1, 6), jnp.int32), "loss_mask": jnp.ones((1, 6))}
-  pcfg = PrototypeConfig(num_prototypes=5, top_k=2)
+  h, keys, batch, pcfg = _head_case(2, 6, 4)
 
   def objective(h, balance):
     _, protos = prism_head.prototype_logits(h, keys, keys, jnp.log(0.1), jnp.zeros((2, 4)),
