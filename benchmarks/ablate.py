@@ -122,6 +122,13 @@ VARIANTS: dict[str, list[str]] = {
                         "prototypes.selection_bias_rate=0.01", "prototypes.num_prototypes=1024",
                         "prototypes.top_k=32", "losses.stop_data_gradient=true",
                         "losses.diversity_sample=256"],
+    # The same with the clustering pull at a fifth of its weight: how much of the gap the
+    # key-side pull costs cross-entropy through the selection.
+    "wide_sg_sampled_light": ["prototypes.similarity=dot", "prototypes.key_init_std=0.02",
+                              "prototypes.selection_bias_rate=0.01",
+                              "prototypes.num_prototypes=1024", "prototypes.top_k=32",
+                              "losses.stop_data_gradient=true", "losses.diversity_sample=256",
+                              "losses.cluster=0.01", "losses.evidence=0.01"],
     "dot_sg_bias": ["prototypes.similarity=dot", "prototypes.key_init_std=0.02",
                     "losses.stop_data_gradient=true", "prototypes.selection_bias_rate=0.01"],
     # Sharper weights: a learned per-prototype threshold inside the relu.

@@ -1,4 +1,4 @@
-"""`single_pass` and the streaming index over whole documents (prism-index/3).
+"""`single_pass` and the streaming index over whole documents (prism-index/4).
 
 Exactness: with every posting kept and the full softmax stored, `single_pass` equals
 `influence` (which reads stored g_t). The index covers every target of every document
@@ -216,7 +216,7 @@ def test_unembedding_term_is_the_preconditioned_dot_of_the_unembedding_gradients
 
 def test_truncated_postings_keep_the_largest_bounds(small, tmp_path):
   cfg, params, corpus = small
-  full = _build(tmp_path, cfg, params, corpus, "full", **EXACT)
+  full = _build(tmp_path, cfg, params, corpus, "full", index_keep_build_fields=True, **EXACT)
   cut = _build(tmp_path, cfg, params, corpus, "cut", **{**EXACT, "postings": 3})
   for j in range(cfg.prototypes.num_prototypes):
     tok_full, act_full = full.postings(j)
@@ -225,6 +225,41 @@ def test_truncated_postings_keep_the_largest_bounds(small, tmp_path):
     bound = act_full * (1 - _p_target(full, tok_full))
     assert np.all(np.diff(bound) <= 1e-6)  # ordered by a_tj (1 - p_t[y_t])
     np.testing.assert_array_equal(cut.all_postings(j)[0], tok_full)  # influence: all
+
+
+def test_posting_records_are_copies_and_a_query_reads_nothing_else(small, tmp_path):
+  """Each posting carries its position's fields (equal to the parts' rows), and the default
+  method scores the same after every per-position file of the parts is deleted: its read
+  is the k + 1 lists, whatever N is."""
+  cfg, params, corpus = small
+  graphdef, _ = lm.abstract_model(cfg)
+  index = _build(tmp_path, cfg, params, corpus, postings=3, target_postings=2,
+                 index_keep_build_fields=True)
+  for j in range(cfg.prototypes.num_prototypes):
+    records = index.posting_records(j)
+    np.testing.assert_array_equal(records["token"], index.postings(j)[0])
+    for field in index_lib.RECORD_FIELDS:
+      np.testing.assert_array_equal(records[field], index.gather(field, records["token"]))
+  for y in range(cfg.model.vocab_size):
+    records = index.target_posting_records(y)
+    np.testing.assert_array_equal(records["token"], index.target_postings(y))
+    for field in index_lib.RECORD_FIELDS:
+      np.testing.assert_array_equal(records[field], index.gather(field, records["token"]))
+  matrices = single_pass.HeadMatrices.of(params)
+  heads = [prototype.query_head(graphdef, params, q, cfg.data.seq_len) for q in _queries(corpus)]
+  settings = [single_pass.Settings(), single_pass.Settings("both")]
+  before = [single_pass.score(index, h, matrices, s).example_scores for h in heads
+            for s in settings]
+  assert any(np.abs(b).max() > 0 for b in before)
+  for proc in index.manifest["processes"]:
+    for part in proc["parts"]:
+      for field in index_lib.PART_FIELDS:
+        (tmp_path / "index" / part["path"] / f"{field}.npy").unlink(missing_ok=True)
+  bare = index_lib.Index(str(tmp_path / "index"))
+  after = [single_pass.score(bare, h, matrices, s).example_scores for h in heads
+           for s in settings]
+  for b, a in zip(before, after):
+    np.testing.assert_array_equal(a, b)
 
 
 def _p_target(index, tok):
@@ -239,13 +274,15 @@ def test_sharded_run_mesh_gives_the_same_index(small, tmp_path):
   cfg = dataclasses.replace(cfg, mesh=MeshConfig(2, 2, 2))
   mesh = sharding.make_mesh(cfg.mesh, jax.devices())
   attr = AttributionConfig(batch_size=1, shard_prototypes=3, neighbourhood_size=4,
-                           index_part_batches=2, index_influence=True, **EXACT)
+                           index_part_batches=2, index_influence=True,
+                           index_keep_build_fields=True, **EXACT)
   with jax.set_mesh(mesh), sharding.use_rules(cfg.mesh.rules):
     placed = jax.device_put(params, sharding.named(mesh, sharding.param_specs(
         lm.abstract_model(cfg)[1], cfg.mesh.rules)))
     indexing.build(cfg, graphdef, placed, corpus, str(tmp_path / "mesh"), attr, mesh=mesh)
   sharded = index_lib.Index(str(tmp_path / "mesh"))
-  single = _build(tmp_path, cfg, params, corpus, "one", batch_size=8, **EXACT)
+  single = _build(tmp_path, cfg, params, corpus, "one", batch_size=8,
+                  index_keep_build_fields=True, **EXACT)
   for field in ("target", "document", "offset", "top_indices", "softmax_ids"):
     np.testing.assert_array_equal(sharded.gather(field, np.arange(single.num_tokens)),
                                   single.gather(field, np.arange(single.num_tokens)))
@@ -293,7 +330,7 @@ def test_merged_parts_hold_what_the_committed_parts_held(small, tmp_path, monkey
   as the parts left unmerged."""
   cfg, params, corpus = small
   attr = dict(batch_size=1, index_part_batches=1, postings=5, softmax_top=4,
-              neighbourhood_size=4)
+              neighbourhood_size=4, index_keep_build_fields=True)
   monkeypatch.setattr(indexing, "MERGED_PART_TOKENS", 1)  # every part stays alone
   apart = _build(tmp_path, cfg, params, corpus, "apart", **attr)
   monkeypatch.setattr(indexing, "MERGED_PART_TOKENS", merged_tokens)
@@ -321,19 +358,36 @@ def test_merged_parts_hold_what_the_committed_parts_held(small, tmp_path, monkey
       np.testing.assert_array_equal(got, want)
 
 
-def test_compact_dtypes(small, tmp_path):
+def test_compact_dtypes_and_what_the_parts_keep(small, tmp_path):
+  """Ids uint16 where they fit, activations/probabilities float16. A finished index keeps
+  per position only what some query or display reads (target, document, offset): the
+  prototypes and top-r softmax live on in the postings' copies, unless
+  attr.index_keep_build_fields."""
   cfg, params, corpus = small
-  index = _build(tmp_path, cfg, params, corpus, postings=4, softmax_top=4)
+  index = _build(tmp_path, cfg, params, corpus, "lean", postings=4, softmax_top=4)
+  kept = _build(tmp_path, cfg, params, corpus, "kept", postings=4, softmax_top=4,
+                index_keep_build_fields=True)
   files = index.manifest["files"]
   part = index.manifest["processes"][0]["parts"][0]["path"]
   assert files[f"{part}/target.npy"]["dtype"] == "uint16"
-  assert files[f"{part}/softmax_ids.npy"]["dtype"] == "uint16"
-  assert files[f"{part}/softmax_probs.npy"]["dtype"] == "float16"
-  assert files[f"{part}/top_indices.npy"]["dtype"] == "uint16"
-  chex.assert_shape(index.gather("softmax_probs", np.arange(5)), (5, 4))
-  chex.assert_shape(index.gather("top_values", np.arange(5)), (5, cfg.prototypes.top_k))
+  shard = index.manifest["shards"][0]["path"]
+  assert files[f"{shard}/posting_softmax_ids.npy"]["dtype"] == "uint16"
+  assert files[f"{shard}/posting_softmax_probs.npy"]["dtype"] == "float16"
+  assert files[f"{shard}/posting_top_indices.npy"]["dtype"] == "uint16"
+  assert files["targets/target_softmax_probs.npy"]["dtype"] == "float16"
+  chex.assert_shape(index.posting_records(0)["softmax_probs"], (4, 4))
+  chex.assert_shape(index.posting_records(0)["top_values"], (4, cfg.prototypes.top_k))
+  build_only = {"top_indices", "top_values", "softmax_ids", "softmax_probs", "p_target"}
+  names = lambda ix: {rel.rsplit("/", 1)[1][:-4] for rel in ix.manifest["files"]
+                      if rel.startswith("processes/")}
+  assert not names(index) & build_only
+  assert build_only <= names(kept)
+  for rel in kept.manifest["files"]:
+    assert (tmp_path / "kept" / rel).exists()
   per_token = index.manifest["bytes_per_token"]
   assert per_token["single_pass"] > 0 and per_token["all"] >= per_token["single_pass"]
+  assert kept.manifest["bytes_by_method"] == index.manifest["bytes_by_method"]
+  assert kept.manifest["bytes_total"] > index.manifest["bytes_total"]
 
 
 def test_bad_input_is_one_line(small, tmp_path):

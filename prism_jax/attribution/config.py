@@ -26,6 +26,9 @@ class AttributionConfig:
   neighbourhood_size: int = 64    # top activating training positions kept per prototype
   shard_prototypes: int = 256     # prototypes per index shard
   index_influence: bool = False   # also store g_t [N, D] + every posting (influence; small N)
+  # Keep each position's prototypes, top-r softmax and p_t[y_t] in the parts once the index
+  # is finished (no query reads them there: the postings carry copies; ~60 bytes per token).
+  index_keep_build_fields: bool = False
   postings: int = 4096            # single_pass: postings kept per prototype, by bound (0: all)
   target_postings: int = 256      # single_pass: positions kept per target token, by bound
   softmax_top: int = 8            # single_pass: softmax entries stored per position (r)

@@ -1,7 +1,7 @@
 """The prototype index over every token the model trained on: format and reader.
 
 Built by one streaming pass (`build`, in indexing.py), read memory-mapped. Format
-`prism-index/3`, a directory:
+`prism-index/4`, a directory:
 
   manifest.json         format, model, step, sizes, the processes and their parts (global
                         token ids run through processes, then parts, in order), the
@@ -22,6 +22,11 @@ Built by one streaming pass (`build`, in indexing.py), read memory-mapped. Forma
     posting_offsets.npy [S+1] int64            CSR posting lists of `single_pass`: each
     posting_token.npy   [P] uint32|int64       prototype's top-T positions (T =
     posting_activation.npy [P] float16|32      attr.postings, 0 = all) by a_tj (1 - p_t[y_t])
+    posting_<field>.npy [P, ...]               each posting's own copy of its position's
+                                               RECORD_FIELDS (target, document, top_indices,
+                                               top_values, softmax_ids, softmax_probs), so a
+                                               query reads k contiguous blocks, not P random
+                                               rows of the parts
     full_offsets/full_token/full_activation    every posting (influence; only when T > 0)
     neighbour_token.npy [S, Tn] int64          `prototype`: top-Tn positions by activation,
     neighbour_activation.npy [S, Tn] float32   -1 padded; Tn = attr.neighbourhood_size
@@ -33,12 +38,16 @@ Built by one streaming pass (`build`, in indexing.py), read memory-mapped. Forma
   targets/target_offsets.npy [V+1] int64    CSR lists per vocabulary token y: the top-T'
   targets/target_token.npy [P'] uint32|int64  positions predicting y by (1 - p_t[y]) ||o_t||
                                                (T' = attr.target_postings; single_pass)
+  targets/target_<field>.npy [P', ...]       the same copies for the target postings
+                                               (every field but target, which is y itself)
   targets/target_counts.npy [V] int64        how many positions predict each token
   prototypes/curvature_basis.npy [D, D] float32  the shared basis (attr.curvature=shared,
                                                then curvature_values is diag(Q^T G_j Q))
 
 Every array opens with np.load(mmap_mode='r') (local paths; a bucket path is read whole),
-so a query touches only the rows it reads. Paths go through etils.epath.
+so a query touches only the rows it reads. `single_pass` reads only the posting copies: its
+read is O(k T + T') contiguous rows whatever N is (the parts are read by the other methods
+and for display). Paths go through etils.epath.
 """
 
 from __future__ import annotations
@@ -61,9 +70,12 @@ from prism_jax.checkpoint import settings_difference
 from prism_jax.config import MeshConfig
 from prism_jax.errors import UserError
 
-FORMAT = "prism-index/3"
+FORMAT = "prism-index/4"
 PART_FIELDS = ("target", "document", "offset", "top_indices", "top_values", "softmax_ids",
                "softmax_probs", "grad")
+# What single_pass scores a position from; copied into each posting (module docstring).
+RECORD_FIELDS = ("target", "document", "top_indices", "top_values", "softmax_ids",
+                 "softmax_probs")
 
 
 def default_decode(ids: Sequence[int]) -> str:
@@ -333,6 +345,30 @@ class Index:
     if self.manifest.get("curvature") == "shared":
       return values, np.asarray(self.array("prototypes/curvature_basis.npy"))
     return values, np.asarray(self.array(f"{rel}/curvature_vectors.npy")[local])
+
+  def posting_records(self, j: int) -> dict[str, np.ndarray]:
+    """Prototype j's postings with their positions' RECORD_FIELDS: {"token", "activation",
+    field: [P_j, ...]}, best bound first; one contiguous read per file."""
+    rel, local = self._shard(j)
+    offsets = self.array(f"{rel}/posting_offsets.npy")
+    lo, hi = int(offsets[local]), int(offsets[local + 1])
+    out = {"token": np.asarray(self.array(f"{rel}/posting_token.npy")[lo:hi], np.int64),
+           "activation": np.asarray(self.array(f"{rel}/posting_activation.npy")[lo:hi])}
+    for field in RECORD_FIELDS:
+      out[field] = np.asarray(self.array(f"{rel}/posting_{field}.npy")[lo:hi])
+    return out
+
+  def target_posting_records(self, y: int) -> dict[str, np.ndarray]:
+    """The target postings of token y with their positions' RECORD_FIELDS (as
+    posting_records; "target" is y throughout)."""
+    offsets = self.array("targets/target_offsets.npy")
+    lo, hi = int(offsets[y]), int(offsets[y + 1])
+    out = {"token": np.asarray(self.array("targets/target_token.npy")[lo:hi], np.int64)}
+    for field in RECORD_FIELDS:
+      if field != "target":
+        out[field] = np.asarray(self.array(f"targets/target_{field}.npy")[lo:hi])
+    out["target"] = np.full(hi - lo, y, np.int64)
+    return out
 
   def target_postings(self, y: int) -> np.ndarray:
     """Token ids of the indexed positions predicting token y, best bound first (top T')."""

@@ -13,10 +13,12 @@ commits: parts written, then the running state (processes' tables, process 0 the
 sums), then `progress.json` naming the committed batch count. A rerun after a kill resumes
 from the last commit and gives the same index as an uninterrupted run. Process 0 then
 merges the per-process tables, turns the sums into per-prototype eigendecompositions,
-writes the prototype shards and the manifest, and moves the folder into place. Before
-that it merges each process's consecutive parts into parts of up to MERGED_PART_TOKENS
-positions: a query gathers its positions part by part, so its cost grows with the number
-of part files, not only with the positions it reads.
+writes the prototype shards (each posting with a copy of its position's RECORD_FIELDS, so a
+`single_pass` query reads its k + 1 lists and nothing else) and the manifest, drops the
+per-position fields that only the build read (unless attr.index_keep_build_fields), and
+moves the folder into place. Before that it merges each process's consecutive parts into
+parts of up to MERGED_PART_TOKENS positions: `influence` and the display gather positions
+part by part, so their cost grows with the number of part files.
 """
 
 from __future__ import annotations
@@ -37,22 +39,26 @@ from prism_jax.attribution import documents as documents_lib
 from prism_jax.attribution import index_step, postings
 from prism_jax.attribution.common import TrainingSet, rows_to_batch
 from prism_jax.attribution.config import AttributionConfig
-from prism_jax.attribution.index import FORMAT, Index, default_decode, is_index
+from prism_jax.attribution.index import (FORMAT, RECORD_FIELDS, Index, default_decode,
+                                         is_index)
 from prism_jax.checkpoint import model_settings
 from prism_jax.config import MeshConfig
 from prism_jax.errors import UserError
 from prism_jax.models import lm
 
 # Which query methods read each file (bytes_by_method); "display" = text shown to users.
+# "build": read while the index is finished (the postings' copies, influence's full lists).
 USED_BY = {
-    "target": ["single_pass", "prototype"], "document": ["single_pass", "influence", "prototype"],
-    "offset": ["display"], "top_indices": ["single_pass"], "top_values": ["single_pass"],
-    "p_target": [],
-    "softmax_ids": ["single_pass"], "softmax_probs": ["single_pass"], "grad": ["influence"],
+    "target": ["display"], "document": ["influence", "prototype"],
+    "offset": ["display"], "top_indices": ["build"], "top_values": ["build"],
+    "p_target": ["build"], "softmax_ids": ["build"], "softmax_probs": ["build"],
+    "grad": ["influence"],
     "doc_ordinal": ["display"], "doc_record": ["display"], "doc_offsets": ["display"],
     "doc_tokens": ["display"],
     "posting_offsets": ["single_pass"], "posting_token": ["single_pass"],
     "posting_activation": ["single_pass"],
+    **{f"posting_{field}": ["single_pass"] for field in RECORD_FIELDS},
+    **{f"target_{field}": ["single_pass"] for field in RECORD_FIELDS if field != "target"},
     "target_offsets": ["single_pass"], "target_token": ["single_pass"],
     "target_counts": ["single_pass"],
     "full_offsets": ["influence"], "full_token": ["influence"], "full_activation": ["influence"],
@@ -63,7 +69,7 @@ USED_BY = {
 }
 METHODS = ("single_pass", "prototype", "influence")
 CONTENT_KNOBS = ("postings", "target_postings", "softmax_top", "neighbourhood_size",
-                 "index_influence", "index_dtype", "batch_size", "index_part_batches",
+                 "index_influence", "index_keep_build_fields", "index_dtype", "batch_size", "index_part_batches",
                  "index_examples", "index_seed", "span_tokens", "shard_prototypes", "curvature")
 
 
@@ -476,6 +482,8 @@ def _finish(cfg, attr, work: epath.Path, fingerprint: dict, setup: _Setup, e_VxD
       save(f"{rel}/{prefix}_token.npy", token.astype(token_dtype), USED_BY[f"{prefix}_token"])
       save(f"{rel}/{prefix}_activation.npy", act.astype(setup.dtype),
            USED_BY[f"{prefix}_activation"])
+    for field, array in _records_of(reader, lists["posting"][1], RECORD_FIELDS).items():
+      save(f"{rel}/posting_{field}.npy", array, USED_BY[f"posting_{field}"])
     neighbours = tables["neighbours"]
     token = neighbours.token[start:stop]
     save(f"{rel}/neighbour_token.npy", token, USED_BY["neighbour_token"])
@@ -504,9 +512,20 @@ def _finish(cfg, attr, work: epath.Path, fingerprint: dict, setup: _Setup, e_VxD
   offsets, token, _ = postings.from_top(tables["targets"])
   save("targets/target_offsets.npy", offsets, USED_BY["target_offsets"])
   save("targets/target_token.npy", token.astype(token_dtype), USED_BY["target_token"])
+  fields = [f for f in RECORD_FIELDS if f != "target"]  # a list's target is its token y
+  for field, array in _records_of(reader, token, fields).items():
+    save(f"targets/target_{field}.npy", array, USED_BY[f"target_{field}"])
   save("targets/target_counts.npy", tables["target_counts"].counts, USED_BY["target_counts"])
   if basis is not None:
     save("prototypes/curvature_basis.npy", basis.astype(np.float32), USED_BY["curvature_vectors"])
+  for old in list(work.glob("sums_*.npz")) + [work / "progress.json"]:
+    _remove(old)
+  if not attr.index_keep_build_fields:  # copied into the postings above
+    for proc in manifest["processes"]:
+      for part in proc["parts"]:
+        for name, used_by in USED_BY.items():
+          if used_by == ["build"]:
+            _remove(work / part["path"] / f"{name}.npy")
   for proc in manifest["processes"]:
     for part in proc["parts"]:
       for f in sorted((work / part["path"]).glob("*.npy")):
@@ -516,8 +535,6 @@ def _finish(cfg, attr, work: epath.Path, fingerprint: dict, setup: _Setup, e_VxD
             "bytes": f.stat().length, "used_by": USED_BY[name],
             "shape": list(array.shape) if array is not None else None,
             "dtype": str(array.dtype) if array is not None else None}
-  for old in list(work.glob("sums_*.npz")) + [work / "progress.json"]:
-    _remove(old)
   for proc in work.glob("processes/*"):
     for old in list(proc.glob("state_*.npz")) + list(proc.glob("progress_*.json")):
       _remove(old)
@@ -561,6 +578,12 @@ def _merged_tables(work, processes, bases, batches: int, attr, m: int, vocab: in
     for name, table in merged.items():
       table.merge(own[name].load(state, name), bases[i])
   return merged
+
+
+def _records_of(reader: Index, token: np.ndarray, fields) -> dict[str, np.ndarray]:
+  """Each listed position's fields, copied in list order (the posting records)."""
+  token = np.asarray(token, np.int64)
+  return {field: reader.gather(field, token) for field in fields}
 
 
 def _all_postings(reader: Index, m: int):

@@ -49,7 +49,7 @@ import numpy as np
 
 from prism_jax.attribution import curvature
 from prism_jax.attribution.config import AttributionConfig
-from prism_jax.attribution.index import Index
+from prism_jax.attribution.index import RECORD_FIELDS, Index
 from prism_jax.attribution.prototype import QueryHead, Scores, document_scores
 from prism_jax.models import lm
 
@@ -119,17 +119,18 @@ def expected_w(w_V: np.ndarray, ids_NxR: np.ndarray, probs_NxR: np.ndarray, tail
 
 
 def _unembedding_scores(index: Index, head: QueryHead, matrices: HeadMatrices,
-                        settings: Settings, unique, target, ids, probs) -> np.ndarray:
-  """s_E(q, t) for the positions `unique` (module docstring)."""
+                        settings: Settings, records: dict) -> np.ndarray:
+  """s_E(q, t) for the candidate positions `records` (module docstring)."""
   f = index.target_frequency()
   r_q = head.probs.copy()
   r_q[head.target] -= 1.0
   u = r_q / (f + settings.unembedding_damping)
   c_M = matrices.u_MxD @ head.mix  # U o_q
-  act = index.gather("top_values", unique).astype(np.float64)
-  protos = index.gather("top_indices", unique).astype(np.int64)
+  act = records["top_values"].astype(np.float64)
+  protos = records["top_indices"].astype(np.int64)
   overlap = np.sum(act * c_M[protos], axis=-1)  # o_t . o_q
-  out = (expected_w(u, ids, probs, settings.tail, f) - u[target]) * overlap
+  ids, probs = records["softmax_ids"], records["softmax_probs"]
+  out = (expected_w(u, ids, probs, settings.tail, f) - u[records["target"]]) * overlap
   if settings.context_sharpness > 0:
     out *= prediction_similarity(head.probs, ids, probs) ** settings.context_sharpness
   return out
@@ -156,33 +157,35 @@ def _scored(index: Index, head: QueryHead, matrices: HeadMatrices, settings: Set
   values = settings.terms in ("values", "both")
   unembedding = settings.terms in ("unembedding", "both")
   active = [(int(j), float(a)) for a, j in zip(head.top_values, head.top_indices) if a > 0]
-  lists = [index.postings(j) for j, _ in active]
-  toks = [tok for tok, _ in lists]
+  # Every list carries its positions' records: the read is the lists themselves.
+  lists = [index.posting_records(j) for j, _ in active]
   if unembedding:
-    toks.append(index.target_postings(head.target))
-  tok = np.concatenate(toks) if toks else np.zeros(0, np.int64)
+    lists.append(index.target_posting_records(head.target))
+  tok = np.concatenate([l["token"] for l in lists]) if lists else np.zeros(0, np.int64)
   if not len(tok):
     return np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64)
-  # Each position read once (sorted, so the reads follow the files), for every list.
-  unique, inverse = np.unique(tok, return_inverse=True)
-  target = index.gather("target", unique).astype(np.int64)
-  ids = index.gather("softmax_ids", unique).astype(np.int64)
-  probs = index.gather("softmax_probs", unique)
+  # A position in several lists is scored once (its copies are equal).
+  unique, first, inverse = np.unique(tok, return_index=True, return_inverse=True)
+  records = {field: np.concatenate([l[field] for l in lists])[first]
+             for field in RECORD_FIELDS}
+  records["target"] = records["target"].astype(np.int64)
+  records["softmax_ids"] = records["softmax_ids"].astype(np.int64)
   total = np.zeros(len(unique))
   if unembedding:
-    total += _unembedding_scores(index, head, matrices, settings, unique, target, ids, probs)
+    total += _unembedding_scores(index, head, matrices, settings, records)
   if values:
+    target, ids, probs = records["target"], records["softmax_ids"], records["softmax_probs"]
     at = 0
-    for (j, a_q, w), (_, act) in zip(directions(index, head, matrices.e_VxD, settings.damping),
-                                      lists):
+    for (j, a_q, w), posting in zip(directions(index, head, matrices.e_VxD, settings.damping),
+                                    lists):
+      act = posting["activation"].astype(np.float64)
       rows = inverse[at:at + len(act)]
       at += len(act)
       prior = index.softmax_prior(j) if settings.tail == "prototype" else None
       s = a_q * act * (expected_w(w, ids[rows], probs[rows], settings.tail, prior)
                        - w[target[rows]])
       total += np.bincount(rows, weights=s, minlength=len(unique))
-  document = index.gather("document", unique).astype(np.int64)
-  return unique, total, document
+  return unique, total, records["document"].astype(np.int64)
 
 
 def token_scores(index: Index, head: QueryHead, matrices: HeadMatrices,
