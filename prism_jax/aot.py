@@ -297,12 +297,14 @@ def compile_for_topology(cfg, topology: Topology, steps=STEPS, attr=None,
 
     say(f"compiling index step for {topology.name} ...")
     # The index pass as `index` runs it: the run's mesh and rules, parameters laid out like
-    # training, the curvature sums on the bank's axis. Exact D x D blocks per prototype do
-    # not fit at pod scale ([M, D, D]); the shared basis keeps one D-vector per prototype.
+    # training, the curvature sums on the bank's axis. Planned with the values term's
+    # curvature by default (the costlier pass; the default method's needs none). Exact
+    # D x D blocks per prototype do not fit at pod scale ([M, D, D]); the shared basis keeps
+    # one D-vector per prototype.
     attr = attr or AttributionConfig(curvature="shared")
     shared = attr.curvature == "shared"
     m, v, d = cfg.prototypes.num_prototypes, cfg.model.vocab_size, cfg.model.d_model
-    shapes = {"pi": (m, v), **({"sq": (m, d)} if shared else {"s": (m, d, d)})}
+    shapes = index_step.sum_shapes(attr.curvature, m, v, d)
     with sharding.use_rules(rules):
       sums = {k: jax.ShapeDtypeStruct(shape, jax.numpy.float32, sharding=NamedSharding(
           mesh, sharding.logical_to_spec(index_step.AXES[k]))) for k, shape in shapes.items()}

@@ -30,7 +30,8 @@ def main():
   corpus = _corpus([5, 9, 20, 2, 1, 17, 30, 12, 25], cfg.model.vocab_size)
   attr = AttributionConfig(batch_size=2, shard_prototypes=3, neighbourhood_size=4,
                            index_part_batches=2, postings=0, softmax_top=32,
-                           index_dtype="float32", index_keep_build_fields=True)
+                           index_dtype="float32", index_keep_build_fields=True,
+                           curvature="blocks")
   with jax.set_mesh(mesh), sharding.use_rules(cfg.mesh.rules):
     specs = sharding.param_specs(lm.abstract_model(cfg)[1], cfg.mesh.rules)
     placed = jax.tree.map(

@@ -52,7 +52,8 @@ def _docs(corpus):
 
 def _build(tmp_path, cfg, params, corpus, name="index", devices=None, **attr):
   attr = AttributionConfig(**{"batch_size": 2, "shard_prototypes": 3, "neighbourhood_size": 4,
-                              "index_part_batches": 2, "index_influence": True, **attr})
+                              "index_part_batches": 2, "index_influence": True,
+                              "curvature": "blocks", **attr})
   out = str(tmp_path / name)
   graphdef, _ = lm.abstract_model(cfg)
   indexing.build(cfg, graphdef, params, corpus, out, attr,
@@ -274,7 +275,7 @@ def test_sharded_run_mesh_gives_the_same_index(small, tmp_path):
   cfg = dataclasses.replace(cfg, mesh=MeshConfig(2, 2, 2))
   mesh = sharding.make_mesh(cfg.mesh, jax.devices())
   attr = AttributionConfig(batch_size=1, shard_prototypes=3, neighbourhood_size=4,
-                           index_part_batches=2, index_influence=True,
+                           index_part_batches=2, index_influence=True, curvature="blocks",
                            index_keep_build_fields=True, **EXACT)
   with jax.set_mesh(mesh), sharding.use_rules(cfg.mesh.rules):
     placed = jax.device_put(params, sharding.named(mesh, sharding.param_specs(
@@ -304,7 +305,7 @@ def test_a_killed_build_resumes_to_the_same_index(small, tmp_path):
   cfg, params, corpus = small
   graphdef, _ = lm.abstract_model(cfg)
   attr = AttributionConfig(batch_size=2, shard_prototypes=3, neighbourhood_size=4,
-                           index_part_batches=2, postings=5, softmax_top=4)
+                           index_part_batches=2, postings=5, softmax_top=4, curvature="blocks")
   whole = tmp_path / "whole"
   indexing.build(cfg, graphdef, params, corpus, str(whole), attr, devices=jax.devices()[:1])
   out = tmp_path / "resumed"
@@ -388,6 +389,37 @@ def test_compact_dtypes_and_what_the_parts_keep(small, tmp_path):
   assert per_token["single_pass"] > 0 and per_token["all"] >= per_token["single_pass"]
   assert kept.manifest["bytes_by_method"] == index.manifest["bytes_by_method"]
   assert kept.manifest["bytes_total"] > index.manifest["bytes_total"]
+
+
+def test_an_index_without_curvature_serves_the_default_method(small, tmp_path):
+  """attr.curvature=none (the default): no per-prototype curvature or average softmax is
+  summed or stored, the default term scores exactly as with them, and what needs them (the
+  values term, influence) says so in one line; `attribute` builds them for those methods."""
+  cfg, params, corpus = small
+  graphdef, _ = lm.abstract_model(cfg)
+  lean = _build(tmp_path, cfg, params, corpus, "lean", postings=4, curvature="none",
+                index_influence=False)
+  full = _build(tmp_path, cfg, params, corpus, "full", postings=4, index_influence=False)
+  assert lean.manifest["curvature"] == "none"
+  assert not [rel for rel in lean.manifest["files"] if "curvature" in rel or "prior" in rel]
+  assert lean.manifest["bytes_by_method"]["single_pass"] < full.manifest["bytes_by_method"][
+      "single_pass"]
+  matrices = single_pass.HeadMatrices.of(params)
+  for query in _queries(corpus):
+    head = prototype.query_head(graphdef, params, query, cfg.data.seq_len)
+    np.testing.assert_array_equal(single_pass.score(lean, head, matrices).example_scores,
+                                  single_pass.score(full, head, matrices).example_scores)
+    with pytest.raises(UserError, match="built with attr.curvature=none.*rebuild with"):
+      single_pass.score(lean, head, matrices, _values(1e-3))
+  with pytest.raises(UserError, match="attr.curvature=none"):
+    run_lib.prepare("influence", cfg, graphdef, params, None, AttributionConfig(),
+                    index_dir=str(tmp_path / "lean"), build_index=False)
+  rows = [d[:9] for d in _docs(corpus) if len(d) >= 9]
+  train = common.from_rows(np.stack(rows))
+  built = run_lib.prepare("influence", cfg, graphdef, params, train, AttributionConfig(),
+                          index_dir=str(tmp_path / "auto"))
+  assert index_lib.Index(str(tmp_path / "auto")).manifest["curvature"] == "blocks"
+  assert built.query(_queries(corpus)[0]).example_scores.shape == (train.num_examples,)
 
 
 def test_bad_input_is_one_line(small, tmp_path):
@@ -567,7 +599,7 @@ def test_tail_estimates_against_the_full_softmax(trained_documents, tmp_path):
 
   def build(name, r, dtype):
     attr = AttributionConfig(batch_size=8, postings=0, softmax_top=r, index_dtype=dtype,
-                             index_influence=False)
+                             index_influence=False, curvature="blocks")
     indexing.build(cfg, graphdef, params, corpus, str(tmp_path / name), attr,
                     devices=jax.devices()[:1])
     return index_lib.Index(str(tmp_path / name))
@@ -609,5 +641,5 @@ def test_shared_basis_curvature_is_the_diagonal_of_each_block_in_that_basis(smal
                            _values(1e-2)).example_scores
   slow = influence.score(shared, head, 1e-2).example_scores
   np.testing.assert_allclose(fast, slow, rtol=1e-5, atol=1e-6 * np.abs(slow).max())
-  with pytest.raises(UserError, match="attr.curvature='diag' must be blocks or shared"):
+  with pytest.raises(UserError, match="attr.curvature='diag' must be none, blocks or shared"):
     _build(tmp_path, cfg, params, corpus, "bad", curvature="diag")

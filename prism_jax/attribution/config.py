@@ -34,8 +34,12 @@ class AttributionConfig:
   softmax_top: int = 8            # single_pass: softmax entries stored per position (r)
   index_dtype: Literal["float16", "float32"] = "float16"  # stored activations/probabilities
   index_part_batches: int = 16    # batches per part file (and per resumable commit)
-  # Per-prototype G_j of the values term: exact "blocks" or a "shared" basis (scale).
-  curvature: Literal["blocks", "shared"] = "blocks"
+  # Per-prototype G_j and average softmax, read only by the values term (and `influence`):
+  # "none" (the default method, the unembedding term, needs neither; the index pass is then
+  # about one forward pass per batch instead of ~25x one at prism_1b), exact "blocks", or a
+  # "shared" basis (scale). `attribute` builds with blocks when its method needs them, and
+  # index_influence implies blocks.
+  curvature: Literal["none", "blocks", "shared"] = "none"
   # single_pass: which head gradient it scores. "unembedding" (the default: the highest LDS
   # on real text, docs/attribution.md), "values" (= `influence`), or their sum "both".
   single_pass_terms: Literal["unembedding", "values", "both"] = "unembedding"

@@ -31,6 +31,7 @@ Built by one streaming pass (`build`, in indexing.py), read memory-mapped. Forma
     neighbour_token.npy [S, Tn] int64          `prototype`: top-Tn positions by activation,
     neighbour_activation.npy [S, Tn] float32   -1 padded; Tn = attr.neighbourhood_size
     span_offsets.npy, span_bytes.npy           their UTF-8 text spans (context, [[token]])
+    (the next three only with attr.curvature=blocks|shared: the values term's)
     softmax_prior.npy   [S, V] float16|32      Pi_j / sum(Pi_j): the prototype's average
                                                softmax (single_pass's tail estimate)
     curvature_values.npy  [S, D] float32       G_j = Q diag(lam) Q^T (curvature.py)
@@ -340,6 +341,7 @@ class Index:
   def curvature_eigen(self, j: int) -> tuple[np.ndarray, np.ndarray]:
     """(eigenvalues [D], eigenvectors [D, D]) of G_j; with attr.curvature=shared, the
     diagonal of Q^T G_j Q and the shared basis Q."""
+    self.require_curvature()
     rel, local = self._shard(j)
     values = np.asarray(self.array(f"{rel}/curvature_values.npy")[local])
     if self.manifest.get("curvature") == "shared":
@@ -383,6 +385,7 @@ class Index:
 
   def softmax_prior(self, j: int) -> np.ndarray:
     """Prototype j's average softmax, Pi_j / sum(Pi_j) [V] (weights a_tj^2)."""
+    self.require_curvature()
     rel, local = self._shard(j)
     return np.asarray(self.array(f"{rel}/softmax_prior.npy")[local], np.float64)
 
@@ -392,6 +395,12 @@ class Index:
 
   def method_bytes(self, method: str) -> int:
     return int(self.manifest["bytes_by_method"][method])
+
+  def require_curvature(self):
+    if self.manifest.get("curvature") == "none":
+      raise UserError(f"the index at {self.path} was built with attr.curvature=none (the "
+                      "default method needs none); the values term and --method influence "
+                      "need it: rebuild with attr.curvature=blocks or shared")
 
   def require_influence(self):
     if not self.manifest["has_influence"]:

@@ -9,7 +9,8 @@ statistics stay on the device and are summed across steps:
   Pi_j += sum_t a_tj^2 p_t            [M, V]
   S_j  += sum_t a_tj^2 m_t m_t^T      [M, D, D],   m_t = E^T p_t
 
-(G_j = 1/N [E^T diag(Pi_j) E - S_j], see curvature.py). The sums are dense einsums over the
+(G_j = 1/N [E^T diag(Pi_j) E - S_j], see curvature.py); with attr.curvature=none there are
+no sums and the step is the forward pass plus the top-r. The sums are dense einsums over the
 [B, L, M] activations (zero outside each position's top-k): a matmul, not a scatter. With a
 shared basis Q (attr.curvature=shared) S_j is replaced by its diagonal in that basis,
   Sq_j += sum_t a_tj^2 (Q^T m_t)^2     [M, D]
@@ -61,6 +62,8 @@ def step(graphdef, top_r: int, with_grad: bool):
 
   def fn(params, batch, sums, basis=None):
     records, p_BxLxV, act_BxLxM, e_VxD = _forward(graphdef, params, batch, top_r, with_grad)
+    if not sums:  # attr.curvature=none
+      return records, sums
     a2_BxLxM = jnp.square(act_BxLxM) * batch["loss_mask"][..., None]
     m_BxLxD = jnp.einsum("blv,vd->bld", p_BxLxV, e_VxD)
     out = {"pi": sums["pi"] + sharding.constrain(jnp.einsum("blm,blv->mv", a2_BxLxM, p_BxLxV),
@@ -80,9 +83,15 @@ def step(graphdef, top_r: int, with_grad: bool):
 AXES = {"pi": PI_AXES, "s": S_AXES, "sq": SQ_AXES}
 
 
-def zero_sums(mesh, m: int, v: int, d: int, shared: bool = False) -> dict:
+def sum_shapes(curvature: str, m: int, v: int, d: int) -> dict:
+  """The curvature sums' shapes for attr.curvature (none: no sums)."""
+  return {"none": {}, "shared": {"pi": (m, v), "sq": (m, d)},
+          "blocks": {"pi": (m, v), "s": (m, d, d)}}[curvature]
+
+
+def zero_sums(mesh, m: int, v: int, d: int, curvature: str = "blocks") -> dict:
   """Zero curvature sums laid out on `mesh` by the active rules (the bank on its axis)."""
-  shapes = {"pi": (m, v), **({"sq": (m, d)} if shared else {"s": (m, d, d)})}
+  shapes = sum_shapes(curvature, m, v, d)
   shardings = {k: NamedSharding(mesh, sharding.logical_to_spec(AXES[k])) for k in shapes}
   return jax.jit(lambda: {k: jnp.zeros(shapes[k], jnp.float32) for k in shapes},
                  out_shardings=shardings)()

@@ -264,8 +264,10 @@ def build(cfg, graphdef, params, train, out_dir, attr: AttributionConfig, *,
                     f"({vocab} tokens)")
   if attr.index_dtype not in ("float16", "float32"):
     raise UserError(f"attr.index_dtype={attr.index_dtype!r} must be float16 or float32")
-  if attr.curvature not in ("blocks", "shared"):
-    raise UserError(f"attr.curvature={attr.curvature!r} must be blocks or shared")
+  if attr.curvature not in ("none", "blocks", "shared"):
+    raise UserError(f"attr.curvature={attr.curvature!r} must be none, blocks or shared")
+  if attr.index_influence and attr.curvature == "none":
+    attr = dataclasses.replace(attr, curvature="blocks")  # influence solves with each G_j
   outputs.check_folder(out_dir, "prototype index", is_index, "--index")  # before the pass
   corpus = (documents_lib.from_training_set(train) if isinstance(train, TrainingSet)
             else train)
@@ -320,7 +322,7 @@ def _pass(graphdef, params, corpus, work: epath.Path, fingerprint: dict, setup: 
       table.load(state, name)
     sums = index_step.put_sums(setup.mesh, load_npz(work / f"sums_{batches_done:09d}.npz"))
   else:
-    sums = index_step.zero_sums(setup.mesh, m, cfg.model.vocab_size, d, basis is not None)
+    sums = index_step.zero_sums(setup.mesh, m, cfg.model.vocab_size, d, attr.curvature)
   if progress is not None and progress.get("finished"):
     return True
   fn = jax.jit(index_step.step(graphdef, attr.softmax_top, attr.index_influence),
@@ -495,6 +497,9 @@ def _finish(cfg, attr, work: epath.Path, fingerprint: dict, setup: _Setup, e_VxD
         np.int64), USED_BY["span_offsets"])
     save(f"{rel}/span_bytes.npy", np.frombuffer(b"".join(spans), np.uint8),
          USED_BY["span_bytes"])
+    manifest["shards"].append({"start": start, "stop": stop, "path": rel})
+    if attr.curvature == "none":
+      continue
     pi = np.asarray(sums["pi"][start:stop], np.float64)
     prior = pi / np.maximum(pi.sum(-1, keepdims=True), 1e-30)
     save(f"{rel}/softmax_prior.npy", prior.astype(setup.dtype), USED_BY["softmax_prior"])
@@ -508,7 +513,6 @@ def _finish(cfg, attr, work: epath.Path, fingerprint: dict, setup: _Setup, e_VxD
       values = curvature_lib.shared_values(sums["pi"][start:stop], sums["sq"][start:stop],
                                            e_VxD, basis, num_tokens)
     save(f"{rel}/curvature_values.npy", values.astype(np.float32), USED_BY["curvature_values"])
-    manifest["shards"].append({"start": start, "stop": stop, "path": rel})
   offsets, token, _ = postings.from_top(tables["targets"])
   save("targets/target_offsets.npy", offsets, USED_BY["target_offsets"])
   save("targets/target_token.npy", token.astype(token_dtype), USED_BY["target_token"])

@@ -49,10 +49,16 @@ def prepare(method: str, cfg, graphdef, params, train: common.TrainingSet,
     if build_index:
       if method == "influence":  # its g_t [N, D] is stored only on request (small N)
         attr = dataclasses.replace(attr, index_influence=True)
+      if attr.curvature == "none" and method == "single_pass" and (
+          attr.single_pass_terms != "unembedding"):
+        attr = dataclasses.replace(attr, curvature="blocks")  # the values term's G_j
       indexing.build(cfg, graphdef, params, train, index_dir, attr,
                       decode=decode or index_lib.default_decode)
     index = index_lib.Index(index_dir)
     head = lambda q: prototype.query_head(graphdef, params, q, length)
+    if method == "influence" or (method == "single_pass"
+                                 and attr.single_pass_terms != "unembedding"):
+      index.require_curvature()
     if method == "single_pass":
       matrices, settings = single_pass.HeadMatrices.of(params), single_pass.Settings.of(attr)
       return Prepared(method, lambda q: single_pass.score(index, head(q), matrices, settings),

@@ -37,7 +37,8 @@ STUDY_OVERRIDES = (
 )
 # TRAK's projection is kept below the study's example count (256); the index also keeps
 # what `influence` needs (small N).
-STUDY_ATTR = ("attr.trak_projection_dim=128", "attr.batch_size=32", "attr.index_influence=true")
+STUDY_ATTR = ("attr.trak_projection_dim=128", "attr.batch_size=32", "attr.index_influence=true",
+              "attr.curvature=blocks")  # one index for every prototype method and term
 # method -> (AttributionConfig field, candidate values); chosen on the tuning queries.
 # (First run's grids were 1e-4..1e-1 and 1e-3..1: the choices sat on their edges; EK-FAC's
 # then chose 100, the edge of 1e-2..100, so its grid now reaches 1000. single_pass's
