@@ -124,7 +124,7 @@ def total_loss(out: LMOutput, batch: dict, keys_MxD, cfg: LossConfig, top_k: int
                similarity: str = "cosine", step=None):
   """(weighted objective, metrics dict with every term reported separately).
 
-  With `cfg.stop_data_gradient` the cluster and evidence distances are recomputed from
+  With `cfg.stop_data_gradient` the cluster and evidence pairs are recomputed from
   stop_gradient(h), so those terms move only the keys (k-means style).
   """
   mask = batch["loss_mask"].astype(jnp.float32)

@@ -67,54 +67,46 @@ def temperature(log_temperature: jax.Array, cfg: PrototypeConfig) -> jax.Array:
   return jnp.clip(jnp.exp(log_temperature), cfg.min_temperature, cfg.max_temperature)
 
 
-def similarity_and_distance(h_BxLxD, keys_MxD, similarity: str):
-  """(similarity, distance) of every hidden state to every prototype key, float32 [B, L, M]."""
-  h = h_BxLxD.astype(jnp.float32)
-  keys = keys_MxD.astype(jnp.float32)
-  if similarity == "dot":  # one product; the cosine for the distance is a rescaling of it
-    dot = jnp.einsum("bld,md->blm", h, keys)
-    cos = (dot * jax.lax.rsqrt(jnp.sum(h * h, -1, keepdims=True) + 1e-12)
-           * jax.lax.rsqrt(jnp.sum(keys * keys, -1) + 1e-12))
-    return dot, 1.0 - cos
+def unit_rows(x_MxD):
+  x = x_MxD.astype(jnp.float32)
+  return x * jax.lax.rsqrt(jnp.sum(x * x, -1, keepdims=True) + 1e-12)
+
+
+def _similarity(h, keys, similarity: str, product, keys_are_unit: bool = False):
+  """(similarity, distance) with `product(h, keys)` contracting D: the one set of formulas
+  for the dense bank and for gathered rows. Cosine normalises the keys before the product,
+  so the product reads the unit keys (EK-FAC's key site, prism_jax/attribution/capture.py)."""
+  h = h.astype(jnp.float32)
+  keys = keys.astype(jnp.float32)
+  inv_h = jax.lax.rsqrt(jnp.sum(h * h, -1, keepdims=True) + 1e-12)
   if similarity == "cosine":
-    h_unit = h * jax.lax.rsqrt(jnp.sum(h * h, -1, keepdims=True) + 1e-12)
-    cos = jnp.einsum("bld,md->blm", h_unit, unit_rows(keys))
+    cos = product(h * inv_h, keys if keys_are_unit else unit_rows(keys))
     return cos, 1.0 - cos
-  sq_dist = (jnp.sum(h * h, -1, keepdims=True) - 2.0 * jnp.einsum("bld,md->blm", h, keys)
-             + jnp.sum(keys * keys, -1))
-  sq_dist = jnp.maximum(sq_dist, 0.0)
+  dot = product(h, keys)
+  key_sq = jnp.sum(keys * keys, -1)
+  if similarity == "dot":  # one product; the cosine for the distance is a rescaling of it
+    return dot, 1.0 - dot * inv_h * jax.lax.rsqrt(key_sq + 1e-12)
+  sq_dist = jnp.maximum(jnp.sum(h * h, -1, keepdims=True) - 2.0 * dot + key_sq, 0.0)
   # ProtoPNet's log-similarity: positive and decreasing in distance, so relu keeps it.
   return jnp.log((sq_dist + 1.0) / (sq_dist + _NEG_SQ_EPS)), sq_dist
 
 
-def unit_rows(x_MxD):
-  x = x_MxD.astype(jnp.float32)
-  return x * jax.lax.rsqrt(jnp.sum(x * x, -1, keepdims=True) + 1e-12)
+def similarity_and_distance(h_BxLxD, keys_MxD, similarity: str):
+  """(similarity, distance) of every hidden state to every prototype key, float32 [B, L, M]."""
+  return _similarity(h_BxLxD, keys_MxD, similarity,
+                     lambda h, keys: jnp.einsum("bld,md->blm", h, keys))
 
 
 def selected_similarity_and_distance(h_BxLxD, keys_BxLxkxD, similarity: str,
                                      keys_are_unit: bool = False):
   """`similarity_and_distance` for k keys per position (gathered rows), [B, L, k].
 
-  The same formulas on k instead of M keys: the gradient of a selected score costs k*D
-  per position instead of the M*D of the dense product's backward pass. `keys_are_unit`
-  (cosine): the rows were gathered from `unit_rows(keys)`, as the dense path normalises.
+  The gradient of a selected score costs k*D per position instead of the M*D of the dense
+  product's backward pass. `keys_are_unit` (cosine): the rows were gathered from
+  `unit_rows(keys)`, as the dense path normalises.
   """
-  h = h_BxLxD.astype(jnp.float32)
-  keys = keys_BxLxkxD.astype(jnp.float32)
-  if similarity == "cosine" and keys_are_unit:
-    cos = jnp.einsum("bld,blkd->blk", h * jax.lax.rsqrt(jnp.sum(h * h, -1, keepdims=True)
-                                                        + 1e-12), keys)
-    return cos, 1.0 - cos
-  dot = jnp.einsum("bld,blkd->blk", h, keys)
-  inv_h = jax.lax.rsqrt(jnp.sum(h * h, -1, keepdims=True) + 1e-12)
-  inv_keys = jax.lax.rsqrt(jnp.sum(keys * keys, -1) + 1e-12)
-  if similarity in ("dot", "cosine"):
-    cos = dot * inv_h * inv_keys
-    return (dot if similarity == "dot" else cos), 1.0 - cos
-  sq_dist = jnp.maximum(jnp.sum(h * h, -1, keepdims=True) - 2.0 * dot
-                        + jnp.sum(keys * keys, -1), 0.0)
-  return jnp.log((sq_dist + 1.0) / (sq_dist + _NEG_SQ_EPS)), sq_dist
+  return _similarity(h_BxLxD, keys_BxLxkxD, similarity,
+                     lambda h, keys: jnp.einsum("bld,blkd->blk", h, keys), keys_are_unit)
 
 
 def _select_top_k(scores_NxM, k: int, axis_name: str | None, bias_M=None):
