@@ -474,7 +474,7 @@ def main(argv=None):
   args.direct_graddot = int(d(args.direct_graddot, 1e5, 300))
   args.direct_influence = int(d(args.direct_influence, 1e6, 300))
   args.calibration = int(d(args.calibration, 2e4, 0))
-  args.direct_index = d(args.direct_index, "1e6", "all")
+  args.direct_index = d(args.direct_index, "all", "all")
   args.trak_examples = d(args.trak_examples, 16, 8)
   args.out = d(args.out, "runs/bench", "runs/bench/quick")
   if q:

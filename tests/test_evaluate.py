@@ -156,8 +156,8 @@ def test_missing_checkpoint_is_a_user_error(tmp_path, capsys):
 
 
 def test_saved_interventions_apply_to_evaluate(prepared, tmp_path):
-  """--controller with g = b = 0 changes nothing; --suppress of every prototype but the
-  top-k's worth changes the loss (the remaining prototypes must fill in)."""
+  """--controller with g = b = 0 changes nothing (to rounding); --suppress of every
+  prototype but the top-k's worth changes the loss (the remaining prototypes must fill in)."""
   from prism_jax.control import controller as control_lib, suppress as suppress_lib
   from prism_jax.models import prism_head
 
@@ -170,7 +170,9 @@ def test_saved_interventions_apply_to_evaluate(prepared, tmp_path):
   plain = _evaluate(workdir, "--tasks", "none")["validation"]
   controlled = _evaluate(workdir, "--tasks", "none", "--controller", identity)
   suppressed = _evaluate(workdir, "--tasks", "none", "--suppress", most)["validation"]
-  assert controlled["validation"]["loss"] == plain["loss"]
+  # Equal up to rounding: the controller is another compiled program (its fusion may order
+  # the same float operations differently).
+  assert controlled["validation"]["loss"] == pytest.approx(plain["loss"], rel=1e-6, abs=0)
   assert controlled["controller"] == identity
   assert suppressed["loss"] > plain["loss"] + 0.1
   assert suppressed["dead_prototypes"] >= (m - cfg.prototypes.top_k) / m
