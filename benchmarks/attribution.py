@@ -335,7 +335,48 @@ def _measure_trak(spec, cfg, graphdef, params, docs, queries, attr) -> dict:
           "stored_bytes": int(state.nbytes), "peak_rss": _rss("VmHWM")}
 
 
-WORKERS = {"index": worker_index, "measure": worker_measure}
+def worker_side_by_side(spec: dict) -> dict:
+  """single_pass on every built index at once, queries interleaved across them (each query
+  on every N in turn, `repeats` rounds), so machine load falls on every N alike: per N the
+  median query time and how many postings the query read (in all, and distinct positions)."""
+  import numpy as np
+
+  from prism_jax.attribution import index as index_lib, prototype, run, single_pass
+  cfg, graphdef, params, _ = load_model(spec)
+  queries = make_queries(_load_stream(spec), spec["queries"] + 1)
+  attr = attr_config(spec)
+  sizes = [int(n) for n in spec["indexes"]]
+  prepared = {n: run.prepare("single_pass", cfg, graphdef, params, None, attr,
+                             index_dir=spec["indexes"][str(n)], build_index=False)
+              for n in sizes}
+  for p in prepared.values():
+    p.query(queries[0])  # warm-up
+  times = {n: [] for n in sizes}
+  for _ in range(spec["repeats"]):
+    for q in queries[1:]:
+      for n in sizes:
+        started = time.perf_counter()
+        prepared[n].query(q)
+        times[n].append(time.perf_counter() - started)
+  read = {n: [] for n in sizes}
+  distinct = {n: [] for n in sizes}
+  matrices, settings = single_pass.HeadMatrices.of(params), single_pass.Settings.of(attr)
+  for n in sizes:
+    index = index_lib.Index(spec["indexes"][str(n)])
+    for q in queries[1:]:
+      head = prototype.query_head(graphdef, params, q, cfg.data.seq_len)
+      lists = [len(index.postings(int(j))[0]) for a, j in zip(head.top_values,
+                                                             head.top_indices) if a > 0]
+      read[n].append(sum(lists) + len(index.target_postings(head.target)))
+      distinct[n].append(len(single_pass.token_scores(index, head, matrices, settings)[0]))
+  return {"rows": [{"tokens": n, "query_s": statistics.median(times[n]),
+                    "query_times": times[n], "postings_read": float(np.mean(read[n])),
+                    "distinct_positions": float(np.mean(distinct[n]))} for n in sizes],
+          "queries": spec["queries"], "repeats": spec["repeats"]}
+
+
+WORKERS = {"index": worker_index, "measure": worker_measure,
+           "side_by_side": worker_side_by_side}
 
 
 class StageFailed(RuntimeError):
@@ -582,6 +623,7 @@ def run_benchmark(args):
                        if m in methods and any(n > cap[m] for n in sizes)
                        and sum(n <= cap[m] for n in measured_at(m)) < 2]
   calibration = {args.calibration} if needs_calibration and args.calibration else set()
+  built = {}  # N -> index folder (single_pass side by side at the end)
   for n in sorted(set(sizes) | calibration | index_extra):
     calib_only = n not in sizes
     todo = methods if not calib_only else (
@@ -592,6 +634,7 @@ def run_benchmark(args):
       try:
         index = _ensure_index(spec0, cache, key, n,
                               n <= cap["influence"] and "influence" in todo, quick)
+        built[n] = index["dir"]
       except StageFailed as e:
         index_error = e
     by = {}
@@ -655,8 +698,19 @@ def run_benchmark(args):
         _print_row(row)
       except StageFailed as e:
         rows.append(failed_row(spec, e))
+  side = None
+  if "single_pass" in methods and len(built) >= 2:
+    try:
+      side = call({**spec0, "stage": "side_by_side", "queries": args.queries,
+                   "repeats": 3, "indexes": {str(n): d for n, d in sorted(built.items())}},
+                  quick)
+      side["slope"] = _slope([(r["tokens"], r["query_s"]) for r in side["rows"]])
+      side["slope_last"] = _slope([(r["tokens"], r["query_s"]) for r in side["rows"][-2:]])
+    except StageFailed as e:
+      _log(f"  single_pass side by side FAILED: {e.args[0]}")
   result = {"label": label, "sizes": sizes, "rows": rows, "ratios": ratios(rows, sizes),
-            "slopes": slopes(rows), "seconds": time.perf_counter() - started_all,
+            "slopes": slopes(rows), "side_by_side": side,
+            "seconds": time.perf_counter() - started_all,
             "targets": {"ekfac_over_single_pass_at_1e6": 500, "trak_over_single_pass_at_1e6": 3,
                         "single_pass_slope": 0.0}}
   os.makedirs(args.out, exist_ok=True)
@@ -877,6 +931,23 @@ def report(result) -> str:
   for variant, s in result["slopes"].items():
     f = lambda v: "-" if v is None else f"{v:+.2f}"
     lines.append(f"| {variant} | {f(s['all'])} | {f(s['measured'])} |")
+  side = result.get("side_by_side")
+  if side:
+    f = lambda v: "-" if v is None else f"{v:+.2f}"
+    first = side["rows"][0]["query_s"]
+    lines += ["", f"single_pass side by side: every index open in one process, each query run "
+              f"on every N in turn ({side['queries']} queries x {side['repeats']} rounds, "
+              "median), so load falls on every N alike. A query reads its k prototype "
+              "lists and its target's list (at most k T + T' postings); the scoring work "
+              "follows the distinct positions among them:", "",
+              "| N tokens | query ms | vs smallest N | postings read | distinct positions |",
+              "|---|---|---|---|---|"]
+    for r in side["rows"]:
+      lines.append(f"| {_fmt_n(r['tokens'])} | {_ms(r['query_s'])} | "
+                   f"{r['query_s'] / first:.2f}x | {r['postings_read']:,.0f} | "
+                   f"{r['distinct_positions']:,.0f} |")
+    lines += ["", f"Log-log slope of that query time in N: {f(side['slope'])} over every N, "
+              f"{f(side['slope_last'])} between the two largest."]
   notes = [r for r in rows if r.get("note") or r.get("prepare_note", "").startswith("factors")]
   if notes:
     lines += ["", "Extrapolated and tiled rows (how each figure was obtained):", ""]

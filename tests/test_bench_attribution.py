@@ -42,6 +42,11 @@ def test_quick_benchmark_reports_every_method(tmp_path):
   for a, b in zip(sp, eq):  # equal bytes: TRAK's state is sized to single_pass's index
     assert 0.8 <= b["stored_bytes"] / a["stored_bytes"] <= 1.0001
   assert (tmp_path / "attribution_speed.png").exists()
+  side = result["side_by_side"]  # every index in one process, queries interleaved
+  assert [r["tokens"] for r in side["rows"]] == result["sizes"]
+  for r in side["rows"]:
+    assert r["query_s"] > 0 and 0 < r["distinct_positions"] <= r["postings_read"]
+  assert "single_pass side by side" in table
 
 
 def test_extrapolation_arithmetic():
