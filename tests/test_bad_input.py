@@ -98,7 +98,9 @@ ENTRY_POINTS = {
     "index": ("prism_jax.main.index", [], CHECKPOINT + [
         ("unknown attribution key", ["attr.dampin=1"], "unknown attribution key 'attr.dampin'"),
         ("curvature that is not a choice", ["attr.curvature=diag"],
-         "attr.curvature='diag' is not one of ['blocks', 'shared']"),
+         "attr.curvature='diag' is not one of ['none', 'blocks', 'shared']"),
+        ("keep-build-fields flag that is not a boolean", ["attr.index_keep_build_fields=maybe"],
+         "attr.index_keep_build_fields='maybe' is not a boolean (use true/false)"),
         ("index dtype that is not a choice", ["attr.index_dtype=int8"],
          "attr.index_dtype='int8' is not one of ['float16', 'float32']"),
         ("index folder that is the run", ["--index", RUN], "exists and is not a prototype index"),
@@ -113,6 +115,9 @@ ENTRY_POINTS = {
          "attr.single_pass_terms='all' is not one of ['unembedding', 'values', 'both']"),
         ("negative context sharpness", ["attr.context_sharpness=-1"],
          "attr.context_sharpness=-1 must be in [0, 64]"),
+        ("values term on an index without curvature",
+         ["attr.single_pass_terms=values", "--index", f"{TMP}/lean_index"],
+         "was built with attr.curvature=none"),
     ]),
     "control calibrate": ("prism_jax.main.control", ["calibrate", "--task", "piqa",
                                                          "--task-data", TMP], CHECKPOINT + [
@@ -242,6 +247,10 @@ def _bad_files(tmp, run, cfg):
   (tmp / "old_index" / "manifest.json").write_text(json.dumps({
       "format": index_lib.FORMAT, "step": 7, "model_settings": model_settings(cfg),
       "shards": [{"start": 0, "stop": m, "path": "shards/00000"}]}))
+  (tmp / "lean_index").mkdir()  # of this checkpoint, built without curvature
+  (tmp / "lean_index" / "manifest.json").write_text(json.dumps({
+      "format": index_lib.FORMAT, "step": 150, "model_settings": model_settings(cfg),
+      "curvature": "none", "shards": [{"start": 0, "stop": m, "path": "shards/00000"}]}))
 
 
 @pytest.fixture(scope="module")
