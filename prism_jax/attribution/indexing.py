@@ -69,7 +69,8 @@ USED_BY = {
 }
 METHODS = ("single_pass", "prototype", "influence")
 CONTENT_KNOBS = ("postings", "target_postings", "softmax_top", "neighbourhood_size",
-                 "index_influence", "index_keep_build_fields", "index_dtype", "batch_size", "index_part_batches",
+                 "index_influence", "index_keep_build_fields", "index_dtype", "batch_size",
+                 "index_part_batches",
                  "index_examples", "index_seed", "span_tokens", "shard_prototypes", "curvature")
 
 

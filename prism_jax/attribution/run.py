@@ -46,18 +46,19 @@ def prepare(method: str, cfg, graphdef, params, train: common.TrainingSet,
                       "(use ekfac, trak or graddot)")
     if index_dir is None:
       index_dir = os.path.join(tempfile.mkdtemp(prefix="prism_index_"), "index")
+    # The values term and influence solve with each prototype's G_j.
+    needs_curvature = method == "influence" or (method == "single_pass"
+                                                and attr.single_pass_terms != "unembedding")
     if build_index:
       if method == "influence":  # its g_t [N, D] is stored only on request (small N)
         attr = dataclasses.replace(attr, index_influence=True)
-      if attr.curvature == "none" and method == "single_pass" and (
-          attr.single_pass_terms != "unembedding"):
-        attr = dataclasses.replace(attr, curvature="blocks")  # the values term's G_j
+      if needs_curvature and attr.curvature == "none":
+        attr = dataclasses.replace(attr, curvature="blocks")
       indexing.build(cfg, graphdef, params, train, index_dir, attr,
                       decode=decode or index_lib.default_decode)
     index = index_lib.Index(index_dir)
     head = lambda q: prototype.query_head(graphdef, params, q, length)
-    if method == "influence" or (method == "single_pass"
-                                 and attr.single_pass_terms != "unembedding"):
+    if needs_curvature:
       index.require_curvature()
     if method == "single_pass":
       matrices, settings = single_pass.HeadMatrices.of(params), single_pass.Settings.of(attr)
