@@ -28,7 +28,7 @@ train: data
 	$(PY) -m prism_jax.main.train --exp $(EXP) --workdir $(WORKDIR) $(ARGS)
 
 test: eval-data
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 test-fast: eval-data
 	$(PY) -m pytest -q -m "not slow" tests
