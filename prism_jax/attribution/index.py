@@ -309,10 +309,14 @@ class Index:
     shard = shards[j // size]
     return shard["path"], j - shard["start"]
 
+  def _list(self, folder: str, prefix: str, row: int) -> tuple[int, int]:
+    """(start, stop) of CSR list `row` of the files <folder>/<prefix>_*.npy."""
+    offsets = self.array(f"{folder}/{prefix}_offsets.npy")
+    return int(offsets[row]), int(offsets[row + 1])
+
   def _csr(self, j: int, prefix: str):
     rel, local = self._shard(j)
-    offsets = self.array(f"{rel}/{prefix}_offsets.npy")
-    lo, hi = offsets[local], offsets[local + 1]
+    lo, hi = self._list(rel, prefix, local)
     return (np.asarray(self.array(f"{rel}/{prefix}_token.npy")[lo:hi], np.int64),
             np.asarray(self.array(f"{rel}/{prefix}_activation.npy")[lo:hi], np.float64))
 
@@ -352,8 +356,7 @@ class Index:
     """Prototype j's postings with their positions' RECORD_FIELDS: {"token", "activation",
     field: [P_j, ...]}, best bound first; one contiguous read per file."""
     rel, local = self._shard(j)
-    offsets = self.array(f"{rel}/posting_offsets.npy")
-    lo, hi = int(offsets[local]), int(offsets[local + 1])
+    lo, hi = self._list(rel, "posting", local)
     out = {"token": np.asarray(self.array(f"{rel}/posting_token.npy")[lo:hi], np.int64),
            "activation": np.asarray(self.array(f"{rel}/posting_activation.npy")[lo:hi])}
     for field in RECORD_FIELDS:
@@ -363,8 +366,7 @@ class Index:
   def target_posting_records(self, y: int) -> dict[str, np.ndarray]:
     """The target postings of token y with their positions' RECORD_FIELDS (as
     posting_records; "target" is y throughout)."""
-    offsets = self.array("targets/target_offsets.npy")
-    lo, hi = int(offsets[y]), int(offsets[y + 1])
+    lo, hi = self._list("targets", "target", y)
     out = {"token": np.asarray(self.array("targets/target_token.npy")[lo:hi], np.int64)}
     for field in RECORD_FIELDS:
       if field != "target":
@@ -374,9 +376,8 @@ class Index:
 
   def target_postings(self, y: int) -> np.ndarray:
     """Token ids of the indexed positions predicting token y, best bound first (top T')."""
-    offsets = self.array("targets/target_offsets.npy")
-    return np.asarray(self.array("targets/target_token.npy")[offsets[y]:offsets[y + 1]],
-                      np.int64)
+    lo, hi = self._list("targets", "target", y)
+    return np.asarray(self.array("targets/target_token.npy")[lo:hi], np.int64)
 
   def target_frequency(self) -> np.ndarray:
     """f [V]: the share of indexed positions predicting each token (float64)."""
