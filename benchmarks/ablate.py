@@ -129,6 +129,15 @@ VARIANTS: dict[str, list[str]] = {
                               "prototypes.num_prototypes=1024", "prototypes.top_k=32",
                               "losses.stop_data_gradient=true", "losses.diversity_sample=256",
                               "losses.cluster=0.01", "losses.evidence=0.01"],
+    # The best so far made wider: twice the active set, or twice the bank (M = 16 D).
+    "wide_sg_sampled_k64": ["prototypes.similarity=dot", "prototypes.key_init_std=0.02",
+                            "prototypes.selection_bias_rate=0.01",
+                            "prototypes.num_prototypes=1024", "prototypes.top_k=64",
+                            "losses.stop_data_gradient=true", "losses.diversity_sample=256"],
+    "wide_sg_sampled_m2048": ["prototypes.similarity=dot", "prototypes.key_init_std=0.02",
+                              "prototypes.selection_bias_rate=0.01",
+                              "prototypes.num_prototypes=2048", "prototypes.top_k=32",
+                              "losses.stop_data_gradient=true", "losses.diversity_sample=256"],
     "dot_sg_bias": ["prototypes.similarity=dot", "prototypes.key_init_std=0.02",
                     "losses.stop_data_gradient=true", "prototypes.selection_bias_rate=0.01"],
     # Sharper weights: a learned per-prototype threshold inside the relu.
