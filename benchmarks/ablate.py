@@ -138,6 +138,18 @@ VARIANTS: dict[str, list[str]] = {
                               "prototypes.selection_bias_rate=0.01",
                               "prototypes.num_prototypes=2048", "prototypes.top_k=32",
                               "losses.stop_data_gradient=true", "losses.diversity_sample=256"],
+    # The best so far with the keys started from the values (an autoencoder's encoder
+    # initialised from its decoder), or with the balance term moving the keys only.
+    "wide_sg_sampled_tied": ["prototypes.similarity=dot", "prototypes.key_init_std=0.02",
+                             "prototypes.selection_bias_rate=0.01",
+                             "prototypes.num_prototypes=1024", "prototypes.top_k=32",
+                             "losses.stop_data_gradient=true", "losses.diversity_sample=256",
+                             "prototypes.tie_init=true"],
+    "wide_sg_sampled_bko": ["prototypes.similarity=dot", "prototypes.key_init_std=0.02",
+                            "prototypes.selection_bias_rate=0.01",
+                            "prototypes.num_prototypes=1024", "prototypes.top_k=32",
+                            "losses.stop_data_gradient=true", "losses.diversity_sample=256",
+                            "losses.balance_keys_only=true"],
     "dot_sg_bias": ["prototypes.similarity=dot", "prototypes.key_init_std=0.02",
                     "losses.stop_data_gradient=true", "prototypes.selection_bias_rate=0.01"],
     # Sharper weights: a learned per-prototype threshold inside the relu.

@@ -56,6 +56,9 @@ class PrototypeConfig:
   # Renormalise every key to its initial norm (key_init_std * sqrt(D)) after each update, so
   # the rate at which keys turn stays fixed instead of falling as their norm grows.
   key_renorm: bool = False
+  # Keys start as the value vectors rescaled to key_init_std (a top-k autoencoder's encoder
+  # initialised from its decoder): at step 0 the head mixes h's own directions back.
+  tie_init: bool = False
   # Loss-free balancing: a per-prototype bias added to the scores for the top-k choice only
   # (the mixture weights stay bias-free), nudged by this much per step towards equal load.
   # 0: off (no bias parameter).
@@ -82,6 +85,9 @@ class LossConfig:
   # k-means style: cluster/evidence pull keys towards hidden states, never h towards keys
   # (with both sides free they collapse together, issue #13).
   stop_data_gradient: bool = False
+  # The balance term's gradient reaches the keys (and tau) only, never h: routing is evened
+  # out by moving keys, not by bending the hidden states away from cross-entropy's optimum.
+  balance_keys_only: bool = False
   # mean_pairs: mean over M(M-1) pairs (vanishes as M grows); per_prototype: each key's
   # summed excess over the others, averaged over keys.
   diversity_reduce: Literal["mean_pairs", "per_prototype"] = "mean_pairs"

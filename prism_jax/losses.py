@@ -109,6 +109,19 @@ def balance_loss(scores_NxM, activations_NxM, mask_N, top_k: int):
   return m * jnp.sum(share_M * probs_M)
 
 
+def keys_only_scores(scores_NxM, h_NxD, keys_MxD, temperature, similarity: str):
+  """`scores_NxM`'s value, with a gradient that reaches the keys and tau only.
+
+  The similarity is recomputed from stop_gradient(h) and enters as x - stop_gradient(x), a
+  zero; thresholds and a base prototype get no gradient through it.
+  """
+  sim, _ = prism_head.similarity_and_distance(jax.lax.stop_gradient(h_NxD)[None], keys_MxD,
+                                              similarity)
+  recomputed = sim[0] / temperature
+  return (jax.lax.stop_gradient(scores_NxM)
+          + recomputed - jax.lax.stop_gradient(recomputed))
+
+
 def usage_counts(activations_BxLxM, mask_BxL):
   """How many scored tokens selected each prototype, [M]."""
   chosen = (activations_BxLxM > 0) & (mask_BxL[..., None] > 0)
@@ -125,7 +138,8 @@ def total_loss(out: LMOutput, batch: dict, keys_MxD, cfg: LossConfig, top_k: int
   """(weighted objective, metrics dict with every term reported separately).
 
   With `cfg.stop_data_gradient` the cluster and evidence pairs are recomputed from
-  stop_gradient(h), so those terms move only the keys (k-means style).
+  stop_gradient(h), so those terms move only the keys (k-means style); with
+  `cfg.balance_keys_only` the balance term's gradient reaches only the keys and tau.
   """
   mask = batch["loss_mask"].astype(jnp.float32)
   ce, tokens = cross_entropy(out.logits, batch["targets"], mask)
@@ -142,6 +156,9 @@ def total_loss(out: LMOutput, batch: dict, keys_MxD, cfg: LossConfig, top_k: int
     # pairs alone (k-means: with stop_data_gradient, into the keys only).
     distances = jax.lax.stop_gradient(protos.distances.reshape(-1, m))
     h_NxD = out.hidden.reshape(-1, out.hidden.shape[-1])
+    scores = protos.scores.reshape(-1, m)
+    if cfg.balance_keys_only:
+      scores = keys_only_scores(scores, h_NxD, keys_MxD, protos.temperature, similarity)
     if cfg.stop_data_gradient:
       h_NxD = jax.lax.stop_gradient(h_NxD)
     terms = {
@@ -151,7 +168,7 @@ def total_loss(out: LMOutput, batch: dict, keys_MxD, cfg: LossConfig, top_k: int
         "diversity": lambda: diversity_loss(
             keys_MxD, cfg.diversity_margin, cfg.diversity_reduce, cfg.diversity_sample,
             None if step is None else jax.random.fold_in(jax.random.key(17), step)),
-        "balance": lambda: balance_loss(protos.scores.reshape(-1, m),
+        "balance": lambda: balance_loss(scores,
                                         protos.activations.reshape(-1, m), flat_mask, top_k),
     }
     for name, term in terms.items():

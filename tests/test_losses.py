@@ -1,5 +1,7 @@
 """Each clustering objective on hand-made inputs where its value is known."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -114,6 +116,31 @@ def test_stop_data_gradient_keeps_the_clustering_pull_off_the_hidden_states():
     assert float(jnp.abs(g_keys).sum()) > 0          # keys are pulled either way
     assert (float(jnp.abs(g_h).sum()) == 0) == stop  # h only without the stop
   np.testing.assert_allclose(clustering(h, keys, True), clustering(h, keys, False), rtol=1e-6)
+
+
+def test_balance_keys_only_moves_the_keys_exactly_as_the_full_term_and_never_h():
+  from prism_jax.config import LossConfig
+  from prism_jax.models.lm import LMOutput
+
+  h, keys, batch, pcfg = _head_case(1, 6, 4)
+  for similarity in ("cosine", "dot"):
+    head_cfg = dataclasses.replace(pcfg, similarity=similarity)
+
+    def balance(h, keys, keys_only):
+      cfg = LossConfig(cluster=0.0, evidence=0.0, diversity=0.0, balance=1.0,
+                       balance_keys_only=keys_only)
+      logits, protos = prism_head.prototype_logits(h, keys, keys, jnp.log(0.1),
+                                                   jnp.zeros((2, 4)), head_cfg)
+      out = LMOutput(logits=jax.lax.stop_gradient(logits), hidden=h, prototypes=protos)
+      _, metrics = losses.total_loss(out, batch, keys, cfg, 2, similarity)
+      return metrics["loss/balance"]
+
+    np.testing.assert_allclose(balance(h, keys, True), balance(h, keys, False), rtol=1e-6)
+    g_h_full, g_keys_full = jax.grad(balance, argnums=(0, 1))(h, keys, False)
+    g_h, g_keys = jax.grad(balance, argnums=(0, 1))(h, keys, True)
+    assert float(jnp.abs(g_h_full).sum()) > 0
+    assert float(jnp.abs(g_h).sum()) == 0
+    np.testing.assert_allclose(g_keys, g_keys_full, rtol=1e-5, atol=1e-7)
 
 
 def test_nearest_pair_losses_equal_the_dense_losses_in_value_and_gradient():

@@ -175,6 +175,16 @@ def test_key_init_scale_and_renormalisation():
       np.testing.assert_allclose(norms, std * np.sqrt(d), rtol=1e-5)
 
 
+def test_tied_init_starts_the_keys_as_the_rescaled_values_and_leaves_the_default_draw():
+  default = lm.init(tiny_config("prototypes.key_init_std=0.05"), 0)[1]["prototype_head"]
+  tied = lm.init(tiny_config("prototypes.key_init_std=0.05", "prototypes.tie_init=true"),
+                 0)[1]["prototype_head"]
+  values = np.asarray(tied["values"])
+  np.testing.assert_array_equal(values, np.asarray(default["values"]))
+  np.testing.assert_allclose(np.asarray(tied["keys"]), values * (0.05 / 0.02), rtol=1e-6)
+  assert not np.allclose(np.asarray(default["keys"]), np.asarray(tied["keys"]))
+
+
 def test_suppressed_prototypes_are_never_active():
   cfg = tiny_config()
   graphdef, params = lm.init(cfg, 0)

@@ -302,12 +302,13 @@ class PrototypeHead(nnx.Module):
     m, d = cfg.num_prototypes, model_cfg.d_model
     pd = jnp.dtype(model_cfg.param_dtype)
     keys = cfg.key_init_std * jax.random.normal(rngs.params(), (m, d), jnp.float32)
+    values = model_cfg.init_std * jax.random.normal(rngs.params(), (m, d), jnp.float32)
+    if cfg.tie_init:
+      keys = values * (cfg.key_init_std / model_cfg.init_std)
     if cfg.key_renorm:
       keys = renormalise_keys(keys, cfg, d)
     self.keys = nnx.Param(keys.astype(pd), out_sharding=("prototypes", "embed"))
-    self.values = nnx.Param(
-        (model_cfg.init_std * jax.random.normal(rngs.params(), (m, d), jnp.float32)).astype(pd),
-        out_sharding=("prototypes", "embed"))
+    self.values = nnx.Param(values.astype(pd), out_sharding=("prototypes", "embed"))
     self.log_temperature = nnx.Param(jnp.log(jnp.float32(cfg.init_temperature)))
     # Optional per-prototype state. The selection bias and the idle counter get no gradient
     # (Adam leaves a zero-gradient leaf unchanged); the train step updates them.
