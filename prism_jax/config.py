@@ -59,6 +59,10 @@ class PrototypeConfig:
   # Keys start as the value vectors rescaled to key_init_std (a top-k autoencoder's encoder
   # initialised from its decoder): at step 0 the head mixes h's own directions back.
   tie_init: bool = False
+  # How the k selected value rows are mixed: gather them (k*D floats per position, and as
+  # many for the keys' gradient) or multiply the sparse [N, M] activations by the bank (M
+  # per position). auto: gather when k*D < M. A bank split over devices always multiplies.
+  mix: Literal["auto", "gather", "dense"] = "auto"
   # Loss-free balancing: a per-prototype bias added to the scores for the top-k choice only
   # (the mixture weights stay bias-free), nudged by this much per step towards equal load.
   # 0: off (no bias parameter).

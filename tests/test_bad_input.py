@@ -81,6 +81,8 @@ ENTRY_POINTS = {
          "is not valid JSON"),
         ("workdir held by another writer", ["--workdir", f"{TMP}/locked"],
          "is in use by train (pid 1"),
+        ("mix route that is not a choice", ["prototypes.mix=sparse"],
+         "prototypes.mix='sparse' is not one of ['auto', 'gather', 'dense']"),
         ("coordinator that is no address", ["distributed.coordinator_address=nohost"],
          "is not HOST:PORT"),
         ("workdir that cannot be created", ["--workdir", "/proc/prism_run"],

@@ -350,7 +350,7 @@ def test_gradient_through_the_selected_keys_equals_the_dense_gradient(similarity
                 if extra.get("thresholds") else None)
   # 9 of 12 suppressed with k = 4: a suppressed prototype fills the last slot at weight 0
   suppressed = (jnp.arange(m) % 4 != 0) if extra.get("suppress") else None
-  cfg = PrototypeConfig(num_prototypes=m, top_k=k, similarity=similarity,
+  cfg = PrototypeConfig(num_prototypes=m, top_k=k, similarity=similarity, mix="gather",
                         base_prototype=extra.get("base_prototype", False))
   probe = jnp.asarray(rng.normal(size=(b, l, v)), jnp.float32)
 
@@ -370,3 +370,32 @@ def test_gradient_through_the_selected_keys_equals_the_dense_gradient(similarity
   for got, want in zip(sparse, dense):
     assert float(jnp.abs(want).max()) > 0
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_the_mix_routes_agree_and_auto_gathers_only_when_k_rows_are_smaller_than_the_bank():
+  rng = np.random.default_rng(5)
+  b, l, d, m, v, k = 2, 3, 5, 9, 7, 3
+  h, keys, values, emb = (jnp.asarray(rng.normal(size=s), jnp.float32)
+                          for s in [(b, l, d), (m, d), (m, d), (v, d)])
+  probe = jnp.asarray(rng.normal(size=(b, l, v)), jnp.float32)
+
+  def objective(h, keys, values, mix):
+    cfg = PrototypeConfig(num_prototypes=m, top_k=k, similarity="dot", mix=mix)
+    return jnp.sum(prism_head.prototype_logits(h, keys, values, jnp.log(0.3), emb, cfg)[0]
+                   * probe)
+
+  grads = {mix: jax.value_and_grad(objective, (0, 1, 2))(h, keys, values, mix)
+           for mix in ("gather", "dense")}
+  np.testing.assert_allclose(grads["gather"][0], grads["dense"][0], rtol=1e-5)
+  for got, want in zip(grads["gather"][1], grads["dense"][1]):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  # Only the gather route holds the k selected rows, [B, L, k, D].
+  rows = f"f32[{b},{l},{k},{d}]"
+  for mix, holds_rows in (("gather", True), ("dense", False)):
+    jaxpr = str(jax.make_jaxpr(jax.grad(objective, (0, 1, 2)), static_argnums=3)(
+        h, keys, values, mix))
+    assert (rows in jaxpr) == holds_rows, mix
+  gathers = lambda m_, k_, mix: prism_head.gathers_rows(
+      PrototypeConfig(num_prototypes=m_, top_k=k_, mix=mix), 8)
+  assert gathers(64, 4, "auto") and not gathers(32, 4, "auto")  # k D = 32
+  assert gathers(32, 4, "gather") and not gathers(64, 4, "dense")

@@ -216,6 +216,20 @@ def contributions_all_tokens(top_values_BxLxk, top_indices_BxLxk, values_MxD, un
   return top_values_BxLxk[..., None] * per_token
 
 
+def gathers_rows(cfg: PrototypeConfig, d: int) -> bool:
+  """Whether the head mixes its k selected rows by a gather (see `PrototypeConfig.mix`).
+
+  A gather reads k*D floats per position and its backward writes as many for the values and
+  again for the keys; the dense route's [N, M] activations and their gradient hold M. At
+  prism_1b (k*D = 51,200, M = 16,384) the gathered rows were 3.25 GiB per chip each.
+  """
+  if sharding.axis_size("prototypes") != 1:  # rows live on other devices
+    return False
+  if cfg.mix == "auto":
+    return cfg.top_k * d < cfg.num_prototypes
+  return cfg.mix == "gather"
+
+
 def prototype_logits(h_BxLxD, keys_MxD, values_MxD, log_temperature, unembedding_VxD,
                      cfg: PrototypeConfig, suppressed_M: jax.Array | None = None, *,
                      controller: Controller | None = None,
@@ -263,7 +277,7 @@ def prototype_logits(h_BxLxD, keys_MxD, values_MxD, log_temperature, unembedding
   if controller is not None:
     activations, top_values = apply_controller(activations, top_values, top_indices, controller)
   activations = sharding.constrain(activations, ("batch", "length", "prototypes"))
-  if sharding.axis_size("prototypes") == 1:
+  if gathers_rows(cfg, d):
     # Gather the k selected value rows (a dense [B, L, M] x [M, D] mix multiplies M - k
     # zeros per position). The weights equal top_values exactly (their forward value is
     # read from the dense scores); their gradient comes from the k selected keys alone
@@ -284,7 +298,7 @@ def prototype_logits(h_BxLxD, keys_MxD, values_MxD, log_temperature, unembedding
                         sel_scores - jax.lax.stop_gradient(sel_scores), 0.0)
       weights = jax.nn.relu(dense_value + delta)
     mixed = mix_selected_values(weights, top_indices, values_MxD)
-  else:  # the bank is split over devices: each shard mixes its own rows
+  else:  # the sparse activations times the bank (a split bank: each shard its own rows)
     mixed = mix_values(activations, values_MxD)
   logits = logits_from_mixture(mixed, unembedding_VxD)
   chex.assert_shape(logits, (batch, length, vocab))                     # [B, L, V]
