@@ -150,6 +150,16 @@ VARIANTS: dict[str, list[str]] = {
                             "prototypes.num_prototypes=1024", "prototypes.top_k=32",
                             "losses.stop_data_gradient=true", "losses.diversity_sample=256",
                             "losses.balance_keys_only=true"],
+    # The key-side pull at four times its weight (a fifth was worse), and without the
+    # selection bias (the pull and the balance term alone keep the bank in use).
+    "wide_sg_sampled_heavy": ["prototypes.similarity=dot", "prototypes.key_init_std=0.02",
+                              "prototypes.selection_bias_rate=0.01",
+                              "prototypes.num_prototypes=1024", "prototypes.top_k=32",
+                              "losses.stop_data_gradient=true", "losses.diversity_sample=256",
+                              "losses.cluster=0.2", "losses.evidence=0.2"],
+    "wide_sg_sampled_nobias": ["prototypes.similarity=dot", "prototypes.key_init_std=0.02",
+                               "prototypes.num_prototypes=1024", "prototypes.top_k=32",
+                               "losses.stop_data_gradient=true", "losses.diversity_sample=256"],
     "dot_sg_bias": ["prototypes.similarity=dot", "prototypes.key_init_std=0.02",
                     "losses.stop_data_gradient=true", "prototypes.selection_bias_rate=0.01"],
     # Sharper weights: a learned per-prototype threshold inside the relu.
