@@ -95,18 +95,23 @@ def diversity_loss(keys_MxD, margin: float, reduce: str = "mean_pairs", sample: 
   return pairs_mean * (m_all - 1) if reduce == "per_prototype" else pairs_mean
 
 
-def balance_loss(scores_NxM, activations_NxM, mask_N, top_k: int):
+def balance_loss(scores_NxM, usage_M, mask_N, top_k: int):
   """Switch-style load balance, M * sum_j f_j p_j: equals 1 when usage is uniform.
 
-  f_j: share of the batch's top-k slots taken by prototype j (not differentiable);
-  p_j: mean routing probability softmax(scores)_j (carries the gradient).
+  f_j: share of the batch's top-k slots taken by prototype j (`usage_M` over the slots; not
+  differentiable); p_j: mean routing probability softmax(scores)_j (carries the gradient).
+  The softmax is recomputed in the backward pass rather than kept: at prism_1b it is an
+  [N, M] float32 tensor of 1 GiB per chip.
   """
   m = scores_NxM.shape[-1]
   count = jnp.maximum(jnp.sum(mask_N), 1.0)
-  chosen = (activations_NxM > 0).astype(jnp.float32) * mask_N[:, None]
-  share_M = jax.lax.stop_gradient(jnp.sum(chosen, axis=0) / (count * top_k))
-  probs_M = jnp.sum(jax.nn.softmax(scores_NxM, axis=-1) * mask_N[:, None], axis=0) / count
-  return m * jnp.sum(share_M * probs_M)
+  share_M = jax.lax.stop_gradient(usage_M.astype(jnp.float32) / (count * top_k))
+
+  @jax.checkpoint
+  def mean_probs(scores):
+    return jnp.sum(jax.nn.softmax(scores, axis=-1) * mask_N[:, None], axis=0) / count
+
+  return m * jnp.sum(share_M * mean_probs(scores_NxM))
 
 
 def keys_only_scores(scores_NxM, h_NxD, keys_MxD, temperature, similarity: str):
@@ -122,10 +127,14 @@ def keys_only_scores(scores_NxM, h_NxD, keys_MxD, temperature, similarity: str):
           + recomputed - jax.lax.stop_gradient(recomputed))
 
 
-def usage_counts(activations_BxLxM, mask_BxL):
-  """How many scored tokens selected each prototype, [M]."""
-  chosen = (activations_BxLxM > 0) & (mask_BxL[..., None] > 0)
-  return jnp.sum(chosen, axis=(0, 1))
+def usage_counts(top_values_BxLxk, top_indices_BxLxk, mask_BxL, num_prototypes: int):
+  """How many scored tokens selected each prototype with a non-zero activation, [M].
+
+  Read from the k selected entries (a scatter-add into [M]), never from a dense [B, L, M].
+  """
+  chosen = (top_values_BxLxk > 0) & (mask_BxL[..., None] > 0)
+  return jnp.zeros((num_prototypes,), jnp.int32).at[top_indices_BxLxk.reshape(-1)].add(
+      chosen.reshape(-1).astype(jnp.int32), mode="drop")
 
 
 def dead_fraction(usage_M) -> jax.Array:
@@ -161,6 +170,7 @@ def total_loss(out: LMOutput, batch: dict, keys_MxD, cfg: LossConfig, top_k: int
       scores = keys_only_scores(scores, h_NxD, keys_MxD, protos.temperature, similarity)
     if cfg.stop_data_gradient:
       h_NxD = jax.lax.stop_gradient(h_NxD)
+    usage = usage_counts(protos.top_values, protos.top_indices, mask, m)
     terms = {
         "cluster": lambda: nearest_key_loss(h_NxD, keys_MxD, distances, flat_mask, similarity),
         "evidence": lambda: nearest_token_loss(h_NxD, keys_MxD, distances, flat_mask,
@@ -168,8 +178,7 @@ def total_loss(out: LMOutput, batch: dict, keys_MxD, cfg: LossConfig, top_k: int
         "diversity": lambda: diversity_loss(
             keys_MxD, cfg.diversity_margin, cfg.diversity_reduce, cfg.diversity_sample,
             None if step is None else jax.random.fold_in(jax.random.key(17), step)),
-        "balance": lambda: balance_loss(scores,
-                                        protos.activations.reshape(-1, m), flat_mask, top_k),
+        "balance": lambda: balance_loss(scores, usage, flat_mask, top_k),
     }
     for name, term in terms.items():
       weight = getattr(cfg, name)
@@ -178,7 +187,6 @@ def total_loss(out: LMOutput, batch: dict, keys_MxD, cfg: LossConfig, top_k: int
       metrics[f"loss/{name}"] = value
       if weight:
         objective += weight * value
-    usage = usage_counts(protos.activations, mask)
     metrics["prototypes/dead_in_batch"] = dead_fraction(usage)
     metrics["prototypes/temperature"] = protos.temperature
   metrics["loss/total"] = objective

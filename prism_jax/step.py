@@ -99,7 +99,8 @@ def make_train_step(graphdef, cfg: ExperimentConfig, tx: optax.GradientTransform
       if not prism:
         return loss, (metrics, None)
       mask = batch["loss_mask"].astype(jnp.float32)
-      usage = losses.usage_counts(out.prototypes.activations, mask)
+      usage = losses.usage_counts(out.prototypes.top_values, out.prototypes.top_indices, mask,
+                                  cfg.prototypes.num_prototypes)
       cosine = cfg.prototypes.similarity in ("cosine", "dot")  # distances are 1 - cos
       metrics.update(diagnostics.head_diagnostics(
           out.hidden, out.prototypes.top_values, usage, mask, prototype_keys(params),
@@ -147,7 +148,8 @@ def make_eval_step(graphdef, cfg: ExperimentConfig, *, suppressed_M=None, contro
     per_token = optax.softmax_cross_entropy_with_integer_labels(out.logits, batch["targets"])
     sums = {"loss_sum": jnp.sum(per_token * mask), "tokens": jnp.sum(mask)}
     if out.prototypes is not None:
-      sums["usage"] = losses.usage_counts(out.prototypes.activations, mask)
+      sums["usage"] = losses.usage_counts(out.prototypes.top_values, out.prototypes.top_indices,
+                                          mask, cfg.prototypes.num_prototypes)
     return sums
 
   return eval_step

@@ -48,11 +48,11 @@ def test_diversity_penalises_only_pairs_above_the_margin():
 def test_balance_is_one_for_uniform_usage_and_larger_when_collapsed():
   m, k = 4, 1
   scores = jnp.zeros((8, m))  # uniform routing probabilities
-  uniform_act = jax.nn.one_hot(jnp.arange(8) % m, m)
-  np.testing.assert_allclose(losses.balance_loss(scores, uniform_act, jnp.ones(8), k), 1.0)
+  uniform_usage = jnp.full((m,), 2)
+  np.testing.assert_allclose(losses.balance_loss(scores, uniform_usage, jnp.ones(8), k), 1.0)
   collapsed_scores = jnp.zeros((8, m)).at[:, 0].set(10.0)
-  collapsed_act = jax.nn.one_hot(jnp.zeros(8, int), m)
-  assert float(losses.balance_loss(collapsed_scores, collapsed_act, jnp.ones(8), k)) > 3.9
+  collapsed_usage = jnp.zeros((m,), jnp.int32).at[0].set(8)
+  assert float(losses.balance_loss(collapsed_scores, collapsed_usage, jnp.ones(8), k)) > 3.9
 
 
 def test_cross_entropy_matches_reference_and_ignores_masked_tokens():
@@ -69,13 +69,26 @@ def test_cross_entropy_matches_reference_and_ignores_masked_tokens():
 
 
 def test_dead_fraction_counts_unused_prototypes():
-  activations = jnp.zeros((1, 2, 4)).at[0, 0, 1].set(1.0).at[0, 1, 3].set(2.0)
-  usage = losses.usage_counts(activations, jnp.ones((1, 2)))
-  np.testing.assert_array_equal(usage, [0, 1, 0, 1])
-  assert float(losses.dead_fraction(usage)) == 0.5
+  # Two positions, k = 2: position 0 selected prototypes 1 and 2 (2 at weight 0, which is
+  # no use), position 1 selected 3 and 0.
+  top_values = jnp.asarray([[[1.0, 0.0], [2.0, 0.5]]])
+  top_indices = jnp.asarray([[[1, 2], [3, 0]]])
+  usage = losses.usage_counts(top_values, top_indices, jnp.ones((1, 2)), 4)
+  np.testing.assert_array_equal(usage, [1, 1, 0, 1])
+  assert float(losses.dead_fraction(usage)) == 0.25
   # Positions outside the loss mask do not count as use.
-  usage_masked = losses.usage_counts(activations, jnp.array([[1.0, 0.0]]))
+  usage_masked = losses.usage_counts(top_values, top_indices, jnp.array([[1.0, 0.0]]), 4)
   assert float(losses.dead_fraction(usage_masked)) == 0.75
+
+
+def test_usage_from_the_top_k_equals_the_count_of_the_dense_activations():
+  rng = np.random.default_rng(6)
+  scores = jnp.asarray(rng.normal(size=(3, 5, 11)), jnp.float32)  # relu zeros some choices
+  mask = jnp.asarray(rng.integers(0, 2, (3, 5)), jnp.float32)
+  activations, top_values, top_indices = prism_head.sparse_top_k(scores, 4)
+  dense = jnp.sum((activations > 0) & (mask[..., None] > 0), axis=(0, 1))
+  assert int(jnp.sum(top_values == 0)) > 0 and int(jnp.sum(dense)) > 0
+  np.testing.assert_array_equal(losses.usage_counts(top_values, top_indices, mask, 11), dense)
 
 
 def test_per_prototype_diversity_is_the_pair_mean_times_m_minus_one():
