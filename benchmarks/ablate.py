@@ -160,6 +160,13 @@ VARIANTS: dict[str, list[str]] = {
     "wide_sg_sampled_nobias": ["prototypes.similarity=dot", "prototypes.key_init_std=0.02",
                                "prototypes.num_prototypes=1024", "prototypes.top_k=32",
                                "losses.stop_data_gradient=true", "losses.diversity_sample=256"],
+    # The balance term's pull on h matters (moving only the keys was far worse): five
+    # times its weight.
+    "wide_sg_sampled_bal05": ["prototypes.similarity=dot", "prototypes.key_init_std=0.02",
+                              "prototypes.selection_bias_rate=0.01",
+                              "prototypes.num_prototypes=1024", "prototypes.top_k=32",
+                              "losses.stop_data_gradient=true", "losses.diversity_sample=256",
+                              "losses.balance=0.05"],
     "dot_sg_bias": ["prototypes.similarity=dot", "prototypes.key_init_std=0.02",
                     "losses.stop_data_gradient=true", "prototypes.selection_bias_rate=0.01"],
     # Sharper weights: a learned per-prototype threshold inside the relu.
