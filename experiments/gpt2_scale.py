@@ -7,8 +7,9 @@ layers scanned and rematerialised, parameters FSDP-sharded, the bank on the mode
 
 import dataclasses
 
-from prism_jax.config import (CheckpointConfig, DataConfig, ExperimentConfig, MeshConfig,
-                              ModelConfig, OptimizerConfig, PrototypeConfig, TrainConfig)
+from prism_jax.config import (CheckpointConfig, DataConfig, ExperimentConfig, LossConfig,
+                              MeshConfig, ModelConfig, OptimizerConfig, PrototypeConfig,
+                              TrainConfig)
 from experiments import dense_twin, register
 
 _DATA = DataConfig(dataset="c4/en:3.1.0", data_dir="gs://YOUR_BUCKET/tensorflow_datasets",
@@ -33,6 +34,10 @@ def _scaled(name, d_model, num_layers, num_heads, d_ff, num_prototypes, top_k, l
                         num_heads=num_heads, d_ff=d_ff, max_seq_len=2048, scan_layers=True,
                         remat=remat, compute_dtype="bfloat16", param_dtype="float32"),
       prototypes=PrototypeConfig(num_prototypes=num_prototypes, top_k=top_k),
+      # The diversity term over 256 keys drawn each step: the all-pairs [M, M] float32
+      # matrices are 1 GiB each at M = 16,384, and sampling cost nothing at prism_tiny
+      # (docs/evaluate.md, third round).
+      losses=LossConfig(diversity_sample=256),
       data=dataclasses.replace(_DATA, batch_size=batch_size),
       optimizer=OptimizerConfig(learning_rate=lr, warmup_steps=2000, weight_decay=0.1),
       train=TrainConfig(steps=steps, log_every=50, eval_every=2000, eval_batches=64),
