@@ -44,9 +44,9 @@ def _exact_head_terms(graphdef, params, train, query, length):
     gn += j.T @ (np.diag(pt) - np.outer(pt, pt)) @ j / n
     grads[e] += j.T @ (pt - np.eye(len(pt))[batch["targets"][e, t]])
   qb = query.batch(length)
-  g_q = jax.grad(lambda u_: jnp.sum(
+  g_q = jax.jit(jax.grad(lambda u_: jnp.sum(  # jit: one compile, not op-by-op dispatch
       optax.softmax_cross_entropy_with_integer_labels(logits_fn(u_, qb), qb["targets"])
-      * qb["loss_mask"]))(u).reshape(-1)
+      * qb["loss_mask"])))(u).reshape(-1)
   return grads, np.asarray(g_q, np.float64), gn
 
 

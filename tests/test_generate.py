@@ -21,7 +21,8 @@ def test_kv_cache_decode_equals_full_forward_at_every_position(exp, layout):
   graphdef, params = lm.init(cfg, 1)
   rng = np.random.default_rng(0)
   tokens_BxL = rng.integers(0, cfg.model.vocab_size, (2, 20)).astype(np.int32)
-  full = lm.forward(graphdef, params, {"inputs": tokens_BxL})
+  # jit: one compile, not op-by-op dispatch of the whole model.
+  full = jax.jit(lambda p, x: lm.forward(graphdef, p, {"inputs": x}))(params, tokens_BxL)
   step = jax.jit(lambda p, t, pos, c, i: lm.decode(graphdef, p, t, pos, c, i))
   cache = lm.init_cache(cfg, batch=2)
   positions = np.tile(np.arange(20, dtype=np.int32), (2, 1))
@@ -38,8 +39,12 @@ def test_kv_cache_decode_equals_full_forward_at_every_position(exp, layout):
 
 
 def _logits_at(graphdef, params, ids):
-  return np.asarray(lm.forward(graphdef, params, {"inputs": np.asarray([ids], np.int32)})
-                    .logits[0])
+  return np.asarray(_jit_forward(graphdef, params, np.asarray([ids], np.int32)).logits[0])
+
+
+@functools.partial(jax.jit, static_argnums=0)  # compiled once per graphdef and length
+def _jit_forward(graphdef, params, inputs):
+  return lm.forward(graphdef, params, {"inputs": inputs})
 
 
 def test_generated_contributions_sum_to_the_tokens_logit():

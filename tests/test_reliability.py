@@ -111,7 +111,10 @@ def test_kill_9_at_chosen_steps_and_mid_checkpoint_write_then_resume_is_bit_exac
   straight, crashed = tmp_path / "straight", tmp_path / "crashed"
   proc = _start_worker(straight, steps, *KILL_CONFIG, log=tmp_path / "straight.log",
                        env={"PRISM_WORKER_DUMP": str(tmp_path / "straight.npz")})
-  assert proc.wait(timeout=300) == 0, (tmp_path / "straight.log").read_text()
+  # The straight run (its own workdir) goes on beside the crashed one, compared only at the
+  # end. Once it has logged step 1 its compiled train step is in the session's compilation
+  # cache, which the crashed run's starts then read instead of compiling it again.
+  _wait_for_step(straight, 1, proc)
   for leg, (hold, resume_from, listed) in enumerate(KILLS):
     said, out = _hold_then_kill_9(crashed, steps, hold, tmp_path / f"leg{leg}.log", *KILL_CONFIG)
     # Each start resumed from the checkpoint expected (or started afresh) and got past it to
@@ -128,6 +131,7 @@ def test_kill_9_at_chosen_steps_and_mid_checkpoint_write_then_resume_is_bit_exac
       assert tmp_dir.parent == crashed / "checkpoints" and tmp_dir.name.startswith(f"{step}."), said
       assert any(p.is_file() for p in (tmp_dir / "state").rglob("*")), said
       assert int(step) not in listed
+  assert proc.wait(timeout=300) == 0, (tmp_path / "straight.log").read_text()
   proc = _start_worker(crashed, steps, *KILL_CONFIG, log=tmp_path / "last.log",
                        env={"PRISM_WORKER_DUMP": str(tmp_path / "crashed.npz")})
   assert proc.wait(timeout=300) == 0, (tmp_path / "last.log").read_text()
