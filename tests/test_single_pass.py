@@ -643,3 +643,30 @@ def test_shared_basis_curvature_is_the_diagonal_of_each_block_in_that_basis(smal
   np.testing.assert_allclose(fast, slow, rtol=1e-5, atol=1e-6 * np.abs(slow).max())
   with pytest.raises(UserError, match="attr.curvature='diag' must be none, blocks or shared"):
     _build(tmp_path, cfg, params, corpus, "bad", curvature="diag")
+
+
+def test_sparse_scores_rank_and_sum_as_the_dense_arrays_did():
+  """document_scores keeps only the scored documents; its sums, best positions and top-k
+  equal the dense [E] computation, zero-scored and negative documents included."""
+  from prism_jax.attribution import common, prototype
+  rng = np.random.default_rng(11)
+  num_examples = 40
+  for positions in (0, 1, 25, 300):
+    ex = rng.integers(0, num_examples, positions)
+    val = rng.choice([-1.0, 0.0, 0.5, 1.0, 2.0], positions) * rng.integers(1, 3, positions)
+    tok = rng.permutation(10_000)[:positions]
+    got = prototype.document_scores(tok, val, ex, num_examples)
+    dense = np.bincount(ex, weights=val, minlength=num_examples)
+    best = np.full(num_examples, -1)
+    for e in range(num_examples):
+      mine = np.nonzero(ex == e)[0]
+      if len(mine):
+        top_val = val[mine].max()
+        best[e] = tok[mine[val[mine] == top_val][-1]]  # ties: the later position
+    np.testing.assert_allclose(got.example_scores, dense, rtol=1e-12)
+    np.testing.assert_array_equal(got.best_token, best)
+    assert len(got.ids) == len(np.unique(ex))
+    for k in (1, 5, 39, 40, 60):
+      np.testing.assert_array_equal(got.top(k), common.top_examples(dense, k))
+      np.testing.assert_allclose(got.score_of(got.top(k)), dense[got.top(k)], rtol=1e-12)
+      np.testing.assert_array_equal(got.best_of(got.top(k)), best[got.top(k)])

@@ -41,22 +41,81 @@ class QueryHead:
 
 @dataclasses.dataclass
 class Scores:
-  """Example-level scores over an index's examples, plus the position behind each."""
-  example_scores: np.ndarray  # [E]
-  best_token: np.ndarray      # [E] token id (index row) behind the score, -1 if none
+  """Example-level scores over an index's examples, plus the position behind each.
+
+  Stored sparse: the examples with a scored position (`ids`, ascending), their scores and
+  best positions; every other example scores 0 with no position (-1). A query then costs
+  what it scored, not the number of documents: two dense [E] arrays are 800 MB per query
+  at 5e7 documents. `example_scores` / `best_token` give the dense view where one is wanted
+  (the LDS study); `top` ranks without it.
+  """
+  ids: np.ndarray     # [n] example ids, ascending, unique
+  values: np.ndarray  # [n] their scores
+  best: np.ndarray    # [n] index row of each one's best position, -1 if none
+  num_examples: int
+
+  @classmethod
+  def empty(cls, num_examples: int) -> "Scores":
+    return cls(np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64), num_examples)
+
+  @classmethod
+  def from_dense(cls, scores_E: np.ndarray, best_E: np.ndarray | None = None) -> "Scores":
+    scores_E = np.asarray(scores_E)
+    best_E = np.full(len(scores_E), -1, np.int64) if best_E is None else np.asarray(best_E)
+    return cls(np.arange(len(scores_E)), scores_E, best_E, len(scores_E))
+
+  @property
+  def example_scores(self) -> np.ndarray:
+    """[E], 0 for an example with no scored position."""
+    dense = np.zeros(self.num_examples, np.result_type(self.values, np.float64))
+    dense[self.ids] = self.values
+    return dense
+
+  @property
+  def best_token(self) -> np.ndarray:
+    """[E] index row behind each example's score, -1 if none."""
+    dense = np.full(self.num_examples, -1, np.int64)
+    dense[self.ids] = self.best
+    return dense
+
+  def _lookup(self, examples: np.ndarray, table: np.ndarray, missing):
+    examples = np.asarray(examples, np.int64)
+    at = np.minimum(np.searchsorted(self.ids, examples), max(len(self.ids) - 1, 0))
+    found = (self.ids[at] == examples) if len(self.ids) else np.zeros(len(examples), bool)
+    return np.where(found, table[at] if len(self.ids) else missing, missing)
+
+  def score_of(self, examples: np.ndarray) -> np.ndarray:
+    return self._lookup(examples, self.values, 0.0)
+
+  def best_of(self, examples: np.ndarray) -> np.ndarray:
+    return self._lookup(examples, self.best, -1)
+
+  def top(self, k: int) -> np.ndarray:
+    """The k highest-scoring example ids, ties broken by example order: the same as
+    `common.top_examples(self.example_scores, k)`, without the [E] arrays."""
+    values = np.asarray(self.values, np.float64)
+    ranked = lambda sel: self.ids[sel][np.lexsort((self.ids[sel], -values[sel]))]
+    positive, negative = ranked(values > 0), ranked(values < 0)
+    zeros_needed = min(max(k - len(positive), 0), self.num_examples)
+    # The first examples in id order whose score is 0 (listed at 0, or not listed at all).
+    nonzero = self.ids[values != 0]
+    candidates = np.arange(min(self.num_examples, zeros_needed + len(nonzero)))
+    zeros = candidates[~np.isin(candidates, nonzero)][:zeros_needed]
+    return np.concatenate([positive, zeros, negative]).astype(np.int64)[:k]
 
 
 def document_scores(tok: np.ndarray, val: np.ndarray, ex: np.ndarray, num_examples: int
                     ) -> Scores:
-  """Position scores summed per document (its loss is their sum); best_token = the
-  document's highest-scoring position."""
-  example_scores = np.bincount(ex, weights=val, minlength=num_examples)
-  best = np.full(num_examples, -1, np.int64)
-  if len(tok):
-    order = np.lexsort((val, ex))
-    last = np.r_[ex[order][1:] != ex[order][:-1], True]
-    best[ex[order][last]] = tok[order][last]
-  return Scores(example_scores, best)
+  """Position scores summed per document (its loss is their sum); best = the document's
+  highest-scoring position."""
+  if not len(tok):
+    return Scores.empty(num_examples)
+  order = np.lexsort((val, ex))
+  last = np.r_[ex[order][1:] != ex[order][:-1], True]
+  ids = ex[order][last]
+  # Summed in the positions' own order (bincount over the compact ids).
+  sums = np.bincount(np.searchsorted(ids, ex), weights=val, minlength=len(ids))
+  return Scores(ids.astype(np.int64), sums, tok[order][last].astype(np.int64), num_examples)
 
 
 @functools.lru_cache(maxsize=8)
@@ -104,16 +163,11 @@ def token_scores(index: Index, head: QueryHead) -> tuple[np.ndarray, np.ndarray]
 
 
 def score(index: Index, head: QueryHead) -> Scores:
-  num_examples = index.num_examples
   tok, val = token_scores(index, head)
-  example_scores = np.zeros(num_examples)
-  best = np.full(num_examples, -1, np.int64)
-  if len(tok):
-    ex = index.gather("document", tok).astype(np.int64)
-    # Best position per example: sort by (example, score) and keep each example's last.
-    order = np.lexsort((val, ex))
-    last = np.r_[ex[order][1:] != ex[order][:-1], True]
-    chosen = order[last]
-    example_scores[ex[chosen]] = val[chosen]
-    best[ex[chosen]] = tok[chosen]
-  return Scores(example_scores, best)
+  if not len(tok):
+    return Scores.empty(index.num_examples)
+  ex = index.gather("document", tok).astype(np.int64)
+  # Best position per example: sort by (example, score) and keep each example's last.
+  order = np.lexsort((val, ex))
+  chosen = order[np.r_[ex[order][1:] != ex[order][:-1], True]]
+  return Scores(ex[chosen], val[chosen], tok[chosen].astype(np.int64), index.num_examples)

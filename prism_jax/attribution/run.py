@@ -32,7 +32,7 @@ class Prepared:
 
 
 def _example_scores(scores: np.ndarray) -> prototype.Scores:
-  return prototype.Scores(scores, np.full(len(scores), -1, np.int64))
+  return prototype.Scores.from_dense(scores)
 
 
 def prepare(method: str, cfg, graphdef, params, train: common.TrainingSet,

@@ -51,10 +51,12 @@ def top_results(index: Index, scores: prototype.Scores, top: int, span: int, dec
                 ) -> list[dict]:
   """The `top` best documents, each with its best position's text ([[token]] highlighted)."""
   out = []
-  for rank, e in enumerate(common.top_examples(scores.example_scores, top), 1):
-    token = int(scores.best_token[e])
+  examples = scores.top(top)
+  for rank, (e, value, token) in enumerate(zip(examples, scores.score_of(examples),
+                                               scores.best_of(examples)), 1):
+    token = int(token)
     position = int(index.gather("offset", np.array([token]))[0]) if token >= 0 else 0
     text = index.position_span(token, span, decode) if token >= 0 else ""
     out.append({"rank": rank, "example": int(e), "example_id": index.record_id(int(e)),
-                "score": float(scores.example_scores[e]), "position": position, "text": text})
+                "score": float(value), "position": position, "text": text})
   return out

@@ -197,6 +197,6 @@ def token_scores(index: Index, head: QueryHead, matrices: HeadMatrices,
 
 def score(index: Index, head: QueryHead, matrices: HeadMatrices,
           settings: Settings = Settings()) -> Scores:
-  """Example (document) scores: the sum over its positions; best_token = its top position."""
+  """Example (document) scores: the sum over its positions; best = its top position."""
   tok, val, ex = _scored(index, head, matrices, settings)
   return document_scores(tok, val, ex, index.num_examples)

@@ -67,10 +67,11 @@ def _highlight_position(train: common.TrainingSet, example: int, target: int, sp
 
 def results(prepared_scores, train, query, top: int, span: int, decode):
   out = []
-  for rank, e in enumerate(common.top_examples(prepared_scores.example_scores, top), 1):
+  examples = prepared_scores.top(top)
+  for rank, (e, value) in enumerate(zip(examples, prepared_scores.score_of(examples)), 1):
     pos = _highlight_position(train, int(e), query.target, span)
     out.append({"rank": rank, "example": int(e), "example_id": int(train.example_ids[e]),
-                "score": float(prepared_scores.example_scores[e]), "position": pos,
+                "score": float(value), "position": pos,
                 "text": index_lib.span_text(train.rows[e], pos, span, decode)})
   return out
 
