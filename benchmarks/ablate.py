@@ -160,6 +160,11 @@ VARIANTS: dict[str, list[str]] = {
     "wide_sg_sampled_nobias": ["prototypes.similarity=dot", "prototypes.key_init_std=0.02",
                                "prototypes.num_prototypes=1024", "prototypes.top_k=32",
                                "losses.stop_data_gradient=true", "losses.diversity_sample=256"],
+    # A tenth of the selection bias's rate: the bias trades cross-entropy for even use.
+    "wide_sg_sampled_bias001": ["prototypes.similarity=dot", "prototypes.key_init_std=0.02",
+                                "prototypes.selection_bias_rate=0.001",
+                                "prototypes.num_prototypes=1024", "prototypes.top_k=32",
+                                "losses.stop_data_gradient=true", "losses.diversity_sample=256"],
     # The balance term's pull on h matters (moving only the keys was far worse): five
     # times its weight.
     "wide_sg_sampled_bal05": ["prototypes.similarity=dot", "prototypes.key_init_std=0.02",
