@@ -172,6 +172,11 @@ VARIANTS: dict[str, list[str]] = {
                               "prototypes.num_prototypes=1024", "prototypes.top_k=32",
                               "losses.stop_data_gradient=true", "losses.diversity_sample=256",
                               "losses.balance=0.05"],
+    # Both findings of the fifth round at once: the heavier balance term and no selection bias.
+    "wide_sg_sampled_bal05_nobias": ["prototypes.similarity=dot", "prototypes.key_init_std=0.02",
+                                     "prototypes.num_prototypes=1024", "prototypes.top_k=32",
+                                     "losses.stop_data_gradient=true",
+                                     "losses.diversity_sample=256", "losses.balance=0.05"],
     "dot_sg_bias": ["prototypes.similarity=dot", "prototypes.key_init_std=0.02",
                     "losses.stop_data_gradient=true", "prototypes.selection_bias_rate=0.01"],
     # Sharper weights: a learned per-prototype threshold inside the relu.
