@@ -109,19 +109,26 @@ def _head_case(seed, length, d):
   return h, keys, batch, PrototypeConfig(num_prototypes=5, top_k=2)
 
 
-def test_stop_data_gradient_keeps_the_clustering_pull_off_the_hidden_states():
+def _term_metrics(h, keys, batch, head_cfg, vocab: int, **weights):
+  """The loss metrics of the head (keys as values, a zero unembedding) on one case, with
+  only the given LossConfig fields set; the logits carry no gradient."""
   from prism_jax.config import LossConfig
   from prism_jax.models.lm import LMOutput
 
+  cfg = LossConfig(**{"cluster": 0.0, "evidence": 0.0, "diversity": 0.0, "balance": 0.0,
+                      **weights})
+  logits, protos = prism_head.prototype_logits(h, keys, keys, jnp.log(0.1),
+                                               jnp.zeros((vocab, h.shape[-1])), head_cfg)
+  out = LMOutput(logits=jax.lax.stop_gradient(logits), hidden=h, prototypes=protos)
+  return losses.total_loss(out, batch, keys, cfg, 2, head_cfg.similarity)[1]
+
+
+def test_stop_data_gradient_keeps_the_clustering_pull_off_the_hidden_states():
   h, keys, batch, pcfg = _head_case(0, 4, 3)
 
   def clustering(h, keys, stop):
-    cfg = LossConfig(cluster=1.0, evidence=1.0, diversity=0.0, balance=0.0,
-                     stop_data_gradient=stop)
-    logits, protos = prism_head.prototype_logits(h, keys, keys, jnp.log(0.1),
-                                                 jnp.zeros((2, 3)), pcfg)
-    out = LMOutput(logits=jax.lax.stop_gradient(logits), hidden=h, prototypes=protos)
-    _, metrics = losses.total_loss(out, batch, keys, cfg, 2)
+    metrics = _term_metrics(h, keys, batch, pcfg, 2, cluster=1.0, evidence=1.0,
+                            stop_data_gradient=stop)
     return metrics["loss/cluster"] + metrics["loss/evidence"]
 
   value_and_grad = jax.jit(jax.value_and_grad(clustering, argnums=(0, 1)), static_argnums=2)
@@ -135,21 +142,13 @@ def test_stop_data_gradient_keeps_the_clustering_pull_off_the_hidden_states():
 
 
 def test_balance_keys_only_moves_the_keys_exactly_as_the_full_term_and_never_h():
-  from prism_jax.config import LossConfig
-  from prism_jax.models.lm import LMOutput
-
   h, keys, batch, pcfg = _head_case(1, 6, 4)
   for similarity in ("cosine", "dot"):
     head_cfg = dataclasses.replace(pcfg, similarity=similarity)
 
     def balance(h, keys, keys_only):
-      cfg = LossConfig(cluster=0.0, evidence=0.0, diversity=0.0, balance=1.0,
-                       balance_keys_only=keys_only)
-      logits, protos = prism_head.prototype_logits(h, keys, keys, jnp.log(0.1),
-                                                   jnp.zeros((2, 4)), head_cfg)
-      out = LMOutput(logits=jax.lax.stop_gradient(logits), hidden=h, prototypes=protos)
-      _, metrics = losses.total_loss(out, batch, keys, cfg, 2, similarity)
-      return metrics["loss/balance"]
+      return _term_metrics(h, keys, batch, head_cfg, 2, balance=1.0,
+                           balance_keys_only=keys_only)["loss/balance"]
 
     value_and_grad = jax.jit(jax.value_and_grad(balance, argnums=(0, 1)), static_argnums=2)
     full, (g_h_full, g_keys_full) = value_and_grad(h, keys, False)
