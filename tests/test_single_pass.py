@@ -670,3 +670,7 @@ def test_sparse_scores_rank_and_sum_as_the_dense_arrays_did():
       np.testing.assert_array_equal(got.top(k), common.top_examples(dense, k))
       np.testing.assert_allclose(got.score_of(got.top(k)), dense[got.top(k)], rtol=1e-12)
       np.testing.assert_array_equal(got.best_of(got.top(k)), best[got.top(k)])
+  empty = prototype.Scores.empty(3)
+  np.testing.assert_array_equal(empty.top(2), [0, 1])
+  np.testing.assert_array_equal(empty.score_of([0, 2]), [0.0, 0.0])
+  np.testing.assert_array_equal(empty.best_of([1]), [-1])

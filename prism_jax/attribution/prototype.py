@@ -80,9 +80,10 @@ class Scores:
 
   def _lookup(self, examples: np.ndarray, table: np.ndarray, missing):
     examples = np.asarray(examples, np.int64)
-    at = np.minimum(np.searchsorted(self.ids, examples), max(len(self.ids) - 1, 0))
-    found = (self.ids[at] == examples) if len(self.ids) else np.zeros(len(examples), bool)
-    return np.where(found, table[at] if len(self.ids) else missing, missing)
+    if not len(self.ids):
+      return np.full(len(examples), missing, table.dtype)
+    at = np.minimum(np.searchsorted(self.ids, examples), len(self.ids) - 1)
+    return np.where(self.ids[at] == examples, table[at], missing)
 
   def score_of(self, examples: np.ndarray) -> np.ndarray:
     return self._lookup(examples, self.values, 0.0)
