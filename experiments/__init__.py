@@ -10,7 +10,7 @@ import dataclasses
 import difflib
 from typing import Callable
 
-from prism_jax.config import ConfigError, ExperimentConfig
+from prism_jax.config import ConfigError, ExperimentConfig, LossConfig, PrototypeConfig
 
 _REGISTRY: dict[str, Callable[[], ExperimentConfig]] = {}
 
@@ -23,6 +23,26 @@ def register(fn: Callable[[], ExperimentConfig]) -> Callable[[], ExperimentConfi
 def dense_twin(cfg: ExperimentConfig, name: str) -> ExperimentConfig:
   """The matched dense baseline: same everything, plain unembedding head."""
   return dataclasses.replace(cfg, name=name, model=dataclasses.replace(cfg.model, head="dense"))
+
+
+def prototype_head(num_prototypes: int, top_k: int = 32) -> PrototypeConfig:
+  """The head every PRISM experiment uses: the best of the ablation rounds (docs/evaluate.md).
+
+  Dot-product scores with keys started at the scale of every other matrix (std 0.02), so
+  Adam turns them as fast as the rest; a wide bank (M >= 8 D) with k = 32 active. No
+  selection bias: it moved the choice away from the best-scoring prototypes and cost
+  cross-entropy, and PROTOTYPE_LOSSES keeps the bank in use without it.
+  """
+  return PrototypeConfig(num_prototypes=num_prototypes, top_k=top_k, similarity="dot",
+                         key_init_std=0.02)
+
+
+# The clustering terms of the same round: the pull is k-means style (keys move towards the
+# hidden states, never the reverse, or both collapse together); the balance term at 0.05
+# (its pull on h spreads the routing; at 0.01 a tenth of the bank went unused); the
+# diversity term on 256 keys drawn each step (the all-pairs [M, M] matrices are 1 GiB each
+# at M = 16,384; sampling cost nothing at prism_tiny).
+PROTOTYPE_LOSSES = LossConfig(stop_data_gradient=True, balance=0.05, diversity_sample=256)
 
 
 def names() -> list[str]:

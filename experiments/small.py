@@ -1,8 +1,8 @@
 """The CPU comparison study: PRISM vs dense, about an hour each on two cores."""
 
 from prism_jax.config import (CheckpointConfig, DataConfig, ExperimentConfig, ModelConfig,
-                              OptimizerConfig, PrototypeConfig, TrainConfig)
-from experiments import dense_twin, register
+                              OptimizerConfig, TrainConfig)
+from experiments import PROTOTYPE_LOSSES, dense_twin, prototype_head, register
 
 
 @register
@@ -11,7 +11,8 @@ def prism_small() -> ExperimentConfig:
       name="prism_small",
       model=ModelConfig(head="prism", vocab_size=8192, d_model=256, num_layers=6, num_heads=8,
                         d_ff=704, max_seq_len=256),
-      prototypes=PrototypeConfig(num_prototypes=1024, top_k=16),
+      prototypes=prototype_head(num_prototypes=2048),  # M = 8 D
+      losses=PROTOTYPE_LOSSES,
       # 2048 tokens a step, as prism_tiny: the study's CPU budget goes to model size, not batch.
       data=DataConfig(seq_len=128, batch_size=16),
       optimizer=OptimizerConfig(learning_rate=2e-3, warmup_steps=200),
