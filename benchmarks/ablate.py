@@ -4,7 +4,10 @@
                               [--jobs 2] [--no-train] [--out runs/ablate]
   make ablate ARGS='--steps 400 --variants defaults keys_trainable'
 
-Each variant is a list of key=value overrides on prism_SIZE; `dense` is dense_SIZE. Every
+Each variant is a list of key=value overrides on the round-one head of prism_SIZE
+(ROUND_ONE_HEAD: the head every PRISM experiment had before the fifth round's winner became
+the default, so the rounds in docs/evaluate.md stay reproducible); `defaults` is prism_SIZE
+as configured now, `round1` the round-one head itself, `dense` is dense_SIZE. Every
 (variant, seed) trains in its own workdir, runs/ablate/SIZE_STEPS/VARIANT_sSEED, with the
 same data, batch and step count as the dense twin (equal tokens). A finished run (its
 metrics.jsonl holds val/loss at the last step) is reused, so a rerun only rescores and
@@ -36,10 +39,21 @@ import experiments
 TRAIN_MODULE = "prism_jax.main.train"
 LEGACY_TRAIN_MODULE = "prism_jax.train"
 
-# Variants: name -> overrides of prism_SIZE. Keep names short; they label the table and plot.
+# The head the variants change: cosine scores, N(0, 1) keys, both sides of the clustering
+# pull free, balance 0.01, the all-pairs diversity term; the bank per size.
+ROUND_ONE_HEAD = ["prototypes.similarity=cosine", "prototypes.key_init_std=1.0",
+                  "losses.stop_data_gradient=false", "losses.balance=0.01",
+                  "losses.diversity_sample=0"]
+ROUND_ONE_BANK = {"tiny": ["prototypes.num_prototypes=256", "prototypes.top_k=8"],
+                  "small": ["prototypes.num_prototypes=1024", "prototypes.top_k=16"]}
+AS_CONFIGURED = ("dense", "defaults")  # run as the experiment is, without the round-one head
+
+# Variants: name -> overrides of the round-one head. Keep names short; they label the table
+# and plot.
 VARIANTS: dict[str, list[str]] = {
     "dense": [],
     "defaults": [],
+    "round1": [],
     # Trainable keys: the scale of the other matrices, and/or their own learning rate.
     "keys_0.02": ["prototypes.key_init_std=0.02"],
     "keys_lr10": ["optimizer.key_lr_scale=10"],
@@ -208,6 +222,16 @@ _SHORT = {"prototypes/key_drift_cos": "key drift cos",
           "prototypes/dead_in_batch": "dead", "prototypes/top1_share": "top-1 share"}
 
 
+def variant_overrides(variant: str, size: str) -> list[str]:
+  """The overrides that turn prism_SIZE (dense_SIZE for `dense`) into the variant."""
+  if variant in AS_CONFIGURED:
+    return []
+  if size not in ROUND_ONE_BANK:
+    raise SystemExit(f"error: --size {size}: the round-one bank is known for "
+                     f"{', '.join(ROUND_ONE_BANK)} only")
+  return [*ROUND_ONE_HEAD, *ROUND_ONE_BANK[size], *VARIANTS[variant]]
+
+
 def train_command(exp: str, workdir: str, overrides: list[str]) -> list[str]:
   """The train CLI; falls back to the library call while the CLI is being moved."""
   args = ["--exp", exp, "--workdir", workdir, *overrides]
@@ -374,6 +398,7 @@ def main(argv=None):
     p.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
   if "dense" not in variants:
     variants = ["dense", *variants]
+  variant_args = {v: variant_overrides(v, args.size) for v in variants}  # refuse a bad size now
   root = os.path.join(args.out, f"{args.size}_{args.steps}")
   common = [f"train.steps={args.steps}", f"train.eval_every={args.steps}",
             f"checkpoint.every={args.steps}", "train.progress=false", *args.overrides]
@@ -389,7 +414,7 @@ def main(argv=None):
         variant, seed, workdir = todo.pop(0)
         exp = f"{'dense' if variant == 'dense' else 'prism'}_{args.size}"
         cmd = ["nice", "-n", "10", *train_command(
-            exp, workdir, [*VARIANTS[variant], *common, f"train.seed={seed}"])]
+            exp, workdir, [*variant_args[variant], *common, f"train.seed={seed}"])]
         os.makedirs(workdir, exist_ok=True)
         log = open(os.path.join(workdir, "train.log"), "a", encoding="utf-8")
         print(f"[ablate] start {variant} seed {seed}: {' '.join(cmd)}", flush=True)
@@ -412,6 +437,8 @@ def main(argv=None):
               f"{os.cpu_count()}-core CPU ({platform.machine()}); extra overrides: "
               f"{' '.join(args.overrides) or 'none'}")
   header = (f"## Ablation: {cfg_line}\n\n"
+            "overrides: changes to the round-one head (benchmarks/ablate.py ROUND_ONE_HEAD; "
+            "`defaults` is the experiment as configured); "
             f"val loss: final validation loss ({base.train.eval_batches} batches); gap: "
             "(variant - dense) / dense, dense averaged over the variant's own seeds; "
             "step ratio: median dense tokens/s / median variant tokens/s while sharing the "

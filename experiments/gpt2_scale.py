@@ -7,10 +7,9 @@ layers scanned and rematerialised, parameters FSDP-sharded, the bank on the mode
 
 import dataclasses
 
-from prism_jax.config import (CheckpointConfig, DataConfig, ExperimentConfig, LossConfig,
-                              MeshConfig, ModelConfig, OptimizerConfig, PrototypeConfig,
-                              TrainConfig)
-from experiments import dense_twin, register
+from prism_jax.config import (CheckpointConfig, DataConfig, ExperimentConfig, MeshConfig,
+                              ModelConfig, OptimizerConfig, TrainConfig)
+from experiments import PROTOTYPE_LOSSES, dense_twin, prototype_head, register
 
 _DATA = DataConfig(dataset="c4/en:3.1.0", data_dir="gs://YOUR_BUCKET/tensorflow_datasets",
                    tokenizer="gs://YOUR_BUCKET/tokenizers/spm_50k.model", seq_len=2048,
@@ -33,11 +32,8 @@ def _scaled(name, d_model, num_layers, num_heads, d_ff, num_prototypes, top_k, l
       model=ModelConfig(head="prism", vocab_size=50304, d_model=d_model, num_layers=num_layers,
                         num_heads=num_heads, d_ff=d_ff, max_seq_len=2048, scan_layers=True,
                         remat=remat, compute_dtype="bfloat16", param_dtype="float32"),
-      prototypes=PrototypeConfig(num_prototypes=num_prototypes, top_k=top_k),
-      # The diversity term over 256 keys drawn each step: the all-pairs [M, M] float32
-      # matrices are 1 GiB each at M = 16,384, and sampling cost nothing at prism_tiny
-      # (docs/evaluate.md, third round).
-      losses=LossConfig(diversity_sample=256),
+      prototypes=prototype_head(num_prototypes, top_k),
+      losses=PROTOTYPE_LOSSES,
       data=dataclasses.replace(_DATA, batch_size=batch_size),
       optimizer=OptimizerConfig(learning_rate=lr, warmup_steps=2000, weight_decay=0.1),
       train=TrainConfig(steps=steps, log_every=50, eval_every=2000, eval_batches=64),
@@ -48,12 +44,12 @@ def _scaled(name, d_model, num_layers, num_heads, d_ff, num_prototypes, top_k, l
 
 @register
 def prism_130m() -> ExperimentConfig:
-  return _scaled("prism_130m", 768, 12, 12, 2048, 4096, 16, 6e-4, 50_000, 256)
+  return _scaled("prism_130m", 768, 12, 12, 2048, 6144, 32, 6e-4, 50_000, 256)  # M = 8 D
 
 
 @register
 def prism_350m() -> ExperimentConfig:
-  return _scaled("prism_350m", 1024, 24, 16, 2816, 8192, 16, 3e-4, 100_000, 256)
+  return _scaled("prism_350m", 1024, 24, 16, 2816, 8192, 32, 3e-4, 100_000, 256)  # M = 8 D
 
 
 @register

@@ -55,3 +55,28 @@ def test_head_cost_refuses_a_bad_bank_in_one_line(spec, capsys):
   with pytest.raises(SystemExit) as exit_info:
     head_cost.main(["--banks", spec])
   assert str(exit_info.value).startswith("error: --banks") and spec in str(exit_info.value)
+
+
+def test_the_winning_variant_is_the_default_head_and_round1_the_old_one():
+  import experiments
+  from prism_jax.config import apply_overrides
+
+  for size in ("tiny", "small"):
+    configured = experiments.get(f"prism_{size}")
+    winner = apply_overrides(configured, ablate.variant_overrides(
+        "wide_sg_sampled_bal05_nobias", size))
+    # The variants use M = 1024 at every size; the experiment scales the bank as 8 D.
+    bank = [f"prototypes.num_prototypes={configured.prototypes.num_prototypes}"]
+    assert apply_overrides(winner, bank) == configured
+    assert ablate.variant_overrides("defaults", size) == []
+  old = apply_overrides(experiments.get("prism_tiny"), ablate.variant_overrides("round1", "tiny"))
+  assert (old.prototypes.num_prototypes, old.prototypes.top_k) == (256, 8)
+  assert (old.prototypes.similarity, old.prototypes.key_init_std) == ("cosine", 1.0)
+  assert (old.losses.balance, old.losses.stop_data_gradient) == (0.01, False)
+  assert old.losses.diversity_sample == 0
+
+
+def test_a_size_without_a_round_one_bank_is_refused_before_any_run(tmp_path):
+  with pytest.raises(SystemExit, match="--size 1b: the round-one bank is known for tiny, small"):
+    ablate.main(["--size", "1b", "--variants", "keys_0.02", "--out", str(tmp_path)])
+  assert not os.listdir(tmp_path)

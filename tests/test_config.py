@@ -73,3 +73,21 @@ def test_every_number_has_exactly_one_range_row():
   assert numeric == set(limits.CONFIG_RANGES)
   for name in experiments.names():  # every shipped experiment sits inside the table
     config_lib.check_ranges(experiments.get(name))
+
+
+def test_every_prism_experiment_uses_the_ablations_winning_head():
+  """docs/evaluate.md, fifth round: dot scores, keys at 0.02, M >= 8 D, k = 32, the k-means
+  pull, balance 0.05, no selection bias; a dense twin differs from its sibling in the head
+  alone."""
+  prism = [n for n in experiments.names() if experiments.get(n).model.head == "prism"]
+  assert {"prism_tiny", "prism_small", "prism_130m", "prism_350m", "prism_1b"} <= set(prism)
+  for name in prism:
+    cfg = experiments.get(name)
+    head = cfg.prototypes
+    assert (head.similarity, head.key_init_std, head.top_k) == ("dot", 0.02, 32), name
+    assert head.num_prototypes >= 8 * cfg.model.d_model, name
+    assert head.selection_bias_rate == 0.0, name
+    assert cfg.losses == experiments.PROTOTYPE_LOSSES, name
+    assert cfg.losses.stop_data_gradient and cfg.losses.balance == 0.05, name
+    twin = experiments.get(name.replace("prism", "dense", 1))
+    assert twin == experiments.dense_twin(cfg, twin.name)
