@@ -328,14 +328,18 @@ def parse_override(item: str, keys: dict, *, prefix: str = "", kind: str = "conf
 
 
 def apply_overrides(cfg: ExperimentConfig, overrides: list[str]) -> ExperimentConfig:
-  """Applies `key.sub=value` strings in order."""
+  """Applies `key.sub=value` strings in order, then checks the whole config once: settings
+  valid only together (`prototypes.num_prototypes=8 prototypes.top_k=2` on a k = 32
+  experiment) are accepted in either order."""
   keys = flat_keys(cfg)
+  sections = {field.name: getattr(cfg, field.name) for field in dataclasses.fields(cfg)}
   for item in overrides:
     key, value = parse_override(item, keys)
     if key == "name":
       raise ConfigError("name is set by the experiment; choose another with --exp")
-    cfg = _replace_path(cfg, key.split("."), value)
-  return cfg
+    head, *rest = key.split(".")
+    sections[head] = _replace_path(sections[head], rest, value) if rest else value
+  return dataclasses.replace(cfg, **sections) if overrides else cfg
 
 
 def to_dict(cfg) -> dict:

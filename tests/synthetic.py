@@ -9,6 +9,7 @@ import jax
 import numpy as np
 
 import experiments
+from benchmarks import ablate
 from prism_jax.config import ExperimentConfig, apply_overrides
 from prism_jax.training import TrainData
 
@@ -20,6 +21,13 @@ TINY_OVERRIDES = [
     "model.num_heads=4", "prototypes.num_prototypes=32", "prototypes.top_k=4",
     "data.batch_size=8", "data.seq_len=16", "train.progress=false",
 ]
+
+
+# The head the test models had before the fifth ablation round's winner became
+# prism_tiny's. The toy models that must memorise a few synthetic rows in ~150 steps, or
+# whose planted effect was sized on this head, pin it; every other test built on
+# tiny_config runs the default head.
+ROUND_ONE_HEAD = tuple(ablate.ROUND_ONE_HEAD)
 
 
 def tiny_config(*overrides: str, exp: str = "prism_tiny") -> ExperimentConfig:

@@ -5,6 +5,7 @@ obvious way."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import experiments
 from prism_jax.attribution import capture, common, ekfac, trak
@@ -35,11 +36,12 @@ def _base(name):
   return name.split("#")[0].split("[")[0]
 
 
-def test_ekfac_sites_cover_every_trained_matrix_and_rebuild_its_gradient():
+@pytest.mark.parametrize("similarity", ["dot", "cosine"])
+def test_ekfac_sites_cover_every_trained_matrix_and_rebuild_its_gradient(similarity):
   """Per-site gradients sum_t x_t delta_t^T, mapped back to each parameter, equal jax.grad
-  for every matrix: projections, U, the keys (through their unit normalisation) and the
-  tied embedding (lookup site + unembedding site)."""
-  cfg, graphdef, params, train, _ = _setup()
+  for every matrix: projections, U, the keys (for cosine scores through their unit
+  normalisation) and the tied embedding (lookup site + unembedding site)."""
+  cfg, graphdef, params, train, _ = _setup(f"prototypes.similarity={similarity}")
   batch = train.batch(np.arange(train.num_examples))
   _, sites = jax.jit(capture.layer_io(ekfac.lm_loss(graphdef), ekfac.lm_target))(params, batch)
   grads = _loss_grad(graphdef, params, batch)
@@ -53,10 +55,11 @@ def test_ekfac_sites_cover_every_trained_matrix_and_rebuild_its_gradient():
     if name in ("backbone/embedding#1", "prototype_head/keys"):  # weight is [out, in]
       g = g.T
     rebuilt[_base(name)] = rebuilt.get(_base(name), 0) + g.reshape(target.shape)
-  keys = params["prototype_head"]["keys"]
-  unit = lambda k: k * jax.lax.rsqrt(jnp.sum(k * k, -1, keepdims=True) + 1e-12)
-  rebuilt["prototype_head/keys"] = jax.vjp(unit, keys)[1](
-      jnp.asarray(rebuilt["prototype_head/keys"], jnp.float32))[0]
+  if cfg.prototypes.similarity == "cosine":  # the site reads the unit keys
+    keys = params["prototype_head"]["keys"]
+    unit = lambda k: k * jax.lax.rsqrt(jnp.sum(k * k, -1, keepdims=True) + 1e-12)
+    rebuilt["prototype_head/keys"] = jax.vjp(unit, keys)[1](
+        jnp.asarray(rebuilt["prototype_head/keys"], jnp.float32))[0]
   for name in matrices:
     np.testing.assert_allclose(rebuilt[name], flat[name], rtol=1e-3,
                                atol=1e-4 * float(np.abs(flat[name]).max()), err_msg=name)

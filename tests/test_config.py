@@ -91,3 +91,13 @@ def test_every_prism_experiment_uses_the_ablations_winning_head():
     assert cfg.losses.stop_data_gradient and cfg.losses.balance == 0.05, name
     twin = experiments.get(name.replace("prism", "dense", 1))
     assert twin == experiments.dense_twin(cfg, twin.name)
+
+
+@pytest.mark.parametrize("order", [1, -1])
+def test_settings_valid_only_together_are_accepted_in_either_order(order):
+  # prism_tiny has k = 32: a bank of 8 is valid only once k is lowered too.
+  together = ["prototypes.num_prototypes=8", "prototypes.top_k=2"][::order]
+  cfg = apply_overrides(experiments.get("prism_tiny"), together)
+  assert (cfg.prototypes.num_prototypes, cfg.prototypes.top_k) == (8, 2)
+  with pytest.raises(ConfigError, match="prototypes.top_k=32 must be in .1, prototypes.num_pro"):
+    apply_overrides(experiments.get("prism_tiny"), ["prototypes.num_prototypes=8"])

@@ -9,12 +9,13 @@ from prism_jax.control import controller as ctl
 from prism_jax.control import suppress as sup
 from prism_jax.errors import UserError
 from prism_jax.models import lm, prism_head
-from tests.synthetic import random_batch, tiny_config
+from tests.synthetic import ROUND_ONE_HEAD, random_batch, tiny_config
 
 
 @pytest.fixture(scope="module")
 def model():
-  cfg = tiny_config("data.batch_size=16", "data.seq_len=32", "model.max_seq_len=32")
+  cfg = tiny_config("data.batch_size=16", "data.seq_len=32", "model.max_seq_len=32",
+                    *ROUND_ONE_HEAD)
   graphdef, params = lm.init(cfg, 0)
   batch = random_batch(cfg, 0)
   return cfg, graphdef, params, batch

@@ -21,7 +21,7 @@ from prism_jax.config import ConfigError, MeshConfig
 from prism_jax.errors import UserError
 from prism_jax.models import lm
 from prism_jax.step import abstract_params
-from tests.synthetic import tiny_config
+from tests.synthetic import ROUND_ONE_HEAD, tiny_config
 
 SMALL = ["model.vocab_size=32", "model.d_model=16", "model.d_ff=32", "model.num_layers=1",
          "model.num_heads=2", "prototypes.num_prototypes=8", "prototypes.top_k=2",
@@ -453,7 +453,7 @@ def trained_documents():
   from prism_jax.attribution import retrain
 
   cfg = tiny_config("train.steps=200", "optimizer.warmup_steps=10",
-                    "prototypes.num_prototypes=128")
+                    "prototypes.num_prototypes=128", *ROUND_ONE_HEAD)
   corpus = _corpus([30, 41, 50, 35, 45, 38, 33, 60, 40, 36], cfg.model.vocab_size, seed=1)
   length = cfg.data.seq_len
   rows, lengths = [], []

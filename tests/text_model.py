@@ -10,7 +10,7 @@ import grain
 import numpy as np
 
 from prism_jax.training import TrainData, train
-from tests.synthetic import rows_to_batch, tiny_config
+from tests.synthetic import ROUND_ONE_HEAD, rows_to_batch, tiny_config
 
 
 class CharTokenizer:
@@ -53,7 +53,8 @@ FACT_QUESTIONS = [("a cat is", [" red.", " blue."], 0), ("a dog is", [" red.", "
                   ("the sun is", [" cold.", " hot."], 1), ("the ice is", [" cold.", " hot."], 0)]
 TEXT_MODEL_OVERRIDES = ("data.seq_len=32", "model.max_seq_len=64", "train.steps=150",
                         "train.eval_every=150", "train.log_every=50", "checkpoint.every=150",
-                        "optimizer.warmup_steps=20", "optimizer.learning_rate=1e-2")
+                        "optimizer.warmup_steps=20", "optimizer.learning_rate=1e-2",
+                        *ROUND_ONE_HEAD)
 
 
 @functools.lru_cache(maxsize=None)
