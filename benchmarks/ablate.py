@@ -39,11 +39,8 @@ import experiments
 TRAIN_MODULE = "prism_jax.main.train"
 LEGACY_TRAIN_MODULE = "prism_jax.train"
 
-# The head the variants change: cosine scores, N(0, 1) keys, both sides of the clustering
-# pull free, balance 0.01, the all-pairs diversity term; the bank per size.
-ROUND_ONE_HEAD = ["prototypes.similarity=cosine", "prototypes.key_init_std=1.0",
-                  "losses.stop_data_gradient=false", "losses.balance=0.01",
-                  "losses.diversity_sample=0"]
+# The head the variants change (experiments.ROUND_ONE_HEAD) with its bank per size.
+ROUND_ONE_HEAD = experiments.ROUND_ONE_HEAD
 ROUND_ONE_BANK = {"tiny": ["prototypes.num_prototypes=256", "prototypes.top_k=8"],
                   "small": ["prototypes.num_prototypes=1024", "prototypes.top_k=16"]}
 AS_CONFIGURED = ("dense", "defaults")  # run as the experiment is, without the round-one head

@@ -45,6 +45,15 @@ def prototype_head(num_prototypes: int, top_k: int = 32) -> PrototypeConfig:
 PROTOTYPE_LOSSES = LossConfig(stop_data_gradient=True, balance=0.05, diversity_sample=256)
 
 
+# The head every PRISM experiment had before the fifth round's winner (cosine scores,
+# N(0, 1) keys, both sides of the clustering pull free, balance 0.01, the all-pairs
+# diversity term), as overrides: the ablation variants change it, and the LDS study and the
+# tests' memorising toy models, sized on it, pin it.
+ROUND_ONE_HEAD = ("prototypes.similarity=cosine", "prototypes.key_init_std=1.0",
+                  "losses.stop_data_gradient=false", "losses.balance=0.01",
+                  "losses.diversity_sample=0")
+
+
 def names() -> list[str]:
   return sorted(_REGISTRY)
 

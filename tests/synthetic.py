@@ -9,7 +9,6 @@ import jax
 import numpy as np
 
 import experiments
-from benchmarks import ablate
 from prism_jax.config import ExperimentConfig, apply_overrides
 from prism_jax.training import TrainData
 
@@ -23,11 +22,10 @@ TINY_OVERRIDES = [
 ]
 
 
-# The head the test models had before the fifth ablation round's winner became
-# prism_tiny's. The toy models that must memorise a few synthetic rows in ~150 steps, or
-# whose planted effect was sized on this head, pin it; every other test built on
-# tiny_config runs the default head.
-ROUND_ONE_HEAD = tuple(ablate.ROUND_ONE_HEAD)
+# The toy models that must memorise a few synthetic rows in ~150 steps, or whose planted
+# effect was sized on the round-one head, pin it; every other test built on tiny_config runs
+# the default head.
+ROUND_ONE_HEAD = experiments.ROUND_ONE_HEAD
 
 
 def tiny_config(*overrides: str, exp: str = "prism_tiny") -> ExperimentConfig:
