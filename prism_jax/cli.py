@@ -99,8 +99,11 @@ def check_run_config(cfg: ExperimentConfig, workdir: str) -> None:
   saved = read_run_config(path)
   current = config_lib.to_dict(cfg)
   for section in ("model", "prototypes"):
+    stored = saved.get(section) if isinstance(saved.get(section), dict) else {}
+    # a setting added since the run trained ran as its default (options start switched off)
+    defaults = config_lib.to_dict(type(getattr(cfg, section))()) if stored else {}
     for key, value in current[section].items():
-      old = saved.get(section, {}).get(key) if isinstance(saved.get(section), dict) else None
+      old = stored.get(key, defaults.get(key))
       if old != value and not (isinstance(value, (list, tuple)) and list(value) == old):
         raise ConfigError(f"{workdir} holds a run with {section}.{key}={old!r}, not {value!r}; "
                           "use another --workdir or the same settings")

@@ -67,6 +67,15 @@ class PrototypeConfig:
   # (the mixture weights stay bias-free), nudged by this much per step towards equal load.
   # 0: off (no bias parameter).
   selection_bias_rate: float = 0.0
+  # Whitened scores: keys are scored against h' = (h - mu) W, mu and W running statistics
+  # of h (this EMA rate per step; W from `whitening_matrix`), selection and weights alike, so
+  # every direction of h counts, not only the few that carry most of its variance early in
+  # training. Keeps prism_small's bank in use through its first 100 steps, not after; hurts
+  # prism_tiny (docs/evaluate.md, round six). 0: off (no statistics).
+  whiten_rate: float = 0.0
+  # How far towards full whitening: W = sqrt(1 + s) (C + s m I)^-1/2, m the mean eigenvalue
+  # (s -> 0 whitens fully, amplifying near-empty directions; s = 1 squeezes the dominant ones).
+  whiten_shrinkage: float = 1e-3
   # Re-initialise the key of a prototype unused for this many steps to a recent hidden
   # state (k-means dead-code revival). 0: off.
   revive_after: int = 0

@@ -112,6 +112,8 @@ CONFIG_RANGES: dict[str, Range] = {
     "prototypes.max_temperature": positive(100.0),
     "prototypes.key_init_std": positive(100.0),
     "prototypes.selection_bias_rate": weight(1.0),
+    "prototypes.whiten_rate": weight(1.0),
+    "prototypes.whiten_shrinkage": weight(1e6),
     "prototypes.revive_after": count(0),
     "losses.cluster": weight(),
     "losses.evidence": weight(),

@@ -164,7 +164,9 @@ def total_loss(out: LMOutput, batch: dict, keys_MxD, cfg: LossConfig, top_k: int
     # The dense distances only choose the nearest pairs; the gradient flows through those
     # pairs alone (k-means: with stop_data_gradient, into the keys only).
     distances = jax.lax.stop_gradient(protos.distances.reshape(-1, m))
-    h_NxD = out.hidden.reshape(-1, out.hidden.shape[-1])
+    # the hidden states as the keys scored them (whitened, with prototypes.whiten_rate)
+    hidden = out.hidden if protos.scored_hidden is None else protos.scored_hidden
+    h_NxD = hidden.reshape(-1, hidden.shape[-1])
     scores = protos.scores.reshape(-1, m)
     if cfg.balance_keys_only:
       scores = keys_only_scores(scores, h_NxD, keys_MxD, protos.temperature, similarity)

@@ -23,8 +23,14 @@ def _decay_mask(params):
   hidden states they are meant to sit among.
   """
   def decays(path, leaf):
-    return leaf.ndim >= 2 and not _is_keys(path)
+    return leaf.ndim >= 2 and not _is_keys(path) and not _is_statistic(path)
   return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def _is_statistic(path) -> bool:
+  """Running statistics of h that the train step sets outside the gradient."""
+  return any(getattr(p, "key", None) in ("hidden_mean", "hidden_cov", "whitening")
+             for p in path)
 
 
 def _is_keys(path) -> bool:

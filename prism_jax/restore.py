@@ -83,8 +83,14 @@ def run_config(cfg: ExperimentConfig, workdir: str, overrides: Sequence[str] = (
       for field in dataclasses.fields(cfg):
         current = getattr(cfg, field.name)
         if dataclasses.is_dataclass(current) and field.name != "mesh":
+          stored = saved.get(field.name, {})
           known = {f.name for f in dataclasses.fields(current)}
-          values = {k: _tuples(v) for k, v in saved.get(field.name, {}).items() if k in known}
+          values = {k: _tuples(v) for k, v in stored.items() if k in known}
+          # A setting the saved config lacks did not exist when the run trained: it ran as
+          # that setting's default (options are added switched off), not as the experiment
+          # sets it today.
+          values.update({f.name: f.default for f in dataclasses.fields(current)
+                         if f.name not in stored and f.default is not dataclasses.MISSING})
           sections[field.name] = dataclasses.replace(current, **values)
       cfg = dataclasses.replace(cfg, **sections)
     except (AttributeError, ValueError, TypeError) as e:

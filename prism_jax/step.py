@@ -56,7 +56,8 @@ def initial_keys(cfg: ExperimentConfig):
 
 def update_head_state(params, usage_M, hidden_BxLxD, mask_BxL, step, cfg: ExperimentConfig):
   """Head updates made outside the gradient, after the optimizer: key renormalisation,
-  dead-prototype revival and the selection-only balancing bias. (params, metrics)."""
+  dead-prototype revival, the selection-only balancing bias and the running statistics of h
+  that whiten the scores. (params, metrics)."""
   pc = cfg.prototypes
   head = dict(params["prototype_head"])
   metrics = {}
@@ -68,6 +69,8 @@ def update_head_state(params, usage_M, hidden_BxLxD, mask_BxL, step, cfg: Experi
     # keys' initial scale (h is RMS-normalised, norm about sqrt(D)).
     d = hidden_BxLxD.shape[-1]
     h_NxD = jax.lax.stop_gradient(hidden_BxLxD).reshape(-1, d).astype(jnp.float32)
+    if pc.whiten_rate:  # the keys live where they score: among the whitened states
+      h_NxD = (h_NxD - head["hidden_mean"]) @ head["whitening"]
     mask_N = mask_BxL.reshape(-1).astype(jnp.float32)
     rng = jax.random.fold_in(jax.random.key(cfg.train.seed), step)
     pick_M = jax.random.categorical(rng, jnp.log(mask_N + 1e-30), shape=usage_M.shape)
@@ -78,6 +81,18 @@ def update_head_state(params, usage_M, hidden_BxLxD, mask_BxL, step, cfg: Experi
   if pc.key_renorm:
     head["keys"] = prism_head.renormalise_keys(head["keys"], pc,
                                                head["keys"].shape[-1]).astype(head["keys"].dtype)
+  if pc.whiten_rate:
+    rate = pc.whiten_rate
+    mask_N = mask_BxL.reshape(-1).astype(jnp.float32)
+    h_NxD = jax.lax.stop_gradient(hidden_BxLxD).reshape(-1, hidden_BxLxD.shape[-1])
+    h_NxD = h_NxD.astype(jnp.float32)
+    count = jnp.maximum(jnp.sum(mask_N), 1.0)
+    batch_mean = jnp.sum(h_NxD * mask_N[:, None], axis=0) / count
+    head["hidden_mean"] = head["hidden_mean"] + rate * (batch_mean - head["hidden_mean"])
+    centred = (h_NxD - batch_mean) * mask_N[:, None]
+    batch_cov = centred.T @ centred / count
+    head["hidden_cov"] = head["hidden_cov"] + rate * (batch_cov - head["hidden_cov"])
+    head["whitening"] = prism_head.whitening_matrix(head["hidden_cov"], pc.whiten_shrinkage)
   if pc.selection_bias_rate:
     # Loss-free balancing: raise the bias of under-used prototypes, lower over-used ones.
     load = usage_M.astype(jnp.float32)
@@ -103,7 +118,8 @@ def make_train_step(graphdef, cfg: ExperimentConfig, tx: optax.GradientTransform
                                   cfg.prototypes.num_prototypes)
       cosine = cfg.prototypes.similarity in ("cosine", "dot")  # distances are 1 - cos
       metrics.update(diagnostics.head_diagnostics(
-          out.hidden, out.prototypes.top_values, usage, mask, prototype_keys(params),
+          out.hidden if out.prototypes.scored_hidden is None else out.prototypes.scored_hidden,
+          out.prototypes.top_values, usage, mask, prototype_keys(params),
           initial_keys(cfg), out.prototypes.distances if cosine else None))
       return loss, (metrics, (usage, jax.lax.stop_gradient(out.hidden)))
 

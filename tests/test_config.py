@@ -63,6 +63,26 @@ def test_resuming_with_a_different_model_is_refused(tmp_path):
     check_run_config(apply_overrides(cfg, ["model.d_model=64"]), str(tmp_path))
 
 
+def test_a_setting_added_after_a_run_trained_reads_as_its_default(tmp_path):
+  """An older run's config.json lacks settings added since; it ran as their defaults, even
+  where the experiment now sets another value (resuming and read-only tools alike)."""
+  import json
+
+  from prism_jax import layout
+  from prism_jax.cli import check_run_config
+  from prism_jax.restore import run_config
+
+  # the experiment as a later release might set it, and the run's config.json from before
+  cfg = apply_overrides(experiments.get("prism_tiny"), ["prototypes.whiten_rate=0.1"])
+  saved = config_lib.to_dict(cfg)
+  del saved["prototypes"]["whiten_rate"]
+  (tmp_path / layout.CONFIG).write_text(json.dumps(saved))
+  assert run_config(cfg, str(tmp_path)).prototypes.whiten_rate == 0.0
+  check_run_config(apply_overrides(cfg, ["prototypes.whiten_rate=0"]), str(tmp_path))
+  with pytest.raises(ConfigError, match="prototypes.whiten_rate=0.0, not 0.1"):
+    check_run_config(cfg, str(tmp_path))
+
+
 def test_every_number_has_exactly_one_range_row():
   """prism_jax/limits.py is the one table: every int/float setting has a row, none is stale."""
   from prism_jax import limits

@@ -2,6 +2,7 @@
 and the train step logging them."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from prism_jax import diagnostics, sharding
@@ -84,3 +85,24 @@ def test_best_match_from_cosine_distances_equals_the_direct_product():
   direct = diagnostics.head_diagnostics(*args)["prototypes/best_match_cos"]
   reused = diagnostics.head_diagnostics(*args, cosine_distances_BxLxM=dist)
   np.testing.assert_allclose(reused["prototypes/best_match_cos"], direct, rtol=1e-5)
+
+
+def test_hidden_geometry_reads_directions_and_the_banks_use():
+  from benchmarks.hidden_geometry import geometry
+  from prism_jax.models import lm
+  from tests.synthetic import random_batch, tiny_config
+
+  cfg = tiny_config()
+  graphdef, params = lm.init(cfg, 0)
+  batches = [random_batch(cfg, s) for s in range(2)]
+  g = geometry(graphdef, params, batches, cfg.prototypes.top_k)
+  assert 1.0 <= g["participation_ratio"] <= g["dimension"] == cfg.model.d_model
+  assert 0.0 < g["top1_share"] <= g["top5_share"] <= 1.0
+  assert 0.0 <= g["common_energy"] <= 1.0 and 0.0 <= g["unused"] <= 1.0
+  assert -1.0 <= g["use_vs_token_spread"] <= 1.0
+  # every key collapsed onto one direction: a prototype's use no longer varies with it
+  head = dict(params["prototype_head"])
+  head["keys"] = jnp.broadcast_to(head["keys"][:1], head["keys"].shape)
+  collapsed = geometry(graphdef, {**params, "prototype_head": head}, batches,
+                       cfg.prototypes.top_k)
+  assert collapsed["unused"] > g["unused"]

@@ -39,6 +39,9 @@ def _head(cfg, m=6, d=4):
     head["idle_steps"] = jnp.zeros((m,))
   if cfg.prototypes.selection_bias_rate:
     head["selection_bias"] = jnp.zeros((m,))
+  if cfg.prototypes.whiten_rate:
+    head["hidden_mean"], head["hidden_cov"], head["whitening"] = (
+        jnp.zeros((d,)), jnp.eye(d), jnp.eye(d))
   return params
 
 
@@ -79,7 +82,8 @@ def test_variant_train_steps_run_and_keep_head_state_out_of_the_gradient():
   cfg = tiny_config("prototypes.selection_bias_rate=0.01", "prototypes.revive_after=1",
                     "prototypes.thresholds=true", "prototypes.key_init_std=0.177",
                     "prototypes.key_renorm=true", "losses.stop_data_gradient=true",
-                    "losses.diversity_reduce=per_prototype", "optimizer.key_lr_scale=4")
+                    "losses.diversity_reduce=per_prototype", "optimizer.key_lr_scale=4",
+                    "prototypes.whiten_rate=0.1")
   steps = compile_steps(cfg, sharding.make_mesh(cfg.mesh))
   state = steps.init()
   batch = to_global_batch(random_batch(cfg, 0), steps.batch_sharding)
@@ -89,5 +93,24 @@ def test_variant_train_steps_run_and_keep_head_state_out_of_the_gradient():
   assert np.isfinite(metrics["loss/total"]) and metrics["nonfinite/total"] == 0
   head = jax.device_get(state.params["prototype_head"])
   assert np.abs(head["selection_bias"]).sum() > 0  # moved by the balancing rule
+  assert np.abs(head["whitening"] - np.eye(32)).max() > 1e-3  # the running statistics moved
   np.testing.assert_allclose(np.linalg.norm(head["keys"], axis=1), 0.177 * np.sqrt(32),
                              rtol=1e-4)
+
+
+def test_whitening_statistics_follow_the_batch_and_whiten_it():
+  cfg = tiny_config("prototypes.whiten_rate=1.0")  # rate 1: the statistics of this batch
+  d = 4
+  params = _head(cfg, d=d)
+  rng = np.random.default_rng(2)
+  mixing = rng.normal(size=(d, d))
+  h = rng.normal(size=(1, 400, d)) @ mixing + 3.0  # correlated, off-centre
+  mask = np.ones((1, 400))
+  params, _ = update_head_state(params, jnp.ones((6,), jnp.int32), jnp.asarray(h, jnp.float32),
+                                jnp.asarray(mask), jnp.int32(0), cfg)
+  head = params["prototype_head"]
+  np.testing.assert_allclose(head["hidden_mean"], h[0].mean(0), rtol=1e-4)
+  whitened = (h[0] - np.asarray(head["hidden_mean"])) @ np.asarray(head["whitening"])
+  # unit covariance, up to the eps * mean eigenvalue added for conditioning
+  np.testing.assert_allclose(np.cov(whitened.T, bias=True), np.eye(d), atol=0.05)
+  np.testing.assert_allclose(head["whitening"], np.asarray(head["whitening"]).T, atol=1e-5)

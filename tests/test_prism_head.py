@@ -27,6 +27,8 @@ VARIANTS = {
     "revival": ["prototypes.revive_after=10"],
     "base_prototype": ["prototypes.base_prototype=true", "prototypes.selection_bias_rate=0.01"],
     "dot": ["prototypes.similarity=dot", "prototypes.key_init_std=0.02"],
+    "whitened": ["prototypes.similarity=dot", "prototypes.key_init_std=0.02",
+                 "prototypes.whiten_rate=0.1"],
 }
 
 
@@ -38,6 +40,10 @@ def _perturb_head_state(params):
   for name in ("selection_bias", "thresholds"):
     if name in head:
       head[name] = jnp.asarray(rng.normal(scale=0.3, size=(m,)), jnp.float32)
+  if "whitening" in head:  # running statistics away from (0, I)
+    d = head["keys"].shape[1]
+    head["hidden_mean"] = jnp.asarray(rng.normal(size=(d,)), jnp.float32)
+    head["whitening"] = jnp.asarray(np.eye(d) + rng.normal(scale=0.2, size=(d, d)), jnp.float32)
   return {**params, "prototype_head": head}
 
 
@@ -338,7 +344,7 @@ def test_attention_stays_inside_a_document():
 @pytest.mark.parametrize("similarity, extra", [
     ("cosine", {}), ("dot", {}), ("neg_sq_distance", {}),
     ("cosine", {"thresholds": True}), ("dot", {"base_prototype": True}),
-    ("cosine", {"suppress": True})])
+    ("cosine", {"suppress": True}), ("dot", {"whiten": True})])
 def test_gradient_through_the_selected_keys_equals_the_dense_gradient(similarity, extra):
   """The head's weights take their gradient from the k gathered keys; the reference mixes
   the dense activations, whose gradient runs through the whole [B, L, M] score product."""
@@ -353,10 +359,13 @@ def test_gradient_through_the_selected_keys_equals_the_dense_gradient(similarity
   cfg = PrototypeConfig(num_prototypes=m, top_k=k, similarity=similarity, mix="gather",
                         base_prototype=extra.get("base_prototype", False))
   probe = jnp.asarray(rng.normal(size=(b, l, v)), jnp.float32)
+  whitening = ((jnp.asarray(rng.normal(size=(d,)), jnp.float32),
+                jnp.asarray(np.eye(d) + rng.normal(scale=0.3, size=(d, d)), jnp.float32))
+               if extra.get("whiten") else None)
 
   def objective(h, keys, values, log_tau, thresholds, dense):
     logits, out = prism_head.prototype_logits(h, keys, values, log_tau, emb, cfg, suppressed,
-                                              thresholds_M=thresholds)
+                                              thresholds_M=thresholds, whitening=whitening)
     if dense:
       logits = prism_head.logits_from_mixture(
           prism_head.mix_values(out.activations, values), emb)
@@ -368,8 +377,9 @@ def test_gradient_through_the_selected_keys_equals_the_dense_gradient(similarity
   dense = jax.grad(objective, argnums)(*args, True)
   np.testing.assert_allclose(objective(*args, False), objective(*args, True), rtol=1e-5)
   for got, want in zip(sparse, dense):
-    assert float(jnp.abs(want).max()) > 0
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    scale = float(jnp.abs(want).max())
+    assert scale > 0
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * max(1.0, scale))
 
 
 def test_the_mix_routes_agree_and_auto_gathers_only_when_k_rows_are_smaller_than_the_bank():
@@ -399,3 +409,22 @@ def test_the_mix_routes_agree_and_auto_gathers_only_when_k_rows_are_smaller_than
       PrototypeConfig(num_prototypes=m_, top_k=k_, mix=mix), 8)
   assert gathers(64, 4, "auto") and not gathers(32, 4, "auto")  # k D = 32
   assert gathers(32, 4, "gather") and not gathers(64, 4, "dense")
+
+
+
+@pytest.mark.parametrize("shrinkage", [1e-3, 1.0])
+def test_whitening_matrix_maps_each_variance_as_documented(shrinkage):
+  rng = np.random.default_rng(6)
+  basis, _ = np.linalg.qr(rng.normal(size=(6, 6)))
+  variances = np.array([40.0, 5.0, 1.0, 0.5, 0.1, 0.01])
+  cov = (basis * variances) @ basis.T
+  w = np.asarray(prism_head.whitening_matrix(jnp.asarray(cov, jnp.float32), shrinkage))
+  np.testing.assert_allclose(w, w.T, atol=1e-5)
+  # along each eigenvector the variance becomes (1 + s) lambda / (lambda + s m)
+  m = variances.mean()
+  got = np.einsum("di,de,ef,fi->i", basis, w, cov, w @ basis)
+  np.testing.assert_allclose(got, (1 + shrinkage) * variances / (variances + shrinkage * m),
+                             rtol=2e-3)
+  # isotropic h (the RMS-normalised state at init): W = I / sqrt(m)
+  np.testing.assert_allclose(prism_head.whitening_matrix(2.0 * jnp.eye(6), shrinkage),
+                             np.eye(6) / np.sqrt(2.0), rtol=1e-5, atol=1e-6)

@@ -36,6 +36,7 @@ class PrototypeOutput:
   top_values: jax.Array   # [B, L, k] the k selected activations (>= 0), descending
   top_indices: jax.Array  # [B, L, k] their prototype ids
   temperature: jax.Array  # [] tau
+  scored_hidden: jax.Array | None = None  # [B, L, D] h as the keys saw it (whitened), or None
 
 
 @struct.dataclass
@@ -234,7 +235,8 @@ def prototype_logits(h_BxLxD, keys_MxD, values_MxD, log_temperature, unembedding
                      cfg: PrototypeConfig, suppressed_M: jax.Array | None = None, *,
                      controller: Controller | None = None,
                      selection_bias_M: jax.Array | None = None,
-                     thresholds_M: jax.Array | None = None):
+                     thresholds_M: jax.Array | None = None,
+                     whitening: tuple[jax.Array, jax.Array] | None = None):
   """The whole head as one pure function: (logits [B, L, V], PrototypeOutput).
 
   `suppressed_M` (bool [M]) removes prototypes before the top-k; the next best fill in.
@@ -243,6 +245,8 @@ def prototype_logits(h_BxLxD, keys_MxD, values_MxD, log_temperature, unembedding
   `selection_bias_M` shifts only which prototypes are chosen; `thresholds_M` (theta) is
   subtracted from the similarity inside the relu, s_j = (sim_j - theta_j) / tau. With
   `cfg.base_prototype`, prototype 0 takes one of the k slots at every position with a_0 = 1.
+  `whitening` (mu [D], W [D, D]): the keys score h' = (h - mu) W instead of h, in the choice
+  and in the weights (a function of h still, so the contributions stay exact).
   """
   # Shapes are pinned at trace time: h [batch, length, d], keys/values [M, d], E [vocab, d].
   chex.assert_rank(h_BxLxD, 3)
@@ -252,6 +256,9 @@ def prototype_logits(h_BxLxD, keys_MxD, values_MxD, log_temperature, unembedding
   chex.assert_shape(unembedding_VxD, (vocab, d))
   if suppressed_M is not None:
     chex.assert_shape(suppressed_M, (m,))
+  if whitening is not None:  # (mu [D], W [D, D]): statistics, no gradient
+    mu_D, w_DxD = (jax.lax.stop_gradient(jnp.asarray(x, jnp.float32)) for x in whitening)
+    h_BxLxD = (h_BxLxD.astype(jnp.float32) - mu_D) @ w_DxD
   sim, dist = similarity_and_distance(h_BxLxD, keys_MxD, cfg.similarity)
   tau = temperature(log_temperature, cfg)
   base_M = jnp.arange(m) == 0
@@ -306,7 +313,8 @@ def prototype_logits(h_BxLxD, keys_MxD, values_MxD, log_temperature, unembedding
   chex.assert_shape([top_values, top_indices], (batch, length, cfg.top_k))  # [B, L, k]
   return logits, PrototypeOutput(scores=scores, distances=dist, activations=activations,
                                  top_values=top_values, top_indices=top_indices,
-                                 temperature=tau)
+                                 temperature=tau,
+                                 scored_hidden=None if whitening is None else h_BxLxD)
 
 
 class PrototypeHead(nnx.Module):
@@ -332,6 +340,10 @@ class PrototypeHead(nnx.Module):
       self.idle_steps = nnx.Param(jnp.zeros((m,), jnp.float32), out_sharding=("prototypes",))
     if cfg.thresholds:
       self.thresholds = nnx.Param(jnp.zeros((m,), jnp.float32), out_sharding=("prototypes",))
+    if cfg.whiten_rate:  # C starts as I (h is RMS-normalised), so W starts as I
+      self.hidden_mean = nnx.Param(jnp.zeros((d,), jnp.float32), out_sharding=(None,))
+      self.hidden_cov = nnx.Param(jnp.eye(d, dtype=jnp.float32), out_sharding=(None, None))
+      self.whitening = nnx.Param(jnp.eye(d, dtype=jnp.float32), out_sharding=(None, None))
     self.cfg = cfg
 
   def __call__(self, h_BxLxD, unembedding_VxD, suppressed_M=None, *, controller=None):
@@ -340,7 +352,9 @@ class PrototypeHead(nnx.Module):
                             self.log_temperature[...], unembedding_VxD, self.cfg, suppressed_M,
                             controller=controller,
                             selection_bias_M=optional("selection_bias"),
-                            thresholds_M=optional("thresholds"))
+                            thresholds_M=optional("thresholds"),
+                            whitening=((self.hidden_mean[...], self.whitening[...])
+                                       if self.cfg.whiten_rate else None))
 
 
 def renormalise_keys(keys_MxD, cfg: PrototypeConfig, d: int):
@@ -348,3 +362,20 @@ def renormalise_keys(keys_MxD, cfg: PrototypeConfig, d: int):
   keys = keys_MxD.astype(jnp.float32)
   target = cfg.key_init_std * jnp.sqrt(jnp.float32(d))
   return keys * (target * jax.lax.rsqrt(jnp.sum(keys * keys, -1, keepdims=True) + 1e-12))
+
+
+def whitening_matrix(cov_DxD, shrinkage: float):
+  """sqrt(1 + s) (C + s m I)^-1/2 with m = mean eigenvalue of C, symmetric.
+
+  s -> 0: full whitening, h' = (h - mu) W has unit variance in every direction (and the
+  near-empty directions are blown up to unit variance too); s = 1: directions well above
+  the mean variance are squeezed towards it and the rest scaled about evenly. An isotropic
+  C (as at init, h being RMS-normalised) gives W = I/sqrt(m) for every s.
+  """
+  cov = cov_DxD.astype(jnp.float32)
+  d = cov.shape[-1]
+  mean_eigenvalue = jnp.trace(cov) / d
+  cov = cov + (shrinkage + 1e-6) * mean_eigenvalue * jnp.eye(d, dtype=jnp.float32)
+  eigvals, eigvecs = jnp.linalg.eigh(cov)
+  scale = jnp.sqrt(1.0 + shrinkage) * jax.lax.rsqrt(jnp.maximum(eigvals, 1e-12))
+  return (eigvecs * scale) @ eigvecs.T
