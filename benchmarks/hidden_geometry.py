@@ -26,6 +26,7 @@ import argparse
 import jax
 import numpy as np
 
+from prism_jax.errors import UserError, exit_on_user_error
 from prism_jax.models import lm
 from prism_jax.run import Run
 from prism_jax.training import corpus_data
@@ -73,6 +74,7 @@ def geometry(graphdef, params, batches, top_k: int | None) -> dict:
   return result
 
 
+@exit_on_user_error
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--exp", required=True)
@@ -80,16 +82,18 @@ def main(argv=None):
   parser.add_argument("--steps", type=int, nargs="+", required=True)
   parser.add_argument("--batches", type=int, default=4)
   args = parser.parse_args(argv)
+  if min(args.steps) < 0 or args.batches < 1:
+    raise UserError("--steps must be checkpoint steps >= 0 (0: the initialisation) and "
+                    "--batches at least 1")
   with Run.open(args.exp, args.workdir) as run:
     cfg = run.cfg
+    # every checkpoint first: a missing one is refused before the data is read
+    states = [lm.init(cfg, cfg.train.seed)[:2] if step == 0 else run.params(step)[:2]
+              for step in args.steps]
     batches = list(corpus_data(cfg).eval_batches())[:args.batches]
     top_k = cfg.prototypes.top_k if cfg.model.head == "prism" else None
     print(f"{cfg.name} in {args.workdir}: {len(batches)} validation batches")
-    for step in args.steps:
-      if step == 0:
-        graphdef, params = lm.init(cfg, cfg.train.seed)[:2]
-      else:
-        graphdef, params, _ = run.params(step)
+    for step, (graphdef, params) in zip(args.steps, states):
       g = geometry(graphdef, params, batches, top_k)
       line = (f"step {step:>5}: participation ratio {g['participation_ratio']:.1f} of "
               f"{g['dimension']}, top-1/top-5 share {g['top1_share']:.2f}/{g['top5_share']:.2f}, "

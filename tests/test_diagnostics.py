@@ -4,6 +4,7 @@ and the train step logging them."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from prism_jax import diagnostics, sharding
 from prism_jax.step import compile_steps, initial_keys, to_global_batch
@@ -106,3 +107,17 @@ def test_hidden_geometry_reads_directions_and_the_banks_use():
   collapsed = geometry(graphdef, {**params, "prototype_head": head}, batches,
                        cfg.prototypes.top_k)
   assert collapsed["unused"] > g["unused"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "5"], "no checkpoints in"),
+    (["--steps", "-1"], "--steps must be checkpoint steps >= 0"),
+    (["--steps", "0", "--batches", "0"], "--batches at least 1"),
+])
+def test_hidden_geometry_refuses_bad_input_in_one_line(tmp_path, capsys, argv, message):
+  from benchmarks import hidden_geometry
+
+  with pytest.raises(SystemExit) as exit_info:
+    hidden_geometry.main(["--exp", "prism_tiny", "--workdir", str(tmp_path / "none"), *argv])
+  err = capsys.readouterr().err.strip()
+  assert exit_info.value.code == 2 and err.splitlines() == [err] and message in err, err
