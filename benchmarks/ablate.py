@@ -188,6 +188,12 @@ VARIANTS: dict[str, list[str]] = {
                                      "prototypes.num_prototypes=1024", "prototypes.top_k=32",
                                      "losses.stop_data_gradient=true",
                                      "losses.diversity_sample=256", "losses.balance=0.05"],
+    # The sixth/seventh round: the defaults plus a straight-through gradient for h (the
+    # top-k gives h gradient only along the k selected keys; this adds the dense head's).
+    "defaults_st": ["prototypes.similarity=dot", "prototypes.key_init_std=0.02",
+                    "prototypes.num_prototypes=1024", "prototypes.top_k=32",
+                    "losses.stop_data_gradient=true", "losses.diversity_sample=256",
+                    "losses.balance=0.05", "prototypes.straight_through=1.0"],
     "dot_sg_bias": ["prototypes.similarity=dot", "prototypes.key_init_std=0.02",
                     "losses.stop_data_gradient=true", "prototypes.selection_bias_rate=0.01"],
     # Sharper weights: a learned per-prototype threshold inside the relu.

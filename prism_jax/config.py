@@ -84,6 +84,11 @@ class PrototypeConfig:
   # Prototype 0 is always selected with activation 1: its value vector carries the base rate
   # (unigram prior), reported as its own slice p0, so the other k-1 need not each carry it.
   base_prototype: bool = False
+  # Straight-through for the backbone: the mixture read by the unembedding becomes
+  # mix + beta (h - stop_gradient(h)), zero in the forward pass (logits and contributions
+  # unchanged, exactly) but h also receives beta times the dense head's gradient E^T (p - y).
+  # Through the top-k alone h gets gradient only along the k selected keys. 0: off.
+  straight_through: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)

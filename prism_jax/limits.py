@@ -114,6 +114,7 @@ CONFIG_RANGES: dict[str, Range] = {
     "prototypes.selection_bias_rate": weight(1.0),
     "prototypes.whiten_rate": weight(1.0),
     "prototypes.whiten_shrinkage": weight(1e6),
+    "prototypes.straight_through": weight(10.0),
     "prototypes.revive_after": count(0),
     "losses.cluster": weight(),
     "losses.evidence": weight(),

@@ -29,6 +29,8 @@ VARIANTS = {
     "dot": ["prototypes.similarity=dot", "prototypes.key_init_std=0.02"],
     "whitened": ["prototypes.similarity=dot", "prototypes.key_init_std=0.02",
                  "prototypes.whiten_rate=0.1"],
+    "straight_through": ["prototypes.similarity=dot", "prototypes.key_init_std=0.02",
+                         "prototypes.straight_through=1.0"],
 }
 
 
@@ -409,6 +411,33 @@ def test_the_mix_routes_agree_and_auto_gathers_only_when_k_rows_are_smaller_than
       PrototypeConfig(num_prototypes=m_, top_k=k_, mix=mix), 8)
   assert gathers(64, 4, "auto") and not gathers(32, 4, "auto")  # k D = 32
   assert gathers(32, 4, "gather") and not gathers(64, 4, "dense")
+
+
+@pytest.mark.parametrize("mix", ["gather", "dense"])
+def test_straight_through_leaves_the_logits_and_adds_the_dense_heads_gradient_to_h(mix):
+  """mix + beta (h - sg(h)): the forward pass is bit-identical, the head's parameters get
+  the same gradient, and h gets beta * dL/dmix = beta * (dL/dz) E on top."""
+  rng = np.random.default_rng(11)
+  b, l, d, m, v, k, beta = 2, 3, 6, 10, 7, 3, 0.5
+  h, keys, values, emb = (jnp.asarray(rng.normal(size=s), jnp.float32)
+                          for s in [(b, l, d), (m, d), (m, d), (v, d)])
+  probe = jnp.asarray(rng.normal(size=(b, l, v)), jnp.float32)
+
+  def objective(h, keys, values, straight_through):
+    cfg = PrototypeConfig(num_prototypes=m, top_k=k, similarity="dot", mix=mix,
+                          straight_through=straight_through)
+    logits, _ = prism_head.prototype_logits(h, keys, values, jnp.log(0.3), emb, cfg)
+    return jnp.sum(logits * probe), logits
+
+  (_, plain_logits), plain = jax.value_and_grad(objective, (0, 1, 2), has_aux=True)(
+      h, keys, values, 0.0)
+  (_, st_logits), st = jax.value_and_grad(objective, (0, 1, 2), has_aux=True)(
+      h, keys, values, beta)
+  np.testing.assert_array_equal(st_logits, plain_logits)
+  np.testing.assert_allclose(st[1], plain[1], rtol=1e-6)  # keys
+  np.testing.assert_allclose(st[2], plain[2], rtol=1e-6)  # values
+  np.testing.assert_allclose(st[0] - plain[0], beta * jnp.einsum("blv,vd->bld", probe, emb),
+                             rtol=1e-5, atol=1e-5)
 
 
 

@@ -256,6 +256,7 @@ def prototype_logits(h_BxLxD, keys_MxD, values_MxD, log_temperature, unembedding
   chex.assert_shape(unembedding_VxD, (vocab, d))
   if suppressed_M is not None:
     chex.assert_shape(suppressed_M, (m,))
+  h_raw = h_BxLxD
   if whitening is not None:  # (mu [D], W [D, D]): statistics, no gradient
     mu_D, w_DxD = (jax.lax.stop_gradient(jnp.asarray(x, jnp.float32)) for x in whitening)
     h_BxLxD = (h_BxLxD.astype(jnp.float32) - mu_D) @ w_DxD
@@ -307,6 +308,9 @@ def prototype_logits(h_BxLxD, keys_MxD, values_MxD, log_temperature, unembedding
     mixed = mix_selected_values(weights, top_indices, values_MxD)
   else:  # the sparse activations times the bank (a split bank: each shard its own rows)
     mixed = mix_values(activations, values_MxD)
+  if cfg.straight_through:  # exactly zero forward; h also gets the dense head's gradient
+    h32 = h_raw.astype(jnp.float32)
+    mixed = mixed + cfg.straight_through * (h32 - jax.lax.stop_gradient(h32))
   logits = logits_from_mixture(mixed, unembedding_VxD)
   chex.assert_shape(logits, (batch, length, vocab))                     # [B, L, V]
   chex.assert_shape([scores, dist, activations], (batch, length, m))    # [B, L, M]
