@@ -167,6 +167,7 @@ CONFIG_RANGES: dict[str, Range] = {
     "attr.target_postings": count(1, 10**9),
     "attr.unembedding_damping": positive(1e6),
     "attr.context_sharpness": weight(64.0),
+    "attr.context_match": weight(1e6),
     "attr.index_part_batches": count(1, 10**6),
     "attr.damping": weight(),
     "attr.trak_projection_dim": count(1, 2**16),

@@ -1,4 +1,4 @@
-"""`single_pass` and the streaming index over whole documents (prism-index/4).
+"""`single_pass` and the streaming index over whole documents (prism-index/5).
 
 Exactness: with every posting kept and the full softmax stored, `single_pass` equals
 `influence` (which reads stored g_t). The index covers every target of every document
@@ -42,8 +42,9 @@ def _forward(graphdef, params, batch):
 
 
 def _values(damping, tail="prototype"):
-  """single_pass restricted to the values term: the one `influence` computes."""
-  return single_pass.Settings("values", damping=damping, tail=tail)
+  """single_pass restricted to the values term: the one `influence` computes (without the
+  same-text weight, which `influence` does not have)."""
+  return single_pass.Settings("values", damping=damping, tail=tail, context_match=0.0)
 
 
 def _docs(corpus):
@@ -208,7 +209,7 @@ def test_unembedding_term_is_the_preconditioned_dot_of_the_unembedding_gradients
           expected[d] += (np.sum(g_q * g_t / (frequency + damping)[:, None])
                           * cos(head.probs, p_t) ** beta)
       settings = single_pass.Settings("unembedding", unembedding_damping=damping,
-                                      context_sharpness=beta)
+                                      context_sharpness=beta, context_match=0.0)
       got = single_pass.score(index, head, matrices, settings).example_scores
       np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
       signs.update(np.sign(single_pass.token_scores(index, head, matrices, settings)[1]))
@@ -469,17 +470,20 @@ def trained_documents():
 
 
 # On this memorised toy the values term (= influence) finds every copied query's passage
-# first; the default (the unembedding term, context sharpness 1) finds 19 of 20 first and
-# the other second. Without its prediction-similarity weight (attr.context_sharpness=0) it
-# finds 18: every position that predicts the same token from the same prototypes scores
-# alike (docs/attribution.md, "Copied queries").
-@pytest.mark.parametrize("curvature, terms", [("blocks", "values"), ("shared", "values"),
-                                              ("blocks", "unembedding")])
+# first, and so does the default (the unembedding term, context sharpness 1) with its
+# same-text weight. Without that weight (attr.context_match=0) it finds 19 of 20 first and
+# the other second; without the prediction-similarity weight as well
+# (attr.context_sharpness=0), 18: every position that predicts the same token from the same
+# prototypes scores alike (docs/attribution.md, "Copied queries").
+@pytest.mark.parametrize("curvature, terms, match", [("blocks", "values", 0.0),
+                                                     ("shared", "values", 0.0),
+                                                     ("blocks", "unembedding", 0.0),
+                                                     ("blocks", "unembedding", 100.0)])
 def test_a_query_from_the_middle_of_a_document_brings_it_back_first(trained_documents, tmp_path,
-                                                                     curvature, terms):
+                                                                     curvature, terms, match):
   cfg, graphdef, params, corpus = trained_documents
   attr = AttributionConfig(batch_size=8, postings=16, softmax_top=8,  # truncated, float16
-                           curvature=curvature, single_pass_terms=terms)
+                           curvature=curvature, single_pass_terms=terms, context_match=match)
   indexing.build(cfg, graphdef, params, corpus, str(tmp_path / "index"), attr,
                   devices=jax.devices()[:1])
   index = index_lib.Index(str(tmp_path / "index"))
@@ -496,10 +500,34 @@ def test_a_query_from_the_middle_of_a_document_brings_it_back_first(trained_docu
       if terms == "values":  # its best position is the query's own (the default's need not
         best = scores.best_token[e]  # be: another position of the passage may agree more)
         assert index.gather("offset", np.array([best]))[0] == end - 1
-  if terms == "values":
-    assert ranks == [0] * 20
+  if terms == "values" or match:
+    assert ranks == [0] * 20, ranks
   else:
     assert max(ranks) <= 1 and ranks.count(0) >= 19, ranks
+
+
+def test_the_same_text_weight_multiplies_exactly_the_positions_with_the_querys_context(
+    small, tmp_path):
+  """A query copied from a document (at offset 5) matches its own position's fingerprint;
+  with attr.context_match = gamma those positions score (1 + gamma) times, the rest alike."""
+  cfg, params, corpus = small
+  graphdef, _ = lm.abstract_model(cfg)
+  index = _build(tmp_path, cfg, params, corpus, target_postings=256,
+                 index_keep_build_fields=True, **EXACT)
+  matrices = single_pass.HeadMatrices.of(params)
+  doc_id, doc = next((d, doc) for d, doc in enumerate(_docs(corpus)) if len(doc) > 9)
+  query = common.Query(tuple(int(t) for t in doc[:6]), int(doc[6]))
+  head = prototype.query_head(graphdef, params, query, cfg.data.seq_len)
+  tok0, val0 = single_pass.token_scores(index, head, matrices,
+                                        single_pass.Settings(context_match=0.0))
+  tok, val = single_pass.token_scores(index, head, matrices,
+                                      single_pass.Settings(context_match=9.0))
+  np.testing.assert_array_equal(tok, tok0)
+  same = index.gather("context", tok) == head.context
+  own = tok[(index.gather("document", tok) == doc_id) & (index.gather("offset", tok) == 5)]
+  assert len(own) == 1 and same[np.searchsorted(tok, own[0])]
+  np.testing.assert_allclose(val[same], 10.0 * val0[same], rtol=1e-12)
+  np.testing.assert_array_equal(val[~same], val0[~same])
 
 
 def test_documents_from_the_source_are_tokenised_like_training():

@@ -48,6 +48,10 @@ class AttributionConfig:
   # departs from the query's (kappa^beta; 0: off). 1: the LDS study's choice on validation and
   # copied tuning queries together (docs/attribution.md).
   context_sharpness: float = 1.0
+  # single_pass: a position whose last 16 input tokens equal the query's (the text it was
+  # copied from) scores 1 + gamma times as much (0: off). Validation text rarely repeats 16
+  # tokens of training text, so this changes little there (docs/attribution.md).
+  context_match: float = 100.0
   # Prototype influence: damped Gauss-Newton, block-diagonal by prototype.
   damping: float = 1e-3           # added to every per-prototype GN block (mean over tokens)
   # TRAK: Gaussian projection of per-example gradients, Gauss-Newton inverse in that space.

@@ -1,7 +1,7 @@
 """The prototype index over every token the model trained on: format and reader.
 
 Built by one streaming pass (`build`, in indexing.py), read memory-mapped. Format
-`prism-index/4`, a directory:
+`prism-index/5`, a directory:
 
   manifest.json         format, model, step, sizes, the processes and their parts (global
                         token ids run through processes, then parts, in order), the
@@ -15,6 +15,8 @@ Built by one streaming pass (`build`, in indexing.py), read memory-mapped. Forma
     top_values.npy      [n, k] float16|32      their activations
     softmax_ids.npy     [n, r] uint16|int32    the r most probable tokens under the model
     softmax_probs.npy   [n, r] float16|32      their probabilities
+    context.npy         [n] uint32             fingerprint of the last 16 input tokens the
+                                               model read (context_match.py)
     grad.npy            [n, D] float32         g_t (only with attr.index_influence)
     doc_ordinal.npy, doc_record.npy [d] int64  documents whose first chunk is in the part,
     doc_offsets.npy [d+1] int64, doc_tokens.npy [*] uint16|int32   and their tokens
@@ -24,7 +26,8 @@ Built by one streaming pass (`build`, in indexing.py), read memory-mapped. Forma
     posting_activation.npy [P] float16|32      attr.postings, 0 = all) by a_tj (1 - p_t[y_t])
     posting_<field>.npy [P, ...]               each posting's own copy of its position's
                                                RECORD_FIELDS (target, document, top_indices,
-                                               top_values, softmax_ids, softmax_probs), so a
+                                               top_values, softmax_ids, softmax_probs,
+                                               context), so a
                                                query reads k contiguous blocks, not P random
                                                rows of the parts
     full_offsets/full_token/full_activation    every posting (influence; only when T > 0)
@@ -71,12 +74,12 @@ from prism_jax.checkpoint import settings_difference
 from prism_jax.config import MeshConfig
 from prism_jax.errors import UserError
 
-FORMAT = "prism-index/4"
+FORMAT = "prism-index/5"
 PART_FIELDS = ("target", "document", "offset", "top_indices", "top_values", "softmax_ids",
-               "softmax_probs", "grad")
+               "softmax_probs", "context", "grad")
 # What single_pass scores a position from; copied into each posting (module docstring).
 RECORD_FIELDS = ("target", "document", "top_indices", "top_values", "softmax_ids",
-                 "softmax_probs")
+                 "softmax_probs", "context")
 
 
 def default_decode(ids: Sequence[int]) -> str:

@@ -34,6 +34,7 @@ from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from prism_jax import outputs, sharding
+from prism_jax.attribution import context_match
 from prism_jax.attribution import curvature as curvature_lib
 from prism_jax.attribution import documents as documents_lib
 from prism_jax.attribution import index_step, postings
@@ -52,6 +53,7 @@ USED_BY = {
     "target": ["display"], "document": ["influence", "prototype"],
     "offset": ["display"], "top_indices": ["build"], "top_values": ["build"],
     "p_target": ["build"], "softmax_ids": ["build"], "softmax_probs": ["build"],
+    "context": ["build"],
     "grad": ["influence"],
     "doc_ordinal": ["display"], "doc_record": ["display"], "doc_offsets": ["display"],
     "doc_tokens": ["display"],
@@ -197,7 +199,8 @@ def _records(host: dict, batch: dict, chunks: documents_lib.ChunkBatch, first_to
          "top_values": pick("top_values").astype(setup.dtype),
          "softmax_ids": pick("softmax_ids").astype(setup.vocab_ids),
          "softmax_probs": pick("softmax_probs").astype(setup.dtype),
-         "p_target": pick("p_target").astype(setup.dtype)}
+         "p_target": pick("p_target").astype(setup.dtype),
+         "context": context_match.fingerprints(batch["inputs"])[row, pos]}
   if "grad" in host:
     out["grad"] = pick("grad").astype(np.float32)
   out["_token"] = first_token + np.arange(len(row), dtype=np.int64)

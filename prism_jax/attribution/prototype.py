@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prism_jax.attribution import context_match
 from prism_jax.attribution.common import Query
 from prism_jax.attribution.index import Index
 from prism_jax.models import lm, prism_head
@@ -37,6 +38,7 @@ class QueryHead:
   probs: np.ndarray | None = None  # [V] p_q, the softmax
   mix: np.ndarray | None = None    # [D] o_q = sum_k a_qk U_k, the mixed value (logits o_q E^T)
   target: int = -1
+  context: int | None = None  # fingerprint of the prompt's last tokens (context_match.py)
 
 
 @dataclasses.dataclass
@@ -142,7 +144,8 @@ def query_head(graphdef, params, query: Query, length: int) -> QueryHead:
       _head_fn(graphdef)(params, query.batch(length), query.position, query.target))
   return QueryHead(np.asarray(values), np.asarray(indices), np.asarray(contrib),
                    np.asarray(grad, np.float64), float(logp), np.asarray(probs, np.float64),
-                   np.asarray(mix, np.float64), int(query.target))
+                   np.asarray(mix, np.float64), int(query.target),
+                   context_match.of_prompt(query.prompt))
 
 
 def token_scores(index: Index, head: QueryHead) -> tuple[np.ndarray, np.ndarray]:

@@ -38,6 +38,11 @@ the values term) and an O(k T + T') read, whatever N is. Signed (negative = oppo
 example's score sums its positions' scores. Why the unembedding term is the default: on
 the real-text LDS study it scores higher than the values term and every post-hoc baseline,
 and as high as their sum, which also needs the per-prototype curvature (docs/attribution.md).
+
+Either term is multiplied by 1 + gamma (gamma = attr.context_match) at a position whose last
+16 input tokens equal the query's (`context_match.py`): the very text a query was copied
+from, which the retrains say moves it most, and which the head's gradient cannot tell from
+other positions predicting the same token.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ import dataclasses
 import jax
 import numpy as np
 
-from prism_jax.attribution import curvature
+from prism_jax.attribution import context_match, curvature
 from prism_jax.attribution.config import AttributionConfig
 from prism_jax.attribution.index import RECORD_FIELDS, Index
 from prism_jax.attribution.prototype import QueryHead, Scores, document_scores
@@ -76,11 +81,12 @@ class Settings:
   unembedding_damping: float = 1e-3  # unembedding term: lambda in 1 / (f + lambda)
   tail: str = "prototype"
   context_sharpness: float = AttributionConfig.context_sharpness  # beta in kappa(q, t)^beta
+  context_match: float = AttributionConfig.context_match  # gamma: same recent text, x(1 + gamma)
 
   @classmethod
   def of(cls, attr) -> "Settings":
     return cls(attr.single_pass_terms, attr.damping, attr.unembedding_damping,
-               context_sharpness=attr.context_sharpness)
+               context_sharpness=attr.context_sharpness, context_match=attr.context_match)
 
 
 def directions(index: Index, head: QueryHead, e_VxD: np.ndarray, damping: float
@@ -185,6 +191,7 @@ def _scored(index: Index, head: QueryHead, matrices: HeadMatrices, settings: Set
       s = a_q * act * (expected_w(w, ids[rows], probs[rows], settings.tail, prior)
                        - w[target[rows]])
       total += np.bincount(rows, weights=s, minlength=len(unique))
+  total *= context_match.boost(head.context, records["context"], settings.context_match)
   return unique, total, records["document"].astype(np.int64)
 
 
