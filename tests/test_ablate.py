@@ -63,8 +63,7 @@ def test_the_winning_variant_is_the_default_head_and_round1_the_old_one():
 
   for size in ("tiny", "small"):
     configured = experiments.get(f"prism_{size}")
-    winner = apply_overrides(configured, ablate.variant_overrides(
-        "wide_sg_sampled_bal05_nobias", size))
+    winner = apply_overrides(configured, ablate.variant_overrides("defaults_st", size))
     # The variants use M = 1024 at every size; the experiment scales the bank as 8 D.
     bank = [f"prototypes.num_prototypes={configured.prototypes.num_prototypes}"]
     assert apply_overrides(winner, bank) == configured
@@ -73,7 +72,7 @@ def test_the_winning_variant_is_the_default_head_and_round1_the_old_one():
   assert (old.prototypes.num_prototypes, old.prototypes.top_k) == (256, 8)
   assert (old.prototypes.similarity, old.prototypes.key_init_std) == ("cosine", 1.0)
   assert (old.losses.balance, old.losses.stop_data_gradient) == (0.01, False)
-  assert old.losses.diversity_sample == 0
+  assert old.losses.diversity_sample == 0 and old.prototypes.straight_through == 0
 
 
 def test_a_size_without_a_round_one_bank_is_refused_before_any_run(tmp_path):
