@@ -87,7 +87,8 @@ class PrototypeConfig:
   # Straight-through for the backbone: the mixture read by the unembedding becomes
   # mix + beta (h - stop_gradient(h)), zero in the forward pass (logits and contributions
   # unchanged, exactly) but h also receives beta times the dense head's gradient E^T (p - y).
-  # Through the top-k alone h gets gradient only along the k selected keys. 0: off (so a
+  # Through the top-k alone h gets gradient only along the k selected keys. Only the train
+  # step adds it (lm.forward(training=True)); other gradients are the model's. 0: off (so a
   # run saved before the option existed reads as trained); every PRISM experiment sets 1
   # (experiments.prototype_head; docs/evaluate.md, the seventh round).
   straight_through: float = 0.0

@@ -107,7 +107,7 @@ def make_train_step(graphdef, cfg: ExperimentConfig, tx: optax.GradientTransform
 
   def train_step(state: TrainState, batch: dict):
     def objective(params):
-      out = lm.forward(graphdef, params, batch)
+      out = lm.forward(graphdef, params, batch, training=True)
       loss, metrics = losses.total_loss(out, batch, prototype_keys(params), cfg.losses,
                                         cfg.prototypes.top_k, cfg.prototypes.similarity,
                                         state.step)

@@ -440,6 +440,31 @@ def test_straight_through_leaves_the_logits_and_adds_the_dense_heads_gradient_to
                              rtol=1e-5, atol=1e-5)
 
 
+def test_only_the_train_steps_forward_adds_the_straight_through_gradient():
+  """Attribution and control differentiate `lm.forward`: with the option on, their gradients
+  must be the model's own (those of the same weights with it off); `training=True` (the
+  train step) changes the backbone's gradient and not the logits."""
+  cfg = tiny_config("prototypes.straight_through=1")
+  graphdef, params = lm.init(cfg, 0)
+  plain_graphdef, _ = lm.init(tiny_config("prototypes.straight_through=0"), 0)
+  batch = random_batch(cfg)
+
+  def gradient(graphdef, training):
+    def loss(p):
+      logits = lm.forward(graphdef, p, batch, training=training).logits
+      logp = jax.nn.log_softmax(logits)
+      return -jnp.mean(jnp.take_along_axis(logp, batch["targets"][..., None], -1))
+    return jax.value_and_grad(loss)(params)
+
+  (model_loss, model_grads), (plain_loss, plain_grads) = (gradient(graphdef, False),
+                                                           gradient(plain_graphdef, True))
+  assert model_loss == plain_loss
+  chex.assert_trees_all_close(model_grads, plain_grads, rtol=1e-6, atol=1e-9)
+  train_loss, train_grads = gradient(graphdef, True)
+  assert train_loss == plain_loss
+  embedding = lambda g: np.asarray(g["backbone"]["embedding"])
+  assert not np.allclose(embedding(train_grads), embedding(plain_grads), rtol=1e-3, atol=1e-7)
+
 
 @pytest.mark.parametrize("shrinkage", [1e-3, 1.0])
 def test_whitening_matrix_maps_each_variance_as_documented(shrinkage):

@@ -13,6 +13,7 @@ model code.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import chex
@@ -108,11 +109,24 @@ def init(cfg: ExperimentConfig, seed: int = 0):
 
 
 def forward(graphdef, params: Params, batch: dict, suppressed_M=None, *,
-            controller=None) -> LMOutput:
-  """Pure forward pass over a batch dict (inputs, positions, segment_ids)."""
+            controller=None, training: bool = False) -> LMOutput:
+  """Pure forward pass over a batch dict (inputs, positions, segment_ids).
+
+  `training`: the train step's forward, the only one that adds the straight-through
+  gradient (`prototypes.straight_through`). Every other caller differentiates the model as
+  it computes its logits: attribution's per-example gradients must be the model's.
+  """
   model = nnx.merge(graphdef, params)
+  if not training:
+    _without_straight_through(model)
   return model(batch["inputs"], batch.get("positions"), batch.get("segment_ids"), suppressed_M,
                controller=controller)
+
+
+def _without_straight_through(model: LanguageModel) -> None:
+  head = getattr(model, "prototype_head", None)
+  if head is not None and head.cfg.straight_through:
+    head.cfg = dataclasses.replace(head.cfg, straight_through=0.0)
 
 
 def init_cache(cfg: ExperimentConfig, batch: int, slots: int | None = None) -> LayerCache:
