@@ -130,7 +130,7 @@ def test_train_step_gradient_norm_is_the_loss_gradient():
   batch = random_batch(cfg, seed=0)
 
   def loss_fn(p):
-    out = lm.forward(graphdef, p, batch)
+    out = lm.forward(graphdef, p, batch, training=True)  # the train step's own objective
     return losses.total_loss(out, batch, p["prototype_head"]["keys"], cfg.losses,
                              cfg.prototypes.top_k)
 
