@@ -25,7 +25,7 @@ def dense_twin(cfg: ExperimentConfig, name: str) -> ExperimentConfig:
   return dataclasses.replace(cfg, name=name, model=dataclasses.replace(cfg.model, head="dense"))
 
 
-def prototype_head(num_prototypes: int, top_k: int = 32) -> PrototypeConfig:
+def prototype_head(num_prototypes: int, top_k: int = 32, score_blocks: int = 1) -> PrototypeConfig:
   """The head every PRISM experiment uses: the best of the ablation rounds (docs/evaluate.md).
 
   Dot-product scores with keys started at the scale of every other matrix (std 0.02), so
@@ -35,9 +35,11 @@ def prototype_head(num_prototypes: int, top_k: int = 32) -> PrototypeConfig:
   gradient (seventh round): through the top-k alone the backbone learns only along the k
   selected keys, and at prism_small's width that left it 0.5 nats behind dense by step 100;
   with the dense head's gradient added (beta = 1; the logits are unchanged) it halved the gap.
+  `score_blocks`: the train step computes the head over that many blocks of positions (the
+  accelerator-scale configs, for memory; a block's forward is recomputed in the backward).
   """
   return PrototypeConfig(num_prototypes=num_prototypes, top_k=top_k, similarity="dot",
-                         key_init_std=0.02, straight_through=1.0)
+                         key_init_std=0.02, straight_through=1.0, score_blocks=score_blocks)
 
 
 # The clustering terms of the same round: the pull is k-means style (keys move towards the

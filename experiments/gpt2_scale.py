@@ -32,7 +32,10 @@ def _scaled(name, d_model, num_layers, num_heads, d_ff, num_prototypes, top_k, l
       model=ModelConfig(head="prism", vocab_size=50304, d_model=d_model, num_layers=num_layers,
                         num_heads=num_heads, d_ff=d_ff, max_seq_len=2048, scan_layers=True,
                         remat=remat, compute_dtype="bfloat16", param_dtype="float32"),
-      prototypes=prototype_head(num_prototypes, top_k),
+      # The head's [B, L, M] tensors 256 positions at a time (8 blocks of the 2048): at
+      # prism_1b they took 11% of the train step's memory per chip, 1.3% in blocks
+      # (docs/evaluate.md, "prism_1b: what the head costs on the pod plan").
+      prototypes=prototype_head(num_prototypes, top_k, score_blocks=8),
       losses=PROTOTYPE_LOSSES,
       data=dataclasses.replace(_DATA, batch_size=batch_size),
       optimizer=OptimizerConfig(learning_rate=lr, warmup_steps=2000, weight_decay=0.1),

@@ -91,6 +91,11 @@ def read_run_config(path) -> dict:
   return saved
 
 
+# Settings that change how a step computes, not the model it trains: a run may resume
+# under another value (the head in blocks gives the same losses and gradients).
+_HOW_NOT_WHAT = frozenset({"prototypes.score_blocks"})
+
+
 def check_run_config(cfg: ExperimentConfig, workdir: str) -> None:
   """Refuses to resume a run whose model differs from `cfg` (its config.json says so)."""
   path = config_path(workdir)
@@ -103,6 +108,8 @@ def check_run_config(cfg: ExperimentConfig, workdir: str) -> None:
     # a setting added since the run trained ran as its default (options start switched off)
     defaults = config_lib.to_dict(type(getattr(cfg, section))()) if stored else {}
     for key, value in current[section].items():
+      if f"{section}.{key}" in _HOW_NOT_WHAT:
+        continue
       old = stored.get(key, defaults.get(key))
       if old != value and not (isinstance(value, (list, tuple)) and list(value) == old):
         raise ConfigError(f"{workdir} holds a run with {section}.{key}={old!r}, not {value!r}; "

@@ -92,6 +92,11 @@ class PrototypeConfig:
   # run saved before the option existed reads as trained); every PRISM experiment sets 1
   # (experiments.prototype_head; docs/evaluate.md, the seventh round).
   straight_through: float = 0.0
+  # The train step computes the head over this many blocks of positions along the length,
+  # each block's [B, L/n, M] scores recomputed in its backward pass (jax.checkpoint), so no
+  # [B, L, M] tensor lives whole: at prism_1b each is 1 GiB per chip. Same logits, losses
+  # and gradients; the head's [N, M] work is done twice. 1: one block, nothing recomputed.
+  score_blocks: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,6 +264,11 @@ def validate(cfg: ExperimentConfig) -> None:
        f"prototypes.top_k={p.top_k} must be in [1, prototypes.num_prototypes={p.num_prototypes}]"),
       (0 < p.min_temperature <= p.init_temperature <= p.max_temperature,
        "need 0 < prototypes.min_temperature <= init_temperature <= max_temperature"),
+      (d.seq_len % p.score_blocks == 0,
+       f"prototypes.score_blocks={p.score_blocks} does not divide data.seq_len={d.seq_len}"),
+      (p.score_blocks == 1 or not (p.whiten_rate or cfg.losses.balance_keys_only),
+       "prototypes.score_blocks > 1 does not support prototypes.whiten_rate or "
+       "losses.balance_keys_only"),
       (d.seq_len <= m.max_seq_len,
        f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}"),
       (_valid_address(cfg.distributed.coordinator_address),

@@ -59,19 +59,18 @@ def top1_share(top_values_Nxk, mask_N):
 
 
 def head_diagnostics(hidden_BxLxD, top_values_BxLxk, usage_M, mask_BxL, keys_MxD,
-                     initial_keys_MxD=None, cosine_distances_BxLxM=None) -> dict:
+                     initial_keys_MxD=None, best_cos_N=None) -> dict:
   """The metrics above as a dict of scalars (key drift only when the initial keys are given).
 
-  `cosine_distances_BxLxM` (1 - cos, as the cosine head already computed them) saves the
-  best-match [N, M] x [M, D] product.
+  `best_cos_N` (each token's max_j cos(h, P_j), as the head's distances already gave it)
+  saves the best-match [N, M] x [M, D] product.
   """
   sg = jax.lax.stop_gradient
   d, k = hidden_BxLxD.shape[-1], top_values_BxLxk.shape[-1]
   mask_N = mask_BxL.reshape(-1)
   keys = sg(keys_MxD)
-  if cosine_distances_BxLxM is not None:
-    nearest_N = 1.0 - jnp.min(sg(cosine_distances_BxLxM), -1).reshape(-1)
-    best = _masked_median(nearest_N, mask_N)
+  if best_cos_N is not None:
+    best = _masked_median(sg(best_cos_N).reshape(-1), mask_N)
   else:
     best = best_match_cos(sg(hidden_BxLxD).reshape(-1, d), keys, mask_N)
   out = {

@@ -116,6 +116,7 @@ CONFIG_RANGES: dict[str, Range] = {
     "prototypes.whiten_shrinkage": weight(1e6),
     "prototypes.straight_through": weight(10.0),
     "prototypes.revive_after": count(0),
+    "prototypes.score_blocks": count(1, 4096),
     "losses.cluster": weight(),
     "losses.evidence": weight(),
     "losses.diversity": weight(),

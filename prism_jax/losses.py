@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from prism_jax.config import LossConfig
-from prism_jax.models import prism_head
+from prism_jax.models import head_summary, prism_head
 from prism_jax.models.lm import LMOutput
 
 _BIG = 1e9
@@ -59,6 +59,11 @@ def nearest_key_loss(h_NxD, keys_MxD, distances_NxM, mask_N, similarity: str):
   `cluster_loss` in value and gradient (up to ties).
   """
   nearest_N = jnp.argmin(jax.lax.stop_gradient(distances_NxM), axis=-1)
+  return chosen_key_loss(h_NxD, keys_MxD, nearest_N, mask_N, similarity)
+
+
+def chosen_key_loss(h_NxD, keys_MxD, nearest_N, mask_N, similarity: str):
+  """Mean over scored tokens of the distance to key `nearest_N[n]`, recomputed for the pair."""
   dist_N = _pair_distance(h_NxD, jnp.take(keys_MxD, nearest_N, axis=0), similarity)
   return jnp.sum(dist_N * mask_N) / jnp.maximum(jnp.sum(mask_N), 1.0)
 
@@ -66,7 +71,11 @@ def nearest_key_loss(h_NxD, keys_MxD, distances_NxM, mask_N, similarity: str):
 def nearest_token_loss(h_NxD, keys_MxD, distances_NxM, mask_N, similarity: str):
   """`evidence_loss` with its gradient through each prototype's nearest real token alone."""
   masked = jnp.where(mask_N[:, None] > 0, jax.lax.stop_gradient(distances_NxM), _BIG)
-  nearest_M = jnp.argmin(masked, axis=0)
+  return chosen_token_loss(h_NxD, keys_MxD, jnp.argmin(masked, axis=0), mask_N, similarity)
+
+
+def chosen_token_loss(h_NxD, keys_MxD, nearest_M, mask_N, similarity: str):
+  """Mean over prototypes of the distance to token `nearest_M[j]`, recomputed for the pair."""
   dist_M = _pair_distance(jnp.take(h_NxD, nearest_M, axis=0), keys_MxD, similarity)
   # no real token in the batch: the dense loss's _BIG, kept
   return jnp.mean(jnp.where(jnp.sum(mask_N) > 0, dist_M, _BIG))
@@ -103,15 +112,16 @@ def balance_loss(scores_NxM, usage_M, mask_N, top_k: int):
   The softmax is recomputed in the backward pass rather than kept: at prism_1b it is an
   [N, M] float32 tensor of 1 GiB per chip.
   """
-  m = scores_NxM.shape[-1]
+  return balance_from_probs(head_summary.routing_probs_sum(scores_NxM, mask_N), usage_M,
+                            mask_N, top_k)
+
+
+def balance_from_probs(probs_sum_M, usage_M, mask_N, top_k: int):
+  """`balance_loss` from sum_n softmax(scores_n) over the scored tokens, [M]."""
+  m = probs_sum_M.shape[-1]
   count = jnp.maximum(jnp.sum(mask_N), 1.0)
   share_M = jax.lax.stop_gradient(usage_M.astype(jnp.float32) / (count * top_k))
-
-  @jax.checkpoint
-  def mean_probs(scores):
-    return jnp.sum(jax.nn.softmax(scores, axis=-1) * mask_N[:, None], axis=0) / count
-
-  return m * jnp.sum(share_M * mean_probs(scores_NxM))
+  return m * jnp.sum(share_M * probs_sum_M / count)
 
 
 def keys_only_scores(scores_NxM, h_NxD, keys_MxD, temperature, similarity: str):
@@ -157,30 +167,28 @@ def total_loss(out: LMOutput, batch: dict, keys_MxD, cfg: LossConfig, top_k: int
   if cfg.z_loss:
     metrics["loss/z"] = z_loss(out.logits, mask)
     objective += cfg.z_loss * metrics["loss/z"]
-  if out.prototypes is not None:
-    protos = out.prototypes
-    m = protos.scores.shape[-1]
+  summary = summarise_output(out, mask, keys_MxD, cfg, similarity)
+  if summary is not None:
+    m = keys_MxD.shape[0]
     flat_mask = mask.reshape(-1)
-    # The dense distances only choose the nearest pairs; the gradient flows through those
-    # pairs alone (k-means: with stop_data_gradient, into the keys only).
-    distances = jax.lax.stop_gradient(protos.distances.reshape(-1, m))
     # the hidden states as the keys scored them (whitened, with prototypes.whiten_rate)
-    hidden = out.hidden if protos.scored_hidden is None else protos.scored_hidden
+    scored = out.prototypes.scored_hidden if out.prototypes is not None else None
+    hidden = out.hidden if scored is None else scored
     h_NxD = hidden.reshape(-1, hidden.shape[-1])
-    scores = protos.scores.reshape(-1, m)
-    if cfg.balance_keys_only:
-      scores = keys_only_scores(scores, h_NxD, keys_MxD, protos.temperature, similarity)
     if cfg.stop_data_gradient:
       h_NxD = jax.lax.stop_gradient(h_NxD)
-    usage = usage_counts(protos.top_values, protos.top_indices, mask, m)
+    usage = usage_counts(summary.top_values, summary.top_indices, mask, m)
+    # The head's distances only chose the nearest pairs; the gradient flows through those
+    # pairs alone (k-means: with stop_data_gradient, into the keys only).
     terms = {
-        "cluster": lambda: nearest_key_loss(h_NxD, keys_MxD, distances, flat_mask, similarity),
-        "evidence": lambda: nearest_token_loss(h_NxD, keys_MxD, distances, flat_mask,
-                                               similarity),
+        "cluster": lambda: chosen_key_loss(h_NxD, keys_MxD, summary.nearest_key_N, flat_mask,
+                                           similarity),
+        "evidence": lambda: chosen_token_loss(h_NxD, keys_MxD, summary.nearest_token_M,
+                                              flat_mask, similarity),
         "diversity": lambda: diversity_loss(
             keys_MxD, cfg.diversity_margin, cfg.diversity_reduce, cfg.diversity_sample,
             None if step is None else jax.random.fold_in(jax.random.key(17), step)),
-        "balance": lambda: balance_loss(scores, usage, flat_mask, top_k),
+        "balance": lambda: balance_from_probs(summary.probs_sum_M, usage, flat_mask, top_k),
     }
     for name, term in terms.items():
       weight = getattr(cfg, name)
@@ -190,6 +198,23 @@ def total_loss(out: LMOutput, batch: dict, keys_MxD, cfg: LossConfig, top_k: int
       if weight:
         objective += weight * value
     metrics["prototypes/dead_in_batch"] = dead_fraction(usage)
-    metrics["prototypes/temperature"] = protos.temperature
+    metrics["prototypes/temperature"] = summary.temperature
   metrics["loss/total"] = objective
   return objective, metrics
+
+
+def summarise_output(out: LMOutput, mask_BxL, keys_MxD, cfg: LossConfig, similarity: str):
+  """The head's `HeadSummary` (the blocked train step made it already), or None (dense)."""
+  if out.head_summary is not None:
+    return out.head_summary
+  protos = out.prototypes
+  if protos is None:
+    return None
+  m = protos.scores.shape[-1]
+  scores = protos.scores.reshape(-1, m)
+  if cfg.balance_keys_only:
+    hidden = out.hidden if protos.scored_hidden is None else protos.scored_hidden
+    scores = keys_only_scores(scores, hidden.reshape(-1, hidden.shape[-1]), keys_MxD,
+                              protos.temperature, similarity)
+  return head_summary.summarise(protos.top_values, protos.top_indices, protos.temperature,
+                                scores, protos.distances.reshape(-1, m), mask_BxL.reshape(-1))

@@ -367,11 +367,18 @@ def activation_estimate(cfg, mesh: dict[str, int], leaves: list[Leaf]):
                 "c*(5*bLD + 6*bLD/m + 4*bLF/m) + (8+c)*b*H/m*L^2"))
   out.append(("embeddings, final norm, residual grad", 3 * c * resid, "3*c*bLD"))
   if m.head == "prism":
-    out.append(("prototype head [b,L,M/m] float32", 5 * 4 * scores + scores + 3 * 4 * resid,
-                "5*4*bLM/m (sim, dist, scores, act, balance softmax) + bLM/m mask + 3*4*bLD"))
+    n = p.score_blocks  # the train step holds one block of L / n positions at a time
+    out.append((f"prototype head [b,L/n,M/m] float32, n={n}",
+                (5 * 4 * scores + scores) // n + 3 * 4 * resid,
+                "(5*4*bLM/m (sim, dist, scores, act, balance softmax) + bLM/m mask) / n"
+                " + 3*4*bLD"))
     if cfg.losses.diversity > 0:
-      pairs = local((M, M), ("prototypes", None))
-      out.append(("diversity cos [M, M/m] float32", 2 * 4 * pairs, "2*4*M*M/m"))
+      if cfg.losses.diversity_sample:  # the sampled keys' [s, s] cosines, replicated
+        s = cfg.losses.diversity_sample
+        out.append((f"diversity cos [{s}, {s}] float32", 2 * 4 * s * s, "2*4*s^2"))
+      else:
+        pairs = local((M, M), ("prototypes", None))
+        out.append(("diversity cos [M, M/m] float32", 2 * 4 * pairs, "2*4*M*M/m"))
   else:
     out.append(("dense head hidden float32", 4 * resid, "4*bLD"))
   out.append(("logits [b,L,V/m] float32", 3 * 4 * logits, "3*4*bLV/m (logits, softmax, grad)"))

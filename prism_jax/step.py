@@ -114,13 +114,16 @@ def make_train_step(graphdef, cfg: ExperimentConfig, tx: optax.GradientTransform
       if not prism:
         return loss, (metrics, None)
       mask = batch["loss_mask"].astype(jnp.float32)
-      usage = losses.usage_counts(out.prototypes.top_values, out.prototypes.top_indices, mask,
+      summary = losses.summarise_output(out, mask, prototype_keys(params), cfg.losses,
+                                        cfg.prototypes.similarity)
+      usage = losses.usage_counts(summary.top_values, summary.top_indices, mask,
                                   cfg.prototypes.num_prototypes)
       cosine = cfg.prototypes.similarity in ("cosine", "dot")  # distances are 1 - cos
+      scored = None if out.prototypes is None else out.prototypes.scored_hidden
       metrics.update(diagnostics.head_diagnostics(
-          out.hidden if out.prototypes.scored_hidden is None else out.prototypes.scored_hidden,
-          out.prototypes.top_values, usage, mask, prototype_keys(params),
-          initial_keys(cfg), out.prototypes.distances if cosine else None))
+          out.hidden if scored is None else scored, summary.top_values, usage, mask,
+          prototype_keys(params), initial_keys(cfg),
+          1.0 - summary.nearest_distance_N if cosine else None))
       return loss, (metrics, (usage, jax.lax.stop_gradient(out.hidden)))
 
     (loss, (metrics, head_aux)), grads = jax.value_and_grad(objective, has_aux=True)(

@@ -59,6 +59,8 @@ def test_resuming_with_a_different_model_is_refused(tmp_path):
   cfg = experiments.get("prism_tiny")
   write_run_config(cfg, str(tmp_path))
   check_run_config(apply_overrides(cfg, ["train.steps=5"]), str(tmp_path))  # fine
+  # how the step computes the head, not the model: resuming under another value is fine
+  check_run_config(apply_overrides(cfg, ["prototypes.score_blocks=4"]), str(tmp_path))
   with pytest.raises(ConfigError, match="holds a run with model.d_model=128, not 64"):
     check_run_config(apply_overrides(cfg, ["model.d_model=64"]), str(tmp_path))
 

@@ -76,15 +76,20 @@ def test_train_step_logs_diagnostics_and_key_drift_starts_at_one():
   assert 1.0 <= metrics["prototypes/usage_perplexity"] <= cfg.prototypes.num_prototypes
 
 
-def test_best_match_from_cosine_distances_equals_the_direct_product():
+@pytest.mark.parametrize("similarity", ["cosine", "dot"])
+def test_best_match_from_the_heads_summary_equals_the_direct_product(similarity):
+  """The train step reads best-match from the head's nearest distance (1 - cos)."""
   rng = np.random.default_rng(4)
   h = rng.normal(size=(2, 3, 5)).astype(np.float32)
   keys = rng.normal(size=(4, 5)).astype(np.float32)
-  from prism_jax.models import prism_head
-  _, dist = prism_head.similarity_and_distance(h, keys, "cosine")
-  args = (h, np.ones((2, 3, 2), np.float32), np.ones((4,), np.float32), np.ones((2, 3)), keys)
+  from prism_jax.models import head_summary, prism_head
+  scores, dist = prism_head.similarity_and_distance(h, keys, similarity)
+  top = np.ones((2, 3, 2), np.float32)
+  summary = head_summary.summarise(top, np.zeros((2, 3, 2), np.int32), 1.0,
+                                   scores.reshape(6, 4), dist.reshape(6, 4), np.ones(6))
+  args = (h, top, np.ones((4,), np.float32), np.ones((2, 3)), keys)
   direct = diagnostics.head_diagnostics(*args)["prototypes/best_match_cos"]
-  reused = diagnostics.head_diagnostics(*args, cosine_distances_BxLxM=dist)
+  reused = diagnostics.head_diagnostics(*args, best_cos_N=1.0 - summary.nearest_distance_N)
   np.testing.assert_allclose(reused["prototypes/best_match_cos"], direct, rtol=1e-5)
 
 

@@ -121,6 +121,17 @@ def test_sharded_training_equals_unsharded(exp, mesh_shape):
     assert keys.addressable_shards[0].data.shape[0] == 32 // mesh_shape[2]
 
 
+@pytest.mark.parametrize("mesh_shape", [(1, 1, 1), (2, 1, 4)])
+def test_the_head_in_blocks_trains_as_the_whole_head(mesh_shape):
+  """prototypes.score_blocks=4 (a quarter of the length at a time, recomputed in the backward
+  pass) gives the unblocked run's every metric and parameters, also with the bank split."""
+  ref_initial, ref_history, ref_params, _, _ = _unsharded("prism_tiny")
+  cfg = tiny_config(*OVERRIDES, "prototypes.score_blocks=4")
+  _, history, params, _, _, _ = _run(cfg, mesh_shape, ref_initial)
+  _assert_same_training(history, ref_history)
+  chex.assert_trees_all_close(params, ref_params, rtol=1e-4, atol=1e-4)
+
+
 def test_train_step_gradient_norm_is_the_loss_gradient():
   """grad_norm of the first step == |jax.grad(loss)| at the initial parameters, written
   directly (the sharded comparison alone cannot see a scale applied on every mesh)."""

@@ -24,7 +24,8 @@ from flax import nnx, struct
 from prism_jax.config import ExperimentConfig
 from prism_jax.models.backbone import Decoder, LayerCache, _param
 from prism_jax.models.backbone import init_cache as _init_backbone_cache
-from prism_jax.models.prism_head import PrototypeHead, PrototypeOutput
+from prism_jax.models.head_summary import HeadSummary, blocked_mixture
+from prism_jax.models.prism_head import PrototypeHead, PrototypeOutput, logits_from_mixture
 from prism_jax.sharding import constrain
 
 Params = Any  # nested dict of arrays, as produced by nnx.to_pure_dict
@@ -34,7 +35,9 @@ Params = Any  # nested dict of arrays, as produced by nnx.to_pure_dict
 class LMOutput:
   logits: jax.Array                       # [B, L, V] float32
   hidden: jax.Array                       # [B, L, D] final normalised hidden state h
-  prototypes: PrototypeOutput | None      # None for the dense head
+  prototypes: PrototypeOutput | None      # None for the dense head and the blocked head
+  # the train step's head in blocks (prototypes.score_blocks > 1) returns only this
+  head_summary: HeadSummary | None = None
 
 
 class LanguageModel(nnx.Module):
@@ -56,7 +59,9 @@ class LanguageModel(nnx.Module):
     return table[...]
 
   def __call__(self, inputs_BxL, positions_BxL=None, segment_ids_BxL=None,
-               suppressed_M=None, *, controller=None) -> LMOutput:
+               suppressed_M=None, *, controller=None, blocked_mask_BxL=None) -> LMOutput:
+    """`blocked_mask_BxL` (the train step, prototypes.score_blocks > 1): the PRISM head runs
+    in blocks of positions and returns the `HeadSummary` the losses read, no [B, L, M]."""
     chex.assert_rank(inputs_BxL, 2)  # [batch, length] token ids
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(jnp.arange(inputs_BxL.shape[-1]), inputs_BxL.shape)
@@ -64,6 +69,15 @@ class LanguageModel(nnx.Module):
       segment_ids_BxL = jnp.ones_like(inputs_BxL)
     chex.assert_equal_shape([inputs_BxL, positions_BxL, segment_ids_BxL])
     h_BxLxD = self.backbone(inputs_BxL, positions_BxL, segment_ids_BxL)
+    if blocked_mask_BxL is not None:
+      chex.assert_equal_shape([inputs_BxL, blocked_mask_BxL])
+      head = self.prototype_head
+      mixed, summary = blocked_mixture(h_BxLxD, blocked_mask_BxL, head.keys[...],
+                                       head.values[...], head.log_temperature[...], head.cfg,
+                                       head.cfg.score_blocks, **head.selection_state())
+      logits = logits_from_mixture(mixed, self.unembedding_matrix())
+      logits = constrain(logits, ("batch", "length", "vocab"))
+      return LMOutput(logits=logits, hidden=h_BxLxD, prototypes=None, head_summary=summary)
     return self.readout(h_BxLxD, suppressed_M, controller=controller)
 
   def decode(self, inputs_BxT, positions_BxT, cache: LayerCache, index,
@@ -113,14 +127,19 @@ def forward(graphdef, params: Params, batch: dict, suppressed_M=None, *,
   """Pure forward pass over a batch dict (inputs, positions, segment_ids).
 
   `training`: the train step's forward, the only one that adds the straight-through
-  gradient (`prototypes.straight_through`). Every other caller differentiates the model as
+  gradient (`prototypes.straight_through`) and runs the head in blocks of positions
+  (`prototypes.score_blocks`; `LMOutput.head_summary` then replaces `prototypes`). Every other caller differentiates the model as
   it computes its logits: attribution's per-example gradients must be the model's.
   """
   model = nnx.merge(graphdef, params)
   if not training:
     _without_straight_through(model)
+  head = getattr(model, "prototype_head", None)
+  blocked = (training and head is not None and head.cfg.score_blocks > 1
+             and suppressed_M is None and controller is None)
   return model(batch["inputs"], batch.get("positions"), batch.get("segment_ids"), suppressed_M,
-               controller=controller)
+               controller=controller,
+               blocked_mask_BxL=batch["loss_mask"] if blocked else None)
 
 
 def _without_straight_through(model: LanguageModel) -> None:

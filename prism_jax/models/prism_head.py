@@ -239,6 +239,27 @@ def prototype_logits(h_BxLxD, keys_MxD, values_MxD, log_temperature, unembedding
                      whitening: tuple[jax.Array, jax.Array] | None = None):
   """The whole head as one pure function: (logits [B, L, V], PrototypeOutput).
 
+  The logits are `prototype_mixture`'s mixed hidden state read by the unembedding.
+  """
+  vocab = unembedding_VxD.shape[0]
+  chex.assert_shape(unembedding_VxD, (vocab, h_BxLxD.shape[-1]))
+  mixed, out = prototype_mixture(h_BxLxD, keys_MxD, values_MxD, log_temperature, cfg,
+                                 suppressed_M, controller=controller,
+                                 selection_bias_M=selection_bias_M, thresholds_M=thresholds_M,
+                                 whitening=whitening)
+  logits = logits_from_mixture(mixed, unembedding_VxD)
+  chex.assert_shape(logits, (*h_BxLxD.shape[:2], vocab))                # [B, L, V]
+  return logits, out
+
+
+def prototype_mixture(h_BxLxD, keys_MxD, values_MxD, log_temperature, cfg: PrototypeConfig,
+                      suppressed_M: jax.Array | None = None, *,
+                      controller: Controller | None = None,
+                      selection_bias_M: jax.Array | None = None,
+                      thresholds_M: jax.Array | None = None,
+                      whitening: tuple[jax.Array, jax.Array] | None = None):
+  """(mixed [B, L, D], PrototypeOutput): the hidden state the unembedding reads.
+
   `suppressed_M` (bool [M]) removes prototypes before the top-k; the next best fill in.
   `controller` rescales the selected activations (see `apply_controller`); activations and
   top_values then hold a', so contributions computed from them still sum to the logits.
@@ -248,12 +269,11 @@ def prototype_logits(h_BxLxD, keys_MxD, values_MxD, log_temperature, unembedding
   `whitening` (mu [D], W [D, D]): the keys score h' = (h - mu) W instead of h, in the choice
   and in the weights (a function of h still, so the contributions stay exact).
   """
-  # Shapes are pinned at trace time: h [batch, length, d], keys/values [M, d], E [vocab, d].
+  # Shapes are pinned at trace time: h [batch, length, d], keys/values [M, d].
   chex.assert_rank(h_BxLxD, 3)
   batch, length, d = h_BxLxD.shape
-  m, vocab = keys_MxD.shape[0], unembedding_VxD.shape[0]
+  m = keys_MxD.shape[0]
   chex.assert_shape([keys_MxD, values_MxD], (m, d))
-  chex.assert_shape(unembedding_VxD, (vocab, d))
   if suppressed_M is not None:
     chex.assert_shape(suppressed_M, (m,))
   h_raw = h_BxLxD
@@ -311,11 +331,10 @@ def prototype_logits(h_BxLxD, keys_MxD, values_MxD, log_temperature, unembedding
   if cfg.straight_through:  # exactly zero forward; h also gets the dense head's gradient
     h32 = h_raw.astype(jnp.float32)
     mixed = mixed + cfg.straight_through * (h32 - jax.lax.stop_gradient(h32))
-  logits = logits_from_mixture(mixed, unembedding_VxD)
-  chex.assert_shape(logits, (batch, length, vocab))                     # [B, L, V]
+  chex.assert_shape(mixed, (batch, length, d))                         # [B, L, D]
   chex.assert_shape([scores, dist, activations], (batch, length, m))    # [B, L, M]
   chex.assert_shape([top_values, top_indices], (batch, length, cfg.top_k))  # [B, L, k]
-  return logits, PrototypeOutput(scores=scores, distances=dist, activations=activations,
+  return mixed, PrototypeOutput(scores=scores, distances=dist, activations=activations,
                                  top_values=top_values, top_indices=top_indices,
                                  temperature=tau,
                                  scored_hidden=None if whitening is None else h_BxLxD)
@@ -351,14 +370,17 @@ class PrototypeHead(nnx.Module):
     self.cfg = cfg
 
   def __call__(self, h_BxLxD, unembedding_VxD, suppressed_M=None, *, controller=None):
-    optional = lambda name: getattr(self, name)[...] if hasattr(self, name) else None
     return prototype_logits(h_BxLxD, self.keys[...], self.values[...],
                             self.log_temperature[...], unembedding_VxD, self.cfg, suppressed_M,
-                            controller=controller,
-                            selection_bias_M=optional("selection_bias"),
-                            thresholds_M=optional("thresholds"),
+                            controller=controller, **self.selection_state(),
                             whitening=((self.hidden_mean[...], self.whitening[...])
                                        if self.cfg.whiten_rate else None))
+
+  def selection_state(self) -> dict:
+    """The optional per-prototype selection bias and thresholds, as keyword arguments."""
+    optional = lambda name: getattr(self, name)[...] if hasattr(self, name) else None
+    return {"selection_bias_M": optional("selection_bias"),
+            "thresholds_M": optional("thresholds")}
 
 
 def renormalise_keys(keys_MxD, cfg: PrototypeConfig, d: int):
