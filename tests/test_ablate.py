@@ -64,8 +64,10 @@ def test_the_winning_variant_is_the_default_head_and_round1_the_old_one():
   for size in ("tiny", "small"):
     configured = experiments.get(f"prism_{size}")
     winner = apply_overrides(configured, ablate.variant_overrides("defaults_st", size))
-    # The variants use M = 1024 at every size; the experiment scales the bank as 8 D.
-    bank = [f"prototypes.num_prototypes={configured.prototypes.num_prototypes}"]
+    # The variants use M = 1024, k = 32 at every size; the experiment scales the bank as
+    # 8 D and k as D / 4 (prism_small: 64).
+    bank = [f"prototypes.num_prototypes={configured.prototypes.num_prototypes}",
+            f"prototypes.top_k={configured.prototypes.top_k}"]
     assert apply_overrides(winner, bank) == configured
     assert ablate.variant_overrides("defaults", size) == []
   old = apply_overrides(experiments.get("prism_tiny"), ablate.variant_overrides("round1", "tiny"))

@@ -98,15 +98,19 @@ def test_every_number_has_exactly_one_range_row():
 
 
 def test_every_prism_experiment_uses_the_ablations_winning_head():
-  """docs/evaluate.md, fifth round: dot scores, keys at 0.02, M >= 8 D, k = 32, the k-means
-  pull, balance 0.05, no selection bias; a dense twin differs from its sibling in the head
-  alone."""
+  """docs/evaluate.md, rounds five to eight: dot scores, keys at 0.02, M >= 8 D, k = 32
+  (prism_small: 64 = D / 4), the straight-through gradient, the k-means pull, balance 0.05,
+  no selection bias, the head in 8 blocks at accelerator scale; a dense twin differs from
+  its sibling in the head alone."""
   prism = [n for n in experiments.names() if experiments.get(n).model.head == "prism"]
   assert {"prism_tiny", "prism_small", "prism_130m", "prism_350m", "prism_1b"} <= set(prism)
   for name in prism:
     cfg = experiments.get(name)
     head = cfg.prototypes
-    assert (head.similarity, head.key_init_std, head.top_k) == ("dot", 0.02, 32), name
+    top_k = 64 if name == "prism_small" else 32
+    assert (head.similarity, head.key_init_std, head.top_k) == ("dot", 0.02, top_k), name
+    assert head.straight_through == 1.0, name
+    assert head.score_blocks == (8 if cfg.model.scan_layers else 1), name
     assert head.num_prototypes >= 8 * cfg.model.d_model, name
     assert head.selection_bias_rate == 0.0, name
     assert cfg.losses == experiments.PROTOTYPE_LOSSES, name
