@@ -153,8 +153,10 @@ def dead_fraction(usage_M) -> jax.Array:
 
 
 def total_loss(out: LMOutput, batch: dict, keys_MxD, cfg: LossConfig, top_k: int,
-               similarity: str = "cosine", step=None):
+               similarity: str = "cosine", step=None, summary=None):
   """(weighted objective, metrics dict with every term reported separately).
+
+  `summary`: the head's `HeadSummary` when the caller made it already (`summarise_output`).
 
   With `cfg.stop_data_gradient` the cluster and evidence pairs are recomputed from
   stop_gradient(h), so those terms move only the keys (k-means style); with
@@ -167,7 +169,8 @@ def total_loss(out: LMOutput, batch: dict, keys_MxD, cfg: LossConfig, top_k: int
   if cfg.z_loss:
     metrics["loss/z"] = z_loss(out.logits, mask)
     objective += cfg.z_loss * metrics["loss/z"]
-  summary = summarise_output(out, mask, keys_MxD, cfg, similarity)
+  if summary is None:
+    summary = summarise_output(out, mask, keys_MxD, cfg, similarity)
   if summary is not None:
     m = keys_MxD.shape[0]
     flat_mask = mask.reshape(-1)

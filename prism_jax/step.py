@@ -108,14 +108,15 @@ def make_train_step(graphdef, cfg: ExperimentConfig, tx: optax.GradientTransform
   def train_step(state: TrainState, batch: dict):
     def objective(params):
       out = lm.forward(graphdef, params, batch, training=True)
-      loss, metrics = losses.total_loss(out, batch, prototype_keys(params), cfg.losses,
-                                        cfg.prototypes.top_k, cfg.prototypes.similarity,
-                                        state.step)
-      if not prism:
-        return loss, (metrics, None)
       mask = batch["loss_mask"].astype(jnp.float32)
+      # one summary of the head's [N, M] tensors for the losses and the diagnostics
       summary = losses.summarise_output(out, mask, prototype_keys(params), cfg.losses,
                                         cfg.prototypes.similarity)
+      loss, metrics = losses.total_loss(out, batch, prototype_keys(params), cfg.losses,
+                                        cfg.prototypes.top_k, cfg.prototypes.similarity,
+                                        state.step, summary)
+      if not prism:
+        return loss, (metrics, None)
       usage = losses.usage_counts(summary.top_values, summary.top_indices, mask,
                                   cfg.prototypes.num_prototypes)
       cosine = cfg.prototypes.similarity in ("cosine", "dot")  # distances are 1 - cos

@@ -66,7 +66,7 @@ def blocked_mixture(h_BxLxD, mask_BxL, keys_MxD, values_MxD, log_temperature,
   The mixture is the unblocked one position by position; the summary equals `summarise`
   of the whole batch (up to exact ties in a nearest-token choice).
   """
-  batch, length, d = h_BxLxD.shape
+  batch, length, _ = h_BxLxD.shape
   size = length // blocks
   m = keys_MxD.shape[0]
 

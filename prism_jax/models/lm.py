@@ -128,8 +128,9 @@ def forward(graphdef, params: Params, batch: dict, suppressed_M=None, *,
 
   `training`: the train step's forward, the only one that adds the straight-through
   gradient (`prototypes.straight_through`) and runs the head in blocks of positions
-  (`prototypes.score_blocks`; `LMOutput.head_summary` then replaces `prototypes`). Every other caller differentiates the model as
-  it computes its logits: attribution's per-example gradients must be the model's.
+  (`prototypes.score_blocks`; `LMOutput.head_summary` then replaces `prototypes`). Every
+  other caller differentiates the model as it computes its logits: attribution's
+  per-example gradients must be the model's.
   """
   model = nnx.merge(graphdef, params)
   if not training:
