@@ -202,6 +202,20 @@ def test_word_family_and_neighbourhood_selection():
   assert sup.by_label(cards, "lord") == [0, 2]
 
 
+def test_label_choice_ranks_the_best_matches_first_so_the_cap_keeps_them():
+  """--max-prototypes keeps the head of by_label's list: the prototypes that promote the
+  token most (its place among their top tokens, then its score), not the lowest ids."""
+  card = lambda *tokens: {"top_tokens": [{"text": t, "score": s} for t, s in tokens]}
+  cards = {1: card((" the", 9.0), (" LORD", 8.0)),        # second place
+           4: card((" LORD", 2.0), (" the", 1.0)),        # first place, low score
+           7: {**card((",", 5.0)), "llm_label": "speaks of the Lord"},  # LLM label only
+           9: card((" Lord", 6.0)),                       # first place, high score
+           12: card((" king", 7.0))}                      # no match
+  assert sup.by_label(cards, "lord") == [9, 4, 1, 7]
+  assert sup.by_label(cards, "lord")[:2] == [9, 4]
+  assert sup.by_label(cards, "queen") == []
+
+
 def test_mention_rate_counts_generations_with_the_family():
   from tests.text_model import CharTokenizer
 

@@ -38,16 +38,20 @@ def mask_from_ids(ids: Iterable[int], num_prototypes: int) -> np.ndarray:
 
 
 def by_label(cards: dict[int, dict], text: str, top_tokens: int = 3) -> list[int]:
-  """Prototypes labelled `text` (case-insensitive): one of their first `top_tokens` tokens
-  through the unembedding is `text`, or an LLM label contains it. (The n-gram part of the
-  automatic label is neighbourhood text: choose by it with --match.)"""
+  """Prototypes labelled `text` (case-insensitive), best first: one of their first
+  `top_tokens` tokens through the unembedding is `text` (ranked by that token's place, then
+  its score <U_j, E_y>), or else an LLM label contains it (after every token match, by id).
+  (The n-gram part of the automatic label is neighbourhood text: choose by it with --match.)"""
   needle = text.strip().lower()
-  hits = []
-  for j, card in sorted(cards.items()):
-    tokens = [t["text"].strip().lower() for t in card.get("top_tokens", [])[:top_tokens]]
-    if needle in tokens or needle in card.get("llm_label", "").lower():
-      hits.append(j)
-  return hits
+  ranked = []
+  for j, card in cards.items():
+    tokens = card.get("top_tokens", [])[:top_tokens]
+    places = [r for r, t in enumerate(tokens) if t["text"].strip().lower() == needle]
+    if places:
+      ranked.append(((0, places[0], -float(tokens[places[0]].get("score", 0.0))), j))
+    elif needle in card.get("llm_label", "").lower():
+      ranked.append(((1, 0, 0.0), j))
+  return [j for _, j in sorted(ranked)]
 
 
 def by_neighbourhood(index, text: str, min_share: float, top: int) -> list[tuple[int, float]]:
