@@ -105,13 +105,17 @@ def check_run_config(cfg: ExperimentConfig, workdir: str) -> None:
   current = config_lib.to_dict(cfg)
   for section in ("model", "prototypes"):
     stored = saved.get(section) if isinstance(saved.get(section), dict) else {}
-    # a setting added since the run trained ran as its default (options start switched off)
-    defaults = config_lib.to_dict(type(getattr(cfg, section))()) if stored else {}
+    try:
+      trained = (config_lib.to_dict(config_lib.as_trained(getattr(cfg, section), stored))
+                 if stored else {})
+    except (ValueError, TypeError) as e:
+      raise UserError(f"{path} does not hold a valid {section} section ({e}); fix it or "
+                      "use another --workdir") from None
     for key, value in current[section].items():
       if f"{section}.{key}" in _HOW_NOT_WHAT:
         continue
-      old = stored.get(key, defaults.get(key))
-      if old != value and not (isinstance(value, (list, tuple)) and list(value) == old):
+      old = trained.get(key)
+      if old != value:
         raise ConfigError(f"{workdir} holds a run with {section}.{key}={old!r}, not {value!r}; "
                           "use another --workdir or the same settings")
 

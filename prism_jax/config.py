@@ -371,3 +371,22 @@ def apply_overrides(cfg: ExperimentConfig, overrides: list[str]) -> ExperimentCo
 
 def to_dict(cfg) -> dict:
   return dataclasses.asdict(cfg)
+
+
+def _tuples(value):
+  """JSON lists back to the tuples the frozen configs hold."""
+  return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def as_trained(section, stored: dict):
+  """`section` (a config dataclass) as a saved run trained it, from that run's saved
+  `stored` values. A setting the saved config lacks did not exist when the run trained: it
+  ran at its default (options are added switched off), not as the experiment sets it today.
+  Keys this version does not know are left out."""
+  values = {}
+  for field in dataclasses.fields(section):
+    if field.name in stored:
+      values[field.name] = _tuples(stored[field.name])
+    elif field.default is not dataclasses.MISSING:
+      values[field.name] = field.default
+  return dataclasses.replace(section, **values)

@@ -59,11 +59,6 @@ def load_params(cfg: ExperimentConfig, workdir: str, step: int | None = None,
   return graphdef, params, int(step)
 
 
-def _tuples(value):
-  """JSON lists back to the tuples the frozen configs hold."""
-  return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
-
-
 def run_config(cfg: ExperimentConfig, workdir: str, overrides: Sequence[str] = ()
                ) -> ExperimentConfig:
   """The config the run in `workdir` was trained with (its config.json), on this machine's
@@ -83,15 +78,7 @@ def run_config(cfg: ExperimentConfig, workdir: str, overrides: Sequence[str] = (
       for field in dataclasses.fields(cfg):
         current = getattr(cfg, field.name)
         if dataclasses.is_dataclass(current) and field.name != "mesh":
-          stored = saved.get(field.name, {})
-          known = {f.name for f in dataclasses.fields(current)}
-          values = {k: _tuples(v) for k, v in stored.items() if k in known}
-          # A setting the saved config lacks did not exist when the run trained: it ran as
-          # that setting's default (options are added switched off), not as the experiment
-          # sets it today.
-          values.update({f.name: f.default for f in dataclasses.fields(current)
-                         if f.name not in stored and f.default is not dataclasses.MISSING})
-          sections[field.name] = dataclasses.replace(current, **values)
+          sections[field.name] = config_lib.as_trained(current, saved.get(field.name, {}))
       cfg = dataclasses.replace(cfg, **sections)
     except (AttributeError, ValueError, TypeError) as e:
       raise UserError(f"{path} does not hold a valid config ({e}); fix it or move it away "
