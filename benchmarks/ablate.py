@@ -23,7 +23,6 @@ step (prism_jax/diagnostics.py).
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os
@@ -34,6 +33,7 @@ import sys
 import time
 
 import experiments
+from benchmarks import common
 
 # The train command, in one place: `prism_jax.main.train` once the CLI move lands.
 TRAIN_MODULE = "prism_jax.main.train"
@@ -384,7 +384,7 @@ def plot(summary: dict, path: str, title: str) -> None:
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = common.OverridesParser(description=__doc__.splitlines()[0])
   p.add_argument("--size", default="tiny", help="prism_SIZE vs dense_SIZE")
   p.add_argument("--steps", type=int, default=1000)
   p.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -403,7 +403,7 @@ def main(argv=None):
     variants = ["dense", *variants]
   variant_args = {v: variant_overrides(v, args.size) for v in variants}  # refuse a bad size now
   root = os.path.join(args.out, f"{args.size}_{args.steps}")
-  common = [f"train.steps={args.steps}", f"train.eval_every={args.steps}",
+  shared_args = [f"train.steps={args.steps}", f"train.eval_every={args.steps}",
             f"checkpoint.every={args.steps}", "train.progress=false", *args.overrides]
   runs = {v: {s: os.path.join(root, f"{v}_s{s}") for s in args.seeds} for v in variants}
 
@@ -417,7 +417,7 @@ def main(argv=None):
         variant, seed, workdir = todo.pop(0)
         exp = f"{'dense' if variant == 'dense' else 'prism'}_{args.size}"
         cmd = ["nice", "-n", "10", *train_command(
-            exp, workdir, [*variant_args[variant], *common, f"train.seed={seed}"])]
+            exp, workdir, [*variant_args[variant], *shared_args, f"train.seed={seed}"])]
         os.makedirs(workdir, exist_ok=True)
         log = open(os.path.join(workdir, "train.log"), "a", encoding="utf-8")
         print(f"[ablate] start {variant} seed {seed}: {' '.join(cmd)}", flush=True)

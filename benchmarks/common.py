@@ -6,10 +6,22 @@ import argparse
 
 import jax
 
+from prism_jax import cli
+
+
+class OverridesParser(argparse.ArgumentParser):
+  """argparse that gives a list flag's trailing key=value arguments back to the overrides
+  (`--configs small prototypes.top_k=32`), as the entry points do."""
+
+  def parse_known_args(self, args=None, namespace=None):
+    namespace, extras = super().parse_known_args(args, namespace)
+    cli.move_trailing_overrides(self, namespace)
+    return namespace, extras
+
 
 def parser(doc: str, rounds: int) -> argparse.ArgumentParser:
   """--configs (sizes, each run as prism_SIZE and dense_SIZE), --rounds, and overrides."""
-  p = argparse.ArgumentParser(description=doc.splitlines()[0])
+  p = OverridesParser(description=doc.splitlines()[0])
   p.add_argument("--configs", nargs="+", default=["tiny", "small"])
   p.add_argument("--rounds", type=int, default=rounds, help="timings are medians over rounds")
   p.add_argument("overrides", nargs="*", help="key=value applied to both models")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 from etils import epath
@@ -15,19 +16,61 @@ from prism_jax.config import ConfigError, ExperimentConfig
 from prism_jax.errors import UserError
 
 
+# A config override as users type it: a dotted key, then "=" (`train.seed=1`).
+_OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)*=")
+
+
+def looks_like_override(text) -> bool:
+  return isinstance(text, str) and bool(_OVERRIDE.match(text))
+
+
+def move_trailing_overrides(parser: argparse.ArgumentParser, namespace: argparse.Namespace):
+  """`--tasks piqa train.seed=1`: a list flag swallows the key=value arguments after it;
+  they go back to the overrides, where the user meant them (not "unknown task").
+
+  Flags marked free text (`--prompts`) keep everything: a prompt may contain "=".
+  """
+  if not isinstance(getattr(namespace, "overrides", None), list):
+    return
+  for action in parser._actions:
+    values = getattr(namespace, action.dest, None)
+    if (not action.option_strings or action.nargs not in ("+", "*")
+        or getattr(action, "free_text", False) or not isinstance(values, list)):
+      continue
+    cut = next((i for i, v in enumerate(values) if looks_like_override(v)), None)
+    if cut is None:
+      continue
+    if cut == 0 and action.nargs == "+":
+      parser.error(f"{'/'.join(action.option_strings)} needs a value before "
+                   f"{values[0]!r} (a key=value override)")
+    setattr(namespace, action.dest, values[:cut])
+    namespace.overrides = [*namespace.overrides, *values[cut:]]
+
+
 class Parser(argparse.ArgumentParser):
-  """argparse with one-line errors (`error: ...`, exit 2) and ranged numeric flags only."""
+  """argparse with one-line errors (`error: ...`, exit 2) and ranged numeric flags only.
+
+  `add_argument(..., free_text=True)`: a list flag whose values may contain "=" and are
+  never read as overrides (`move_trailing_overrides`).
+  """
 
   def error(self, message):
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
+
+  def add_argument(self, *args, free_text: bool = False, **kwargs):
+    action = super().add_argument(*args, **kwargs)
+    action.free_text = free_text
+    return action
 
   def parse_known_args(self, args=None, namespace=None):
     for action in self._actions:
       if action.type in (int, float):  # a programming error: the flag has no range
         raise TypeError(f"{'/'.join(action.option_strings)} must use cli.number_flag "
                         "(prism_jax/limits.py FLAG_RANGES)")
-    return super().parse_known_args(args, namespace)
+    namespace, extras = super().parse_known_args(args, namespace)
+    move_trailing_overrides(self, namespace)
+    return namespace, extras
 
 
 def number_flag(flag: str):
@@ -38,7 +81,9 @@ def number_flag(flag: str):
     try:
       value = valid.kind(text)
     except ValueError:
-      raise argparse.ArgumentTypeError(f"{text!r} is not a valid {valid.kind.__name__}"
+      hint = (f" (a key=value override: put it before {flag})" if looks_like_override(text)
+              else "")
+      raise argparse.ArgumentTypeError(f"{text!r} is not a valid {valid.kind.__name__}{hint}"
                                        ) from None
     if not valid.contains(value):
       raise argparse.ArgumentTypeError(f"must be {valid.describe()}, got {text}")

@@ -300,8 +300,8 @@ def _arguments(entry, module, lead, argv, workspace):
   lead, argv = [fill(a) for a in lead], [fill(a) for a in argv]
   command = lead[:1] if module == "prism_jax.main.control" else []  # a subcommand
   options = lead[len(command):]
-  # Overrides before options: an option taking several values (--tasks a b) would swallow
-  # them. A row's options come after the entry point's own, so the row's value wins.
+  # Overrides first (cli.move_trailing_overrides is tested in test_config.py); a row's
+  # options come after the entry point's own, so the row's value wins.
   overrides = [a for a in argv if "=" in a and not a.startswith("-")]
   flags = [a for a in argv if a not in overrides]
   if entry in ("lds", "compare"):

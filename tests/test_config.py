@@ -126,3 +126,33 @@ def test_settings_valid_only_together_are_accepted_in_either_order(order):
   assert (cfg.prototypes.num_prototypes, cfg.prototypes.top_k) == (8, 2)
   with pytest.raises(ConfigError, match="prototypes.top_k=32 must be in .1, prototypes.num_pro"):
     apply_overrides(experiments.get("prism_tiny"), ["prototypes.num_prototypes=8"])
+
+
+def test_overrides_after_a_list_flag_stay_overrides(capsys):
+  """`--tasks none train.seed=1` once read the override as a task ("unknown task 'none'")."""
+  from benchmarks import common
+  from prism_jax import cli
+  from prism_jax.main import evaluate
+
+  args = evaluate.parse_args(["--tasks", "none", "train.seed=1", "model.d_model=64"])
+  assert args.tasks == ["none"] and args.overrides == ["train.seed=1", "model.d_model=64"]
+  args = common.parser("bench", rounds=1).parse_args(["--configs", "small", "prototypes.top_k=32"])
+  assert args.configs == ["small"] and args.overrides == ["prototypes.top_k=32"]
+
+  parser = cli.base_parser("test")
+  parser.add_argument("--prompts", nargs="+", free_text=True)
+  parser.add_argument("--tasks", nargs="+")
+  parser.add_argument("--ids", type=cli.number_flag("--prototypes"), nargs="+")
+  args = parser.parse_args(["train.steps=2", "--prompts", "x=1 means", "a=b",
+                            "--tasks", "piqa", "train.seed=1"])
+  assert args.prompts == ["x=1 means", "a=b"]  # free text keeps its "="
+  assert args.tasks == ["piqa"] and args.overrides == ["train.steps=2", "train.seed=1"]
+  capsys.readouterr()
+  for argv, message in [(["--tasks", "train.seed=1"], "--tasks needs a value before "
+                                                        "'train.seed=1'"),
+                        (["--ids", "3", "train.seed=1"], "override: put it before --prototypes")]:
+    with pytest.raises(SystemExit) as info:
+      parser.parse_args(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err

@@ -125,7 +125,7 @@ def suppress(argv) -> dict:
                       help="validation batches (default train.eval_batches)")
   parser.add_argument("--text-file", default=None, help="UTF-8 text to measure on instead "
                       "of the validation split (e.g. one rich in the targeted behaviour)")
-  parser.add_argument("--prompts", nargs="+", default=[],
+  parser.add_argument("--prompts", nargs="+", default=[], free_text=True,
                       help="also sample continuations of these prompts and count how often "
                            "they mention the word family")
   parser.add_argument("--samples", type=cli.number_flag("--samples"),
