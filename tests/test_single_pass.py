@@ -15,7 +15,8 @@ import pytest
 
 from prism_jax import sharding
 from prism_jax.attribution import common, documents, index as index_lib, influence
-from prism_jax.attribution import indexing, prototype, run as run_lib, single_pass
+from prism_jax.attribution import indexing, postings, prototype, run as run_lib
+from prism_jax.attribution import single_pass
 from prism_jax.attribution.config import AttributionConfig, apply_overrides
 from prism_jax.config import ConfigError, MeshConfig
 from prism_jax.errors import UserError
@@ -227,6 +228,41 @@ def test_truncated_postings_keep_the_largest_bounds(small, tmp_path):
     bound = act_full * (1 - _p_target(full, tok_full))
     assert np.all(np.diff(bound) <= 1e-6)  # ordered by a_tj (1 - p_t[y_t])
     np.testing.assert_array_equal(cut.all_postings(j)[0], tok_full)  # influence: all
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_running_top_t_equals_one_sort_of_everything(seed):
+  """postings.TopT against the top T of all entries at once, ordered (key desc, token asc):
+  streamed batches (buffered, cut against each row's last slot), reads in the middle of the
+  stream, ties, NaN and -0.0 keys, zero activations, and out-of-order tokens (a merge)."""
+  rng = np.random.default_rng(seed)
+  m, t, k = int(rng.integers(1, 9)), int(rng.integers(1, 7)), 2
+  table, seen, first = postings.TopT(m, t), [], 0
+  for batch in range(12):
+    n = int(rng.integers(0, 9))
+    token = np.repeat(first + np.arange(n), k)
+    first += n
+    if batch == 9:  # a batch that does not follow the stream (as when processes merge)
+      token = rng.permutation(first + 50 + np.arange(n * k))
+    proto = rng.integers(0, m, n * k)
+    key = (rng.choice([0.0, -0.0, 0.5, 1.0, -1.0, np.nan], n * k) if seed % 2
+           else rng.random(n * k)).astype(np.float32)
+    act = rng.choice([0.0, 0.5, 1.0], n * k).astype(np.float32)
+    table.add(proto, key, token, act)
+    seen.append((proto, np.nan_to_num(key, nan=-np.inf), token, act))
+    if batch == 5:
+      table.token  # a read merges the buffer: the stream goes on after it
+  proto, key, token, act = (np.concatenate(x) for x in zip(*seen))
+  keep = act > 0
+  order = np.lexsort((token[keep], -key[keep], proto[keep]))
+  expected = {j: [] for j in range(m)}
+  for p, kk, tok, a in zip(*(x[keep][order] for x in (proto, key, token, act))):
+    if len(expected[p]) < t:
+      expected[p].append((kk, tok, a))
+  for j in range(m):
+    filled = table.token[j] >= 0
+    got = list(zip(table.key[j][filled], table.token[j][filled], table.act[j][filled]))
+    assert got == expected[j], (j, got, expected[j])
 
 
 def test_posting_records_are_copies_and_a_query_reads_nothing_else(small, tmp_path):

@@ -611,9 +611,7 @@ def _all_postings(reader: Index, m: int):
 def _shard_csr(table, full, start: int, stop: int):
   """CSR lists of prototypes [start, stop): from a running top-T table or from all postings."""
   if table is not None:
-    sub = postings.TopT(stop - start, table.t)
-    sub.token, sub.act = table.token[start:stop], table.act[start:stop]
-    return postings.from_top(sub)
+    return postings.from_top(table, start, stop)
   proto, key, token, act = full
   sel = (proto >= start) & (proto < stop)
   return postings.csr(proto[sel] - start, key[sel], token[sel], act[sel], stop - start)
