@@ -120,8 +120,10 @@ def markdown_table(study: dict) -> str:
       "-" if study["runs"][n]["step_seconds"] is None else
       f"{study['runs'][n]['step_seconds']:.3f}" for n in names) + " |")
   ratio = study.get("step_time_ratio")
+  scored = (f"tasks scored on {study['limit'] or 'all'} documents each" if tasks
+            else "no downstream task scored")
   footer = [f"\nSteps: {study['steps']}, tokens per step: {study['tokens_per_step']}, seed "
-            f"{study['seed']}; tasks scored on {study['limit'] or 'all'} documents each."]
+            f"{study['seed']}; {scored}."]
   if ratio:
     footer.append(f"PRISM / dense train-step time: {ratio:.3f}.")
   return "\n".join(lines + footer) + "\n"

@@ -229,3 +229,13 @@ def test_replace_folder_never_replaces_a_foreign_folder(tmp_path):
   outputs.replace_folder(new, old_index, "prototype index", index_lib.is_index, "--index")
   assert "old" not in json.loads((old_index / "manifest.json").read_text())
   assert sorted(p.name for p in tmp_path.iterdir()) == ["index", "run"]
+
+
+def test_compare_table_without_tasks_says_none_was_scored():
+  from prism_jax.comparison import markdown_table
+  run = {"head": "prism", "val_loss": 4.7, "bits_per_byte": 1.9, "perplexity": 110.0,
+         "tasks": {}, "step_seconds": None}
+  study = {"steps": 10, "tokens_per_step": 64, "seed": 1, "limit": 500,
+           "runs": {"prism_x": run, "dense_x": {**run, "head": "dense"}}}
+  table = markdown_table(study)
+  assert "no downstream task scored" in table and "documents each" not in table
