@@ -19,14 +19,20 @@ from __future__ import annotations
 import numpy as np
 
 
+def _ranks(proto_sorted):
+  """Each entry's place within its proto's run, for protos in non-decreasing order."""
+  if not len(proto_sorted):
+    return np.zeros(0, np.int64)
+  starts = np.r_[0, np.nonzero(proto_sorted[1:] != proto_sorted[:-1])[0] + 1]
+  return np.arange(len(proto_sorted)) - np.repeat(starts, np.diff(np.r_[starts,
+                                                                         len(proto_sorted)]))
+
+
 def _grouped_top(proto, key, token, act, limit: int | None):
   """Entries sorted by (proto, key desc, token), each proto's first `limit` kept; + ranks."""
   order = np.lexsort((token, -key, proto))
   proto, key, token, act = proto[order], key[order], token[order], act[order]
-  starts = np.r_[0, np.nonzero(proto[1:] != proto[:-1])[0] + 1] if len(proto) else np.zeros(0,
-                                                                                            int)
-  counts = np.diff(np.r_[starts, len(proto)])
-  rank = np.arange(len(proto)) - np.repeat(starts, counts)
+  rank = _ranks(proto)
   keep = rank < limit if limit is not None else np.ones(len(proto), bool)
   return proto[keep], key[keep], token[keep], act[keep], rank[keep]
 
@@ -44,7 +50,7 @@ class TopT:
 
   Ties go to the smaller token. A streaming build adds entries whose tokens follow every
   stored one; those wait in a buffer (already cut to the entries that can still enter
-  their row) and are merged into the sorted tables once the buffer is a table's size, so a
+  their row) and are merged into the sorted tables once the buffer holds half a table, so a
   batch costs its own sort, not the [M, T] table's (at T = 4,096 postings per prototype the
   whole-table sort per batch made the build quadratic-looking once the tables filled).
   Reading `key`, `token` or `act` merges the buffer first.
@@ -138,8 +144,7 @@ class TopT:
   def _store(self, proto, key, token, act, touched):
     """Rewrites the rows `touched` from entries in (proto, key desc, token) order that hold
     every stored entry of those rows."""
-    starts = np.r_[0, np.nonzero(proto[1:] != proto[:-1])[0] + 1]
-    rank = np.arange(len(proto)) - np.repeat(starts, np.diff(np.r_[starts, len(proto)]))
+    rank = _ranks(proto)
     keep = rank < self.t
     proto, rank = proto[keep], rank[keep]
     self._token[touched] = -1
