@@ -2,6 +2,7 @@
 
   name = outputs.plain_name(args.name, "--name")          # no '/', '..', hidden names
   outputs.check_folder(out, "prototype index", is_index)  # before any work
+  outputs.check_file_target(path, "--json")                # before any work
   outputs.write_json(path, record)                        # whole or not at all
   with outputs.WorkdirLock(workdir, "index"): ...         # one writer per run directory
 
@@ -66,6 +67,40 @@ def write_text(path, text: str) -> str:
 
 def write_json(path, record) -> str:
   return write_text(path, json.dumps(record, indent=1))
+
+
+def check_file_target(path, flag: str) -> None:
+  """Refuses, before any work, a file path that cannot be written: an existing folder, or a
+  local path under a file or under an unwritable folder."""
+  if path is None:
+    return
+  path = epath.Path(path)
+  if path.is_dir():
+    raise UserError(f"{flag} {path} is a folder; give a file path")
+  _check_can_create(path, flag)
+
+
+def check_folder_target(path, flag: str) -> None:
+  """Refuses, before any work, an output folder that cannot be written: an existing file, or
+  a local path under a file or under an unwritable folder."""
+  if path is None:
+    return
+  path = epath.Path(path)
+  if path.exists() and not path.is_dir():
+    raise UserError(f"{flag} {path} is a file, not a folder")
+  _check_can_create(path, flag)
+
+
+def _check_can_create(path: epath.Path, flag: str) -> None:
+  if not is_local(path):
+    return  # a bucket: its errors come from the write itself
+  parent = path if path.is_dir() else path.parent
+  while not parent.exists() and parent != parent.parent:
+    parent = parent.parent
+  if not parent.is_dir():
+    raise UserError(f"{flag} {path}: {parent} is a file, not a folder")
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise UserError(f"{flag} {path}: {parent} is not writable")
 
 
 def _remove_quietly(path: epath.Path):

@@ -104,6 +104,9 @@ ENTRY_POINTS = {
     "generate": ("prism_jax.main.generate", ["--prompt", "a cat is"],
                  CHECKPOINT + INTERVENTIONS + [
         ("prompt longer than the context", ["--prompt", LONG_PROMPT], "context"),
+        ("output that is a folder", ["--output", TMP], "is a folder; give a file path"),
+        ("output under a file", ["--output", f"{TMP}/a_file/g.json"],
+         "a_file is a file, not a folder"),
     ]),
     "index": ("prism_jax.main.index", [], CHECKPOINT + [
         ("unknown attribution key", ["attr.dampin=1"], "unknown attribution key 'attr.dampin'"),
@@ -121,6 +124,7 @@ ENTRY_POINTS = {
     "attribute": ("prism_jax.main.attribute", ["--prompt", "a cat is"], CHECKPOINT + INDEX + [
         ("prompt longer than the context", ["--prompt", LONG_PROMPT], "context"),
         ("missing index", [], "no prototype index"),
+        ("json path that is a folder", ["--json", TMP], "is a folder; give a file path"),
         ("single_pass terms that are not a choice", ["attr.single_pass_terms=all"],
          "attr.single_pass_terms='all' is not one of ['unembedding', 'values', 'both']"),
         ("negative context sharpness", ["attr.context_sharpness=-1"],
@@ -144,6 +148,8 @@ ENTRY_POINTS = {
     ]),
     "explore": ("prism_jax.main.explore", ["--no-progress"], CHECKPOINT + INDEX + [
         ("prompt longer than the context", ["--prompt", LONG_PROMPT], "context"),
+        ("output folder that is a file", ["--output", f"{TMP}/a_file"],
+         "a_file is a file, not a folder"),
         ("workdir held by another writer", ["--workdir", f"{TMP}/locked"],
          "is in use by train (pid 1"),
     ]),

@@ -86,6 +86,7 @@ def main(argv=None):
 
 def _attribute(args, opened, attr):
   cfg, workdir = opened.cfg, opened.workdir
+  outputs.check_file_target(args.json, "--json")
   graphdef, params, step = opened.params(args.step)
   tokenizer = opened.tokenizer()
   query = make_query(cfg, graphdef, params, tokenizer, args.prompt, args.target_token)

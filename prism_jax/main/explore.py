@@ -43,6 +43,7 @@ def main(argv=None):
     import importlib.util
     if importlib.util.find_spec("umap") is None:
       raise UserError("--projection umap needs umap-learn (pip install umap-learn)")
+  outputs.check_folder_target(args.output, "--output")
   with opened, outputs.WorkdirLock(workdir, "explore"):
     _explore(args, opened, labeller)
 

@@ -53,6 +53,7 @@ def _generate(args, opened: Run):
   cfg, workdir = opened.cfg, opened.workdir
   if args.max_new_tokens < 1:
     raise UserError("--max-new-tokens must be at least 1")
+  outputs.check_file_target(args.output, "--output")
   sampling = Sampling(temperature=0.0 if args.greedy else args.temperature, top_k=args.top_k,
                       top_p=args.top_p)
   chosen = interventions.load(args, cfg)  # a bad file fails before the restore
