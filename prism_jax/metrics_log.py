@@ -20,14 +20,23 @@ from prism_jax import layout, outputs
 
 
 class MetricsLog:
+  """`resume_step`: the step the run restarts from. Records of later steps were written by
+  an attempt that died before its next checkpoint; they are trained again, so they are
+  dropped from metrics.jsonl and hidden from TensorBoard (its purge_step) rather than kept
+  twice."""
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, resume_step: int | None = None):
     self.enabled = jax.process_index() == 0
     if self.enabled:
       epath.Path(workdir).mkdir(parents=True, exist_ok=True)
       path = layout.path(workdir, layout.METRICS)
       repair_torn_tail(path)
-      self.writer = SummaryWriter(layout.path(workdir, layout.TENSORBOARD))
+      purge_step = None
+      if resume_step is not None:
+        drop_records_after(path, resume_step)
+        purge_step = resume_step + 1
+      self.writer = SummaryWriter(layout.path(workdir, layout.TENSORBOARD),
+                                  purge_step=purge_step)
       self.path = epath.Path(path)
       if outputs.is_local(self.path):
         self.jsonl, self.lines = self.path.open("a", encoding="utf-8"), None
@@ -84,6 +93,27 @@ def repair_torn_tail(path: str) -> None:
     tmp = path.parent / f".{path.name}.repair"
     tmp.write_bytes(data[:keep])
     tmp.replace(path)
+
+
+def drop_records_after(path: str, step: int) -> None:
+  """Rewrites `path` (whole, then a rename) without the records of steps after `step`."""
+  path = epath.Path(path)
+  if not path.is_file():
+    return
+  lines = path.read_bytes().splitlines(keepends=True)
+  kept = [line for line in lines if not _step_after(line, step)]
+  if len(kept) < len(lines):
+    print(f"note: dropped {len(lines) - len(kept)} records after step {step} from {path} "
+          "(logged after the last checkpoint; those steps run again)", file=sys.stderr)
+    outputs.write_bytes(path, b"".join(kept))
+
+
+def _step_after(line: bytes, step: int) -> bool:
+  try:
+    row = json.loads(line)
+  except ValueError:
+    return False  # readers skip it anyway
+  return isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] > step
 
 
 def read_jsonl(path: str) -> list[dict]:

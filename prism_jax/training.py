@@ -139,10 +139,13 @@ def train(cfg: ExperimentConfig, workdir: str, data: TrainData | None = None,
 
 
 def _train(cfg: ExperimentConfig, workdir: str, data: TrainData | None, mesh) -> dict:
-  cli.check_run_config(cfg, workdir)
   checkpointer = Checkpointer(layout.path(workdir, layout.CHECKPOINTS), cfg.checkpoint,
                               settings=model_settings(cfg))
   try:
+    # A config.json without any checkpoint is an attempt that never saved (a bad setting,
+    # a kill before the first save): nothing to protect, so new settings replace it.
+    if checkpointer.latest_step() is not None or _set_aside_before(checkpointer):
+      cli.check_run_config(cfg, workdir)
     if checkpointer.latest_step() is not None:  # before anything is written
       checkpointer.check_settings(checkpointer.latest_step())
     cli.write_run_config(cfg, workdir)
@@ -155,13 +158,14 @@ def _train_loop(cfg: ExperimentConfig, workdir: str, data: TrainData | None,
                 checkpointer: Checkpointer, mesh: jax.sharding.Mesh) -> dict:
   data = data or corpus_data(cfg)
   steps = compile_steps(cfg, mesh)
-  log = MetricsLog(workdir)
   profiler = _Profiler(cfg, workdir)
   is_main = jax.process_index() == 0
   say = print if is_main else (lambda *a, **k: None)
+  log = None
   try:
     state = _restore_or_init(steps, checkpointer, data, say)
     start = int(jax.device_get(state.step))
+    log = MetricsLog(workdir, resume_step=start)
     total = cfg.train.steps
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
     progress = tqdm(total=total, initial=start, desc=cfg.name, unit="step", dynamic_ncols=True,
@@ -217,7 +221,8 @@ def _train_loop(cfg: ExperimentConfig, workdir: str, data: TrainData | None,
             "final_state": state, "preempted": False}
   finally:
     profiler.close()
-    log.close()
+    if log is not None:
+      log.close()
 
 
 def _restore_or_init(steps: CompiledSteps, checkpointer: Checkpointer, data: TrainData, say):

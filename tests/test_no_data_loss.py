@@ -239,3 +239,52 @@ def test_compare_table_without_tasks_says_none_was_scored():
            "runs": {"prism_x": run, "dense_x": {**run, "head": "dense"}}}
   table = markdown_table(study)
   assert "no downstream task scored" in table and "documents each" not in table
+
+
+def test_a_start_that_never_saved_does_not_bind_the_workdir(tmp_path):
+  """A first attempt that failed before its first checkpoint (here: a vocabulary the tokenizer
+  could not build) left its config.json; the corrected command trains and replaces it."""
+  workdir = tmp_path / "run"
+  (workdir / "checkpoints").mkdir(parents=True)
+  failed = tiny_config("model.vocab_size=10")
+  (workdir / "config.json").write_text(json.dumps({"name": failed.name, "model": {
+      "vocab_size": 10}}))
+  cfg = tiny_config("train.steps=1", "train.eval_every=100")
+  train(cfg, str(workdir), synthetic_data(cfg))
+  assert json.loads((workdir / "config.json").read_text())["model"]["vocab_size"] == \
+      cfg.model.vocab_size
+  assert _steps(workdir) == ["1"]
+
+
+def _tensorboard_steps(workdir, tag):
+  from tensorboard.backend.event_processing import event_accumulator
+
+  events = event_accumulator.EventAccumulator(str(pathlib.Path(workdir) / "tensorboard"))
+  events.Reload()
+  return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+def test_resume_logs_each_step_once(tmp_path):
+  """Steps logged after the last checkpoint by an attempt that then died are run again on
+  resume: the log and TensorBoard keep each step once, as an uninterrupted run has them."""
+  cfg = tiny_config("train.steps=6", "checkpoint.every=3", "train.log_every=1",
+                    "train.eval_every=100")
+  whole, cut = tmp_path / "whole", tmp_path / "cut"
+  train(cfg, str(whole), synthetic_data(cfg))
+  train(cfg, str(cut), synthetic_data(cfg))
+  # The attempt died after logging step 6 and before its checkpoint was committed.
+  import shutil
+
+  shutil.rmtree(cut / "checkpoints" / "6")
+  train(cfg, str(cut), synthetic_data(cfg))
+
+  def losses(workdir):
+    return [(r["step"], r["loss/cross_entropy"]) for r in read_jsonl(workdir / "metrics.jsonl")
+            if "loss/cross_entropy" in r]
+
+  assert [s for s, _ in losses(cut)] == [1, 2, 3, 4, 5, 6]
+  assert losses(cut) == losses(whole)
+  tag = "loss/cross_entropy"
+  assert [s for s, _ in _tensorboard_steps(cut, tag)] == [1, 2, 3, 4, 5, 6]
+  np.testing.assert_allclose([v for _, v in _tensorboard_steps(cut, tag)],
+                             [v for _, v in _tensorboard_steps(whole, tag)], rtol=1e-6)
