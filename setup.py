@@ -15,6 +15,9 @@ INSTALL_REQUIRES = [
     "sentencepiece==0.2.3",
     "chex==0.1.92",
     "tensorboardX==2.6.5",
+    # gs:// workdirs, data and tokenizers: etils.epath reaches buckets through fsspec's gcsfs
+    # (Orbax's arrays go through tensorstore, which has its own GCS driver).
+    "gcsfs==2026.10.1",
     "tqdm==4.70.1",
     "numpy==2.4.6",
 ]

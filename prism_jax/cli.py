@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import sys
@@ -112,9 +113,34 @@ def resolve(args: argparse.Namespace) -> tuple[ExperimentConfig, str]:
 
   cfg = config_lib.apply_overrides(experiments.get(args.exp), args.overrides)
   workdir = args.workdir or os.path.join("runs", cfg.name)
-  if epath.Path(workdir).exists() and not epath.Path(workdir).is_dir():
+  if not _reachable_folder_or_absent(workdir):
     raise UserError(f"--workdir {workdir} is a file, not a run directory")
   return cfg, workdir
+
+
+class _NoTraceback(logging.Filter):
+  """Keeps a storage client's retry messages to their one line (no exception dump)."""
+
+  def filter(self, record):
+    record.exc_info, record.exc_text = None, None
+    return True
+
+
+def _reachable_folder_or_absent(workdir: str) -> bool:
+  """False when `workdir` is a file. A bucket that cannot be reached (no network, no
+  credentials, no client library) is one line naming it, before any work."""
+  storage_log = logging.getLogger("gcsfs")
+  quiet = _NoTraceback()
+  storage_log.addFilter(quiet)
+  try:
+    path = epath.Path(workdir)
+    return not path.exists() or path.is_dir()
+  except ImportError as e:  # fsspec names the package a scheme needs
+    raise UserError(f"--workdir {workdir}: {e}") from None
+  except OSError as e:
+    raise UserError(f"--workdir {workdir} cannot be reached: {e.strerror or e}") from None
+  finally:
+    storage_log.removeFilter(quiet)
 
 
 def config_path(workdir: str) -> epath.Path:

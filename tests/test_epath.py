@@ -154,3 +154,28 @@ def test_metrics_log_on_a_bucket_rewrites_instead_of_appending(tmp_path, monkeyp
   rows = metrics_log.read_jsonl(layout.path(str(tmp_path), layout.METRICS))
   assert [(r["step"], r["loss"]) for r in rows] == [(1, 2.0), (2, 1.5), (3, 1.0)]
   assert not any("a" in mode for mode in opened_modes)
+
+
+@pytest.mark.parametrize("failure, says", [
+    (OSError(-2, "Name or service not known"), "cannot be reached: Name or service not known"),
+    (ImportError("Please install gcsfs to access Google Storage"), "Please install gcsfs"),
+])
+def test_unreachable_bucket_workdir_is_one_line_before_any_work(monkeypatch, capsys, failure,
+                                                                says):
+  """No network, no credentials or no client library: every entry point names the workdir
+  (cli.resolve is the first thing to touch it) instead of a storage client's traceback."""
+  from etils import epath
+
+  def unreachable(self):
+    if str(self).startswith("gs://"):
+      raise failure
+    return original(self)
+
+  original = epath.Path.exists
+  monkeypatch.setattr(type(epath.Path("gs://bucket/run")), "exists", unreachable)
+  with pytest.raises(SystemExit) as stop:
+    evaluate.main(["--workdir", "gs://bucket/run", "--tasks", "none"])
+  assert stop.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: --workdir gs://bucket/run"), err
+  assert says in err[0]
