@@ -272,3 +272,20 @@ def test_graddot_equals_explicit_per_example_gradient_dots():
                        for e, n in enumerate(lengths)])
   got = graddot.score(graphdef, params, train, query, cfg.data.seq_len, batch_size=2)
   np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max())
+
+
+def test_a_token_that_decodes_to_nothing_is_shown_as_it_reads():
+  """sentencepiece decodes its bare space piece alone to '': the highlight and the query's
+  target show it quoted (' '), a word piece as its text."""
+  pieces = ["\u2581the", "\u2581", "Queen", "<0x0A>"]
+
+  def decode(ids):  # sentencepiece's rule: '▁' is a space, the leading one dropped
+    text = "".join("\n" if pieces[i] == "<0x0A>" else pieces[i] for i in ids)
+    return text.replace("\u2581", " ").lstrip(" ")
+
+  row = np.array([0, 1, 2, 3])
+  assert decode([1]) == ""
+  assert index_lib.span_text(row, 0, 8, decode) == "the [[' ']]"
+  assert index_lib.span_text(row, 1, 8, decode) == "the  [[Queen]]"  # context 'the ', a word
+  assert index_lib.span_text(row, 2, 8, decode) == "the Queen [['\\n']]"
+  assert index_lib.token_text(decode, [0], 2) == "Queen"

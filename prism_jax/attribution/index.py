@@ -89,8 +89,18 @@ def default_decode(ids: Sequence[int]) -> str:
 def span_text(row: np.ndarray, position: int, context: int, decode: Callable) -> str:
   """The `context` tokens up to `position`, then the predicted token in [[ ]]."""
   start = max(0, position + 1 - context)
-  before = decode([int(t) for t in row[start:position + 1]])
-  return f"{before} [[{decode([int(row[position + 1])])}]]"
+  context_ids = [int(t) for t in row[start:position + 1]]
+  return f"{decode(context_ids)} [[{token_text(decode, context_ids, int(row[position + 1]))}]]"
+
+
+def token_text(decode: Callable, context_ids, token: int) -> str:
+  """A token as text. A piece that decodes to nothing visible on its own (sentencepiece's
+  bare space '▁', a newline) is shown quoted, as it reads after its context: ' ' or '\n'."""
+  text = decode([token])
+  if text.strip():
+    return text
+  before, both = decode(list(context_ids)), decode(list(context_ids) + [token])
+  return repr(both[len(before):] if both.startswith(before) else text)
 
 
 # ------------------------------------------------------------------------------------------

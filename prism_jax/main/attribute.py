@@ -109,7 +109,7 @@ def _attribute(args, opened, attr):
   else:
     found = results(scores, train, query, attr.top_examples, attr.span_tokens,
                     tokenizer.decode)
-  target_text = tokenizer.decode([query.target])
+  target_text = index_lib.token_text(tokenizer.decode, query.prompt, query.target)
   print(f"{args.method}: top {len(found)} training documents for [[{target_text}]] after "
         f"{args.prompt!r} (prepare {prepare_s:.2f}s, query {query_s:.3f}s, "
         f"state {prepared.stored_bytes} bytes)")
