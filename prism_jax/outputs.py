@@ -115,6 +115,7 @@ def check_folder(path, kind: str, is_own: Callable[[epath.Path], bool], flag: st
   """Refuses, before any work, to replace a folder that is not a `kind` (nor empty)."""
   path = epath.Path(path)
   if not path.exists():
+    _check_can_create(path, flag)
     return
   if not path.is_dir():
     raise UserError(f"{flag} {path} is a file, not a {kind} folder")

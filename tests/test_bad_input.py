@@ -118,6 +118,8 @@ ENTRY_POINTS = {
          "attr.index_dtype='int8' is not one of ['float16', 'float32']"),
         ("index folder that is the run", ["--index", RUN], "exists and is not a prototype index"),
         ("index folder that is a file", ["--index", f"{TMP}/a_file"], "is a file, not a"),
+        ("index folder under a file", ["--index", f"{TMP}/a_file/index"],
+         "a_file is a file, not a folder"),
         ("workdir held by another writer", ["--workdir", f"{TMP}/locked"],
          "is in use by train (pid 1"),
     ]),
