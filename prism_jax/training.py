@@ -104,35 +104,47 @@ class _Profiler:
 
 
 class _PreemptionFlag:
-  """Set by SIGTERM (how TPU VMs and schedulers announce preemption), single-process runs.
+  """Set by SIGTERM (how TPU VMs and schedulers announce preemption) or a first Ctrl-C
+  (SIGINT), single-process runs: the loop saves at the current step and stops. A second
+  Ctrl-C raises KeyboardInterrupt at once (the last committed checkpoint stays).
 
-  Multi-process runs leave SIGTERM to JAX's preemption service, whose sync point makes every
-  process stop at the same step (`Checkpointer.reached_preemption`).
+  Multi-process runs leave both signals alone: SIGTERM goes to JAX's preemption service,
+  whose sync point makes every process stop at the same step
+  (`Checkpointer.reached_preemption`), and one process alone must not stop on a Ctrl-C.
   """
 
   def __init__(self):
     self.raised = False
-    self._previous = None
+    self.reason = "preempted"
+    self._previous = {}
 
   def __enter__(self):
     if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._handle)
+      if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not ignored
+        self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._handle)
     return self
 
   def _handle(self, signum, frame):
     self.raised = True
+    if signum == signal.SIGINT:
+      self.reason = "interrupted"
+      signal.signal(signal.SIGINT, self._previous[signal.SIGINT])  # the next one stops at once
+      print("\ninterrupted: saving the current step (Ctrl-C again to stop without saving)",
+            file=sys.stderr, flush=True)
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
 
 
 def train(cfg: ExperimentConfig, workdir: str, data: TrainData | None = None,
           mesh: jax.sharding.Mesh | None = None) -> dict:
   """Runs (or resumes) training to `cfg.train.steps`; returns the last metrics.
 
-  On SIGTERM (or JAX's preemption notice) it saves a checkpoint at the current step, waits
-  for it to be committed and returns with `preempted=True`.
+  On SIGTERM, a first Ctrl-C (single-process runs) or JAX's preemption notice it saves a
+  checkpoint at the current step, waits for it to be committed and returns with
+  `preempted=True`.
   """
   with outputs.WorkdirLock(workdir, "train", create=True):
     return _train(cfg, workdir, data, mesh)
@@ -210,8 +222,8 @@ def _train_loop(cfg: ExperimentConfig, workdir: str, data: TrainData | None,
         if preempted:
           checkpointer.wait()
           progress.close()
-          say(f"preempted: saved step {step} in {checkpointer.directory}; run again to resume",
-              flush=True)
+          say(f"{preemption.reason}: saved step {step} in {checkpointer.directory}; run again "
+              "to resume", flush=True)
           return {**last_train, **last_val, "step": step, "final_state": state,
                   "preempted": True}
       if previous is not None:

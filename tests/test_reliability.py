@@ -22,6 +22,12 @@ from tests.synthetic import synthetic_data, tiny_config
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+def _default_sigint():
+  """A shell's background job starts with SIGINT ignored, and its children inherit that:
+  the worker gets Ctrl-C as a terminal would deliver it."""
+  signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start_worker(workdir, steps, *overrides, env=None, log=None):
   """The worker in its own process; `env` adds its test hooks (see tests/train_worker.py).
 
@@ -32,7 +38,7 @@ def _start_worker(workdir, steps, *overrides, env=None, log=None):
     return subprocess.Popen([sys.executable, "-m", "tests.train_worker", str(workdir),
                              str(steps), *overrides], cwd=ROOT, env={**os.environ, **(env or {})},
                             stdout=out, stderr=subprocess.STDOUT if log else subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=_default_sigint)
   finally:
     if log:
       out.close()
@@ -67,9 +73,11 @@ def _resumed_from(output):
   return [int(n) for n in re.findall(r"^resuming from step (\d+) in ", output, re.M)]
 
 
-def _hold_then_kill_9(workdir, steps, hold, log, *overrides, timeout=300):
+def _hold_then_signal(workdir, steps, hold, log, *overrides, signals=(signal.SIGKILL,),
+                      timeout=300):
   """Starts the worker with a hold (`before_step:N` or `commit:N`), waits until it is held
-  there, kills it with SIGKILL; returns (what the hold said, the worker's output)."""
+  there, sends `signals` half a second apart and waits for it to end; returns (what the hold
+  said, the worker's output, its return code)."""
   marker = pathlib.Path(str(log) + ".held")
   proc = _start_worker(workdir, steps, *overrides, log=log,
                        env={"PRISM_WORKER_HOLD": hold, "PRISM_WORKER_MARKER": str(marker)})
@@ -83,11 +91,23 @@ def _hold_then_kill_9(workdir, steps, hold, log, *overrides, timeout=300):
         raise AssertionError(f"worker never reached its hold {hold}:\n"
                              + pathlib.Path(log).read_text())
       time.sleep(0.05)
+    for i, signum in enumerate(signals):
+      time.sleep(0.5 if i else 0)
+      proc.send_signal(signum)
+    proc.wait(timeout=120)
   finally:
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-  assert proc.returncode == -signal.SIGKILL
-  return marker.read_text(), pathlib.Path(log).read_text()
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  return marker.read_text(), pathlib.Path(log).read_text(), proc.returncode
+
+
+def _hold_then_kill_9(workdir, steps, hold, log, *overrides, timeout=300):
+  """`_hold_then_signal` with SIGKILL; returns (what the hold said, the worker's output)."""
+  said, out, returncode = _hold_then_signal(workdir, steps, hold, log, *overrides,
+                                            timeout=timeout)
+  assert returncode == -signal.SIGKILL
+  return said, out
 
 
 def _load_npz(path):
@@ -148,14 +168,17 @@ def test_kill_9_at_chosen_steps_and_mid_checkpoint_write_then_resume_is_bit_exac
 
 
 @pytest.mark.slow
-def test_sigterm_saves_at_that_step_and_exits_0(tmp_path):
+@pytest.mark.parametrize("signum, said", [(signal.SIGTERM, "preempted"),
+                                          (signal.SIGINT, "interrupted")])
+def test_sigterm_or_ctrl_c_saves_at_that_step_and_exits_0(tmp_path, signum, said):
   proc = _start_worker(tmp_path, 400)
   _wait_for_step(tmp_path, 5, proc)
-  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(signum)
   out, err = proc.communicate(timeout=120)
   assert proc.returncode == 0, err
-  assert "preempted" in out
+  assert "preempted" in out  # the worker's own last line: "preempted STEP"
   stopped_at = int(out.split()[-1])
+  assert f"{said}: saved step {stopped_at}" in out, out
   saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
   assert saved[-1] == stopped_at
   # The next start resumes from exactly that step.
@@ -163,6 +186,23 @@ def test_sigterm_saves_at_that_step_and_exits_0(tmp_path):
   out, err = proc.communicate(timeout=120)
   assert proc.returncode == 0, err
   assert f"resuming from step {stopped_at}" in out
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_stops_at_once_in_one_line(tmp_path):
+  # Held before step 5 with steps 1-4 committed: the first Ctrl-C asks for a save after the
+  # step, the second lands while the step is still running and stops the run there.
+  _, out, returncode = _hold_then_signal(tmp_path, 400, "before_step:5", tmp_path / "w.log",
+                                         signals=(signal.SIGINT, signal.SIGINT))
+  assert returncode == 130, out
+  assert "Ctrl-C again to stop without saving" in out, out
+  assert out.strip().splitlines()[-1] == "interrupted", out
+  assert "Traceback" not in out, out
+  assert _listed_steps(tmp_path)[-1] == 4
+  proc = _start_worker(tmp_path, 6)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err
+  assert _resumed_from(out) == [4], out
 
 
 def test_truncated_latest_checkpoint_is_skipped_not_deleted(tmp_path, capsys):
