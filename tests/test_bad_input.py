@@ -171,6 +171,7 @@ ENTRY_POINTS = {
     ]),
     "lds": ("prism_jax.main.lds", [], [
         ("unknown method", ["--methods", "prototype,bogus"], "unknown method 'bogus'"),
+        ("no method", ["--methods", " , "], "no method given; choose from single_pass"),
         ("attribution setting out of range", ["attr.lds_fraction=2"],
          "attr.lds_fraction=2 must be in (0, 1)"),
         ("workdir held by another writer", ["--workdir", f"{TMP}/locked"],

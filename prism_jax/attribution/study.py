@@ -213,6 +213,8 @@ def score_model(cfg, params, text, truth, attr, methods, workdir: str, say=print
 def check_arguments(overrides: Sequence[str], methods: Sequence[str]):
   """(PRISM config, dense twin, AttributionConfig), or a one-line UserError before any
   retraining."""
+  if not methods:  # `--methods ""` would retrain every model for nothing to score
+    raise UserError(f"no method given; choose from {', '.join(run.METHODS)}")
   for method in methods:
     if method not in run.METHODS:
       raise UserError(f"unknown method {method!r}; choose from {', '.join(run.METHODS)}")
