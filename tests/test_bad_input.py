@@ -100,6 +100,11 @@ ENTRY_POINTS = {
         ("unknown task", ["--tasks", "piqaa"], "unknown task 'piqaa' (did you mean 'piqa'?)"),
         ("missing text file", ["--text-file", "/nonexistent/x.txt"], "does not exist"),
         ("non-UTF-8 text file", ["--text-file", f"{TMP}/latin1.txt"], "is not UTF-8 text"),
+        ("task data folder that does not exist", ["--tasks", "piqa", "--task-data",
+                                                  "/nonexistent/tasks"],
+         "--task-data /nonexistent/tasks: no such folder"),
+        ("task data folder without the task", ["--tasks", "boolq", "--task-data", TMP],
+         "no boolq request file (boolq/rc_0shot/requests.jsonl.gz)"),
     ]),
     "generate": ("prism_jax.main.generate", ["--prompt", "a cat is"],
                  CHECKPOINT + INTERVENTIONS + [
@@ -138,6 +143,7 @@ ENTRY_POINTS = {
     "control calibrate": ("prism_jax.main.control", ["calibrate", "--task", "piqa",
                                                          "--task-data", TMP], CHECKPOINT + [
         ("unknown task", ["--task", "piqaa"], "unknown task 'piqaa' (did you mean 'piqa'?)"),
+        ("task data that is a file", ["--task-data", f"{TMP}/a_file"], "a_file: not a folder"),
     ]),
     "control suppress": ("prism_jax.main.control", ["suppress", "--prototypes", "1",
                                                         "--words", "red"],

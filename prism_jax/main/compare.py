@@ -38,7 +38,7 @@ def main(argv=None):
   check_matched(prism_cfg, dense_cfg)  # before the task data: cheapest mistakes first
   tasks = [] if args.tasks == ["none"] else downstream.resolve_tasks(args.tasks)
   if tasks:
-    downstream.data_root()
+    downstream.check_request_files(tasks)
   started = time.perf_counter()
   with outputs.WorkdirLock(args.workdir, "compare", create=True):
     study = run_study(prism_cfg, dense_cfg, args.workdir, tasks, args.limit or None,

@@ -81,6 +81,7 @@ def calibrate(argv) -> dict:
       raise UserError(f"{spec.name} is not multiple choice; the controller is calibrated on "
                       "choice tasks")
   root = args.task_data or downstream.data_root()
+  downstream.check_request_files(specs, root, "--task-data" if args.task_data else None)
   examples = {s.name: downstream.load_task(s, root, args.limit) for s in specs}
   opened, cfg, workdir, graphdef, params, step = _setup(args)
   with opened, outputs.WorkdirLock(workdir, "control calibrate"):

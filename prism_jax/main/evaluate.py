@@ -49,8 +49,9 @@ def _run(args: argparse.Namespace, opened: Run) -> dict:
   cfg = opened.cfg
   tasks = [] if args.tasks == ["none"] else downstream.resolve_tasks(args.tasks)
   task_root = args.task_data
-  if tasks and task_root is None:
-    task_root = downstream.data_root()  # fail now, naming the extra, not after the loss pass
+  if tasks:  # fail now, naming the folder or the extra, not after the loss pass
+    downstream.check_request_files(tasks, task_root or downstream.data_root(),
+                                   "--task-data" if task_root else None)
   if args.limit is not None and args.limit < 1:
     raise UserError("--limit must be at least 1")
   text = evaluation.read_text_file(args.text_file) if args.text_file else None
