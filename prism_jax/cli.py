@@ -115,6 +115,11 @@ def resolve(args: argparse.Namespace) -> tuple[ExperimentConfig, str]:
   workdir = args.workdir or os.path.join("runs", cfg.name)
   if not _reachable_folder_or_absent(workdir):
     raise UserError(f"--workdir {workdir} is a file, not a run directory")
+  from prism_jax.attribution.index import is_index  # deferred: the index module is large
+
+  if is_index(workdir):  # a run trained there would be deleted when the index is rebuilt
+    raise UserError(f"--workdir {workdir} is a prototype index, not a run directory (an index "
+                    "lives inside its run, WORKDIR/index by default)")
   return cfg, workdir
 
 

@@ -93,6 +93,8 @@ ENTRY_POINTS = {
          "losses.balance_keys_only='2' is not a boolean (use true/false)"),
         ("coordinator that is no address", ["distributed.coordinator_address=nohost"],
          "is not HOST:PORT"),
+        ("workdir that is an index", ["--workdir", f"{TMP}/old_index"],
+         "old_index is a prototype index, not a run directory"),
         ("workdir that cannot be created", ["--workdir", "/proc/prism_run"],
          "creating the run directory /proc/prism_run failed: No such file or directory"),
     ]),
