@@ -106,6 +106,33 @@ def _fake_labeller(card):
   return f"proto-{card['id']}"
 
 
+def test_a_labeller_that_raises_costs_only_its_own_labels(capsys):
+  cfg = tiny_config()
+  _, params = lm.init(cfg, 0)
+
+  def flaky(card):  # a remote model that fails every third request
+    if card["id"] % 3 == 1:
+      raise TimeoutError(f"request {card['id']} timed out\nretry later")
+    return f"proto-{card['id']}"
+
+  plain = labels.label_prototypes(params, CharTokenizer())
+  cards = labels.label_prototypes(params, CharTokenizer(), llm_labeller=flaky)
+  m = cfg.prototypes.num_prototypes
+  assert len(cards) == m
+  for card, rule in zip(cards, plain):
+    if card["id"] % 3 == 1:
+      assert card["label"] == rule["label"] and "llm_label" not in card
+      assert card["llm_label_error"] == f"TimeoutError: request {card['id']} timed out"
+    else:
+      assert card["label"] == card["llm_label"] == f"proto-{card['id']}"
+      assert "llm_label_error" not in card
+  failed = len(range(1, m, 3))
+  note = capsys.readouterr().err.strip()
+  assert note == (f"note: the LLM labeller raised on {failed} of {m} prototypes (first, "
+                  "prototype 1: TimeoutError: request 1 timed out); they keep their rule-based "
+                  "labels (llm_label_error in labels.json)")
+
+
 def _missing(what: str):
   """A missing browser dependency skips on a developer's machine and fails in CI (CI=true,
   where .ci/run installs chromium and fails if it cannot): CI never reports a skip."""

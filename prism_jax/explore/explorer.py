@@ -51,7 +51,8 @@ def explore(cfg, workdir, graphdef, params, step, tokenizer, batches, *, index=N
   m = cfg.prototypes.num_prototypes
   usage, mean_act, positions = usage_stats(graphdef, params, batches, m, progress)
   cards = labels_lib.label_prototypes(params, tokenizer, index, usage=usage,
-                                      mean_activation=mean_act, llm_labeller=llm_labeller)
+                                      mean_activation=mean_act, llm_labeller=llm_labeller,
+                                      progress=progress)
   keys = np.asarray(jax.device_get(params["prototype_head"]["keys"]), np.float64)
   coords, method = projection.project(keys, projection_method)
   generation = None

@@ -4,6 +4,8 @@ pluggable LLM labeller (off by default).
 
 An LLM labeller is any callable `card -> str` (card: the dict `label_prototypes` builds,
 with top_tokens, ngrams and snippets); pass it as `--llm-labeller package.module:function`.
+A call that raises leaves that prototype its rule-based label and records the error in its
+card (`llm_label_error`): one failed request to a remote model does not cost the others.
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ import importlib
 import json
 import math
 import re
+import sys
 from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
+from tqdm import tqdm
 
 from prism_jax import layout
 from prism_jax.errors import UserError
@@ -120,15 +124,19 @@ def load_llm_labeller(spec: str | None) -> LLMLabeller | None:
 
 def label_prototypes(params, tokenizer, index=None, usage: np.ndarray | None = None,
                      mean_activation: np.ndarray | None = None, num_tokens: int = 8,
-                     num_snippets: int = 6, llm_labeller: LLMLabeller | None = None
-                     ) -> list[dict]:
-  """One card per prototype: label, category, top tokens, n-grams, snippets, usage."""
+                     num_snippets: int = 6, llm_labeller: LLMLabeller | None = None,
+                     progress: bool = False) -> list[dict]:
+  """One card per prototype: label, category, top tokens, n-grams, snippets, usage.
+
+  `progress`: a bar over the prototypes while an LLM labeller runs (one call each)."""
   ids, scores = top_tokens(params, num_tokens)
   m = ids.shape[0]
   spans = [neighbourhood_spans(index, j, 64) for j in range(m)]
   ngrams = salient_ngrams(spans)
-  cards = []
-  for j in range(m):
+  cards, failed = [], []
+  shown_bar = progress and llm_labeller is not None
+  for j in tqdm(range(m), desc="llm labels", unit="prototype", disable=not shown_bar,
+                dynamic_ncols=True):
     tokens = [piece_text(tokenizer, t) for t in ids[j]]
     targets = [piece_text(tokenizer, t) for t in neighbourhood_targets(index, j, 16)]
     dead = usage is not None and float(usage[j]) == 0.0
@@ -144,9 +152,18 @@ def label_prototypes(params, tokenizer, index=None, usage: np.ndarray | None = N
     if mean_activation is not None:
       card["mean_activation"] = float(mean_activation[j])
     if llm_labeller is not None:
-      card["llm_label"] = str(llm_labeller(card))
-      card["label"] = card["llm_label"] or card["label"]
+      try:
+        card["llm_label"] = str(llm_labeller(card))
+      except Exception as e:  # the user's code (often a remote call): keep the others' labels
+        card["llm_label_error"] = f"{type(e).__name__}: {e}".splitlines()[0]
+        failed.append(j)
+      else:
+        card["label"] = card["llm_label"] or card["label"]
     cards.append(card)
+  if failed:
+    print(f"note: the LLM labeller raised on {len(failed)} of {m} prototypes (first, prototype "
+          f"{failed[0]}: {cards[failed[0]]['llm_label_error']}); they keep their rule-based "
+          "labels (llm_label_error in labels.json)", file=sys.stderr)
   return cards
 
 
