@@ -229,6 +229,19 @@ def test_replace_folder_never_replaces_a_foreign_folder(tmp_path):
   outputs.replace_folder(new, old_index, "prototype index", index_lib.is_index, "--index")
   assert "old" not in json.loads((old_index / "manifest.json").read_text())
   assert sorted(p.name for p in tmp_path.iterdir()) == ["index", "run"]
+  # A damaged index (its manifest cut short) holding only an index's entries is rebuilt in
+  # place; with anything else beside it, it is left alone.
+  for entry in ("prototypes", "targets", "processes"):
+    (old_index / entry).mkdir()
+  (old_index / "manifest.json").write_text('{"format": "prism-ind')
+  (old_index / "notes.txt").write_text("mine")
+  new.mkdir()
+  (new / "manifest.json").write_text(json.dumps({"format": index_lib.FORMAT, "new": 1}))
+  with pytest.raises(UserError, match="exists and is not a prototype index"):
+    outputs.replace_folder(new, old_index, "prototype index", index_lib.is_index, "--index")
+  (old_index / "notes.txt").unlink()
+  outputs.replace_folder(new, old_index, "prototype index", index_lib.is_index, "--index")
+  assert "new" in json.loads((old_index / "manifest.json").read_text())
 
 
 def test_compare_table_without_tasks_says_none_was_scored():
@@ -288,3 +301,27 @@ def test_resume_logs_each_step_once(tmp_path):
   assert [s for s, _ in _tensorboard_steps(cut, tag)] == [1, 2, 3, 4, 5, 6]
   np.testing.assert_allclose([v for _, v in _tensorboard_steps(cut, tag)],
                              [v for _, v in _tensorboard_steps(whole, tag)], rtol=1e-6)
+
+
+def test_a_damaged_index_is_one_line_naming_the_file(tmp_path):
+  (tmp_path / "manifest.json").write_text(json.dumps({"format": index_lib.FORMAT}))
+  part = tmp_path / "prototypes" / "00000"
+  part.mkdir(parents=True)
+  np.save(part / "posting_offsets.npy", np.arange(1000, dtype=np.int64))
+  whole = (part / "posting_offsets.npy").read_bytes()
+  (part / "posting_offsets.npy").write_bytes(whole[:100])  # a copy cut short: the header
+  index = index_lib.Index(str(tmp_path))
+  with pytest.raises(UserError, match=r"is damaged: prototypes/00000/posting_offsets.npy: "
+                                      r"EOF: reading array header.*rebuild it \(make index\)"):
+    index.array("prototypes/00000/posting_offsets.npy")
+  (part / "posting_offsets.npy").write_bytes(whole[:len(whole) // 2])  # ... the data
+  with pytest.raises(UserError, match="is damaged: prototypes/00000/posting_offsets.npy: "):
+    index_lib.Index(str(tmp_path)).array("prototypes/00000/posting_offsets.npy")
+  with pytest.raises(UserError, match="is damaged: prototypes/00001/posting_offsets.npy: "
+                                      "No such file or directory"):
+    index.array("prototypes/00001/posting_offsets.npy")
+  (tmp_path / "manifest.json").write_text('{"format": "prism-ind')
+  with pytest.raises(UserError, match=r"is damaged: manifest.json does not parse "
+                                      r"\(JSONDecodeError: .*rebuild it \(make index\)"):
+    index_lib.Index(str(tmp_path))
+  assert index_lib.is_index(tmp_path)  # so that rebuilding it replaces it

@@ -132,12 +132,24 @@ def _placed(graphdef, params, devices, batch_size: int, top_r: int = 8):
 # Opening
 
 
+# The top-level entries of a built index (a damaged one is recognised by holding nothing else).
+_INDEX_ENTRIES = frozenset({"manifest.json", "processes", "prototypes", "targets"})
+
+
 def is_index(path) -> bool:
-  """True when `path` holds a prototype index (its manifest names the format)."""
-  manifest = epath.Path(path) / "manifest.json"
+  """True when `path` holds a prototype index: its manifest names the format, or (a damaged
+  index: a manifest that does not parse) the folder holds an index's own entries and nothing
+  else, so that it can be rebuilt in place without losing anything that is not the index's."""
+  folder = epath.Path(path)
+  manifest = folder / "manifest.json"
   try:
     return str(json.loads(manifest.read_text()).get("format", "")).startswith("prism-index/")
-  except (OSError, ValueError, AttributeError):
+  except (ValueError, UnicodeDecodeError, AttributeError):
+    try:
+      return {p.name for p in folder.iterdir()} <= _INDEX_ENTRIES
+    except OSError:
+      return False
+  except OSError:
     return False
 
 
@@ -208,9 +220,14 @@ class Index:
     if not manifest_path.exists():
       raise UserError(f"no prototype index at {path} (expected {manifest_path}); build it "
                       "with `make index` / python -m prism_jax.index")
-    self.manifest = json.loads(manifest_path.read_text())
-    if self.manifest.get("format") != FORMAT:
-      raise UserError(f"{path} holds index format {self.manifest.get('format')!r}, "
+    try:
+      self.manifest = json.loads(manifest_path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+      raise UserError(f"the index at {path} is damaged: manifest.json does not parse "
+                      f"({type(e).__name__}: {e}); rebuild it (make index)") from None
+    if not isinstance(self.manifest, dict) or self.manifest.get("format") != FORMAT:
+      found = self.manifest.get("format") if isinstance(self.manifest, dict) else None
+      raise UserError(f"{path} holds index format {found!r}, "
                       f"this code reads {FORMAT!r}; rebuild the index (make index)")
     self._cache: dict = {}
     self._parts = None
@@ -246,7 +263,12 @@ class Index:
     if rel in self.LEGACY:
       return PartArray(self, self.LEGACY[rel])
     if rel not in self._cache:
-      self._cache[rel] = load_array(self.path / rel)
+      try:
+        self._cache[rel] = load_array(self.path / rel)
+      except (OSError, ValueError, EOFError) as e:  # missing, truncated, not an .npy
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise UserError(f"the index at {self.path} is damaged: {rel}: {reason}; rebuild it "
+                        "(make index)") from None
     return self._cache[rel]
 
   def gather(self, field: str, ids: np.ndarray) -> np.ndarray:
