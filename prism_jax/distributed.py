@@ -41,3 +41,42 @@ def initialize(cfg: DistributedConfig) -> bool:
     raise UserError(f"cannot join the distributed run (coordinator {address or 'auto'}, "
                     f"{cfg.initialization_timeout_s}s timeout): {first}") from None
   return True
+
+
+def check_shared_workdir(workdir: str) -> None:
+  """Multi-process runs: every process must see what process 0 writes in `workdir`.
+
+  All processes write one Orbax checkpoint there; on each host's own disk (a TPU VM's
+  local path, say) every host would hold a part of it. A one-line UserError on every
+  process, before any work, naming the processes that cannot see it. No-op on one process.
+  """
+  if jax.process_count() == 1:
+    return
+  import secrets
+
+  import numpy as np
+  from etils import epath
+  from jax.experimental import multihost_utils
+
+  token = multihost_utils.broadcast_one_to_all(
+      np.frombuffer(secrets.token_bytes(16), np.uint8))
+  text = bytes(np.asarray(token, np.uint8)).hex()
+  probe = epath.Path(workdir) / f".shared_check_{text[:12]}"
+  if jax.process_index() == 0:
+    probe.parent.mkdir(parents=True, exist_ok=True)
+    probe.write_text(text)
+  multihost_utils.sync_global_devices("prism_shared_workdir_written")
+  try:
+    seen = probe.read_text() == text
+  except OSError:
+    seen = False
+  seen_by = np.asarray(multihost_utils.process_allgather(np.array(seen))).reshape(-1)
+  if jax.process_index() == 0:
+    probe.unlink()
+  blind = [int(i) for i in np.nonzero(~seen_by)[0]]
+  if blind:
+    listed = ", ".join(map(str, blind[:8])) + (" ..." if len(blind) > 8 else "")
+    raise UserError(f"--workdir {workdir} is not shared by the run's processes: process(es) "
+                    f"{listed} of {len(seen_by)} cannot see what process 0 writes there "
+                    "(each host's own disk?); give a bucket (gs://...) or a folder every "
+                    "host mounts")

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from prism_jax import cli, layout, outputs, sharding
+from prism_jax import cli, distributed, layout, outputs, sharding
 from prism_jax.checkpoint import (CheckpointMismatch, Checkpointer, CheckpointUnreachable,
                                   abstract_with_sharding, model_settings)
 from prism_jax.config import ExperimentConfig
@@ -147,6 +147,7 @@ def train(cfg: ExperimentConfig, workdir: str, data: TrainData | None = None,
   `preempted=True`.
   """
   with outputs.WorkdirLock(workdir, "train", create=True):
+    distributed.check_shared_workdir(workdir)  # one checkpoint from every process
     return _train(cfg, workdir, data, mesh)
 
 

@@ -2,7 +2,8 @@
 
 Reads JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID like the real entry
 point, trains the tiny synthetic config on its slice of each global batch and (process 0)
-saves the final parameters to OUT/params.npz.
+saves the final parameters to OUT/params.npz. With PRISM_WORKER_OWN_WORKDIR=1 each process
+trains in a folder of its own (OUT/run_PID), as hosts with a workdir on their own disks would.
 """
 
 import os
@@ -12,17 +13,21 @@ import jax
 import numpy as np
 
 from prism_jax import distributed
+from prism_jax.errors import exit_on_user_error
 from prism_jax.training import train
 from tests.synthetic import synthetic_data, tiny_config
 
 
+@exit_on_user_error
 def main():
   out, steps = sys.argv[1], sys.argv[2]
   cfg = tiny_config(f"train.steps={steps}", "train.eval_every=1000", "checkpoint.every=1000")
   distributed.initialize(cfg.distributed)
   data = synthetic_data(cfg, process_index=jax.process_index(),
                         process_count=jax.process_count())
-  result = train(cfg, os.path.join(out, "run"), data)
+  own = os.environ.get("PRISM_WORKER_OWN_WORKDIR") == "1"
+  workdir = os.path.join(out, f"run_{jax.process_index()}" if own else "run")
+  result = train(cfg, workdir, data)
   # Data parallel only: every process holds a full replica of the parameters.
   params = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)),
                         result["final_state"].params)

@@ -18,13 +18,13 @@ def _env(**extra):
   return env
 
 
-def _start(out, steps, processes):
+def _start(out, steps, processes, **extra_env):
   port = portpicker.pick_unused_port()
   procs = []
   for pid in range(processes):
-    env = _env() if processes == 1 else _env(JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
-                                              JAX_NUM_PROCESSES=str(processes),
-                                              JAX_PROCESS_ID=str(pid))
+    env = _env(**extra_env) if processes == 1 else _env(
+        JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=str(processes),
+        JAX_PROCESS_ID=str(pid), **extra_env)
     procs.append(subprocess.Popen([sys.executable, "-m", "tests.multiprocess_worker", str(out),
                                    str(steps)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True))
@@ -52,3 +52,19 @@ def test_two_processes_match_one(tmp_path):
   worst = max(float(np.max(np.abs(one[k] - two[k]))) for k in one)
   print(f"largest parameter difference, 2 processes vs 1: {worst:.3g}")
   assert worst < 1e-5
+
+
+@pytest.mark.slow
+def test_a_workdir_the_processes_do_not_share_is_refused_before_any_work(tmp_path):
+  procs = _start(tmp_path, 4, processes=2, PRISM_WORKER_OWN_WORKDIR="1")
+  outputs = [p.communicate(timeout=300) for p in procs]
+  for pid, (p, (_, stderr)) in enumerate(zip(procs, outputs)):
+    assert p.returncode == 2, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last == (f"error: --workdir {tmp_path}/run_{pid} is not shared by the run's "
+                    "processes: process(es) 1 of 2 cannot see what process 0 writes there "
+                    "(each host's own disk?); give a bucket (gs://...) or a folder every host "
+                    "mounts"), stderr[-3000:]
+  # Nothing was trained or saved; the probe file and the lock are gone.
+  assert list((tmp_path / "run_0").iterdir()) == []
+  assert not (tmp_path / "run_1").exists()
