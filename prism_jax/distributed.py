@@ -43,12 +43,13 @@ def initialize(cfg: DistributedConfig) -> bool:
   return True
 
 
-def check_shared_workdir(workdir: str) -> None:
+def check_shared_workdir(workdir: str, flag: str = "--workdir") -> None:
   """Multi-process runs: every process must see what process 0 writes in `workdir`.
 
-  All processes write one Orbax checkpoint there; on each host's own disk (a TPU VM's
-  local path, say) every host would hold a part of it. A one-line UserError on every
-  process, before any work, naming the processes that cannot see it. No-op on one process.
+  All processes write one Orbax checkpoint (or one index) there; on each host's own disk
+  (a TPU VM's local path, say) every host would hold a part of it. A one-line UserError on
+  every process, before any work, naming the processes that cannot see it (`flag`: the
+  option that named the folder). No-op on one process.
   """
   if jax.process_count() == 1:
     return
@@ -76,7 +77,7 @@ def check_shared_workdir(workdir: str) -> None:
   blind = [int(i) for i in np.nonzero(~seen_by)[0]]
   if blind:
     listed = ", ".join(map(str, blind[:8])) + (" ..." if len(blind) > 8 else "")
-    raise UserError(f"--workdir {workdir} is not shared by the run's processes: process(es) "
+    raise UserError(f"{flag} {workdir} is not shared by the run's processes: process(es) "
                     f"{listed} of {len(seen_by)} cannot see what process 0 writes there "
                     "(each host's own disk?); give a bucket (gs://...) or a folder every "
                     "host mounts")

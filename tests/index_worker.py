@@ -2,10 +2,13 @@
 
 Joins jax.distributed like the real entry point (JAX_COORDINATOR_ADDRESS, ...), lays the
 tiny model's parameters out on the global mesh and indexes its share of a fixed corpus
-into OUT/index (every process writes its own folder; process 0 finishes the index).
+into OUT/index (every process writes its own folder; process 0 finishes the index). With
+PRISM_WORKER_OWN_INDEX=1 each process is given OUT/index_PID, as hosts writing to their own
+disks would be.
 """
 
 import dataclasses
+import os
 import sys
 
 import jax
@@ -15,11 +18,13 @@ from prism_jax import distributed, sharding
 from prism_jax.attribution import indexing
 from prism_jax.attribution.config import AttributionConfig
 from prism_jax.config import MeshConfig
+from prism_jax.errors import exit_on_user_error
 from prism_jax.models import lm
 from tests.test_single_pass import SMALL, _corpus
 from tests.synthetic import tiny_config
 
 
+@exit_on_user_error
 def main():
   out = sys.argv[1]
   cfg = tiny_config(*SMALL)
@@ -38,7 +43,9 @@ def main():
         lambda x, s: jax.make_array_from_callback(x.shape, s, lambda i: np.asarray(x)[i]),
         params, sharding.named(mesh, specs))
     graphdef, _ = lm.abstract_model(cfg)
-    manifest = indexing.build(cfg, graphdef, placed, corpus, f"{out}/index", attr, mesh=mesh)
+    own = os.environ.get("PRISM_WORKER_OWN_INDEX") == "1"
+    folder = f"{out}/index_{jax.process_index()}" if own else f"{out}/index"
+    manifest = indexing.build(cfg, graphdef, placed, corpus, folder, attr, mesh=mesh)
   print(f"processes={jax.process_count()} tokens={manifest['num_tokens']}", flush=True)
 
 

@@ -614,21 +614,30 @@ def test_two_processes_index_their_shares_into_the_same_index(tmp_path):
   import subprocess
   import sys
 
-  def run(out, processes):
+  def run(out, processes, **extra_env):
     port = portpicker.pick_unused_port()
     procs = []
     for pid in range(processes):
-      env = _env() if processes == 1 else _env(JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
-                                                JAX_NUM_PROCESSES=str(processes),
-                                                JAX_PROCESS_ID=str(pid))
+      env = _env(**extra_env) if processes == 1 else _env(
+          JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=str(processes),
+          JAX_PROCESS_ID=str(pid), **extra_env)
       procs.append(subprocess.Popen([sys.executable, "-m", "tests.index_worker", str(out)],
                                     cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True))
-    for p in procs:
-      stdout, stderr = p.communicate(timeout=300)
+    results = [(p, *p.communicate(timeout=300)) for p in procs]
+    if extra_env:
+      return results
+    for p, stdout, stderr in results:
       assert p.returncode == 0, stderr[-3000:]
     return index_lib.Index(str(out / "index"))
 
+  # Folders the processes do not share (each host's own disk): one line on each, no index.
+  for pid, (p, _, stderr) in enumerate(run(tmp_path / "own", 2, PRISM_WORKER_OWN_INDEX="1")):
+    assert p.returncode == 2, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1].startswith(
+        f"error: --index {tmp_path}/own/index_{pid}.partial is not shared by the run's "
+        "processes: process(es) 1 of 2 cannot see"), stderr[-3000:]
+  assert not (tmp_path / "own" / "index_0").exists()
   two, one = run(tmp_path / "two", 2), run(tmp_path / "one", 1)
   assert [p["path"] for p in two.manifest["processes"]] == ["processes/00000",
                                                               "processes/00001"]

@@ -33,7 +33,7 @@ import numpy as np
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from prism_jax import outputs, sharding
+from prism_jax import distributed, outputs, sharding
 from prism_jax.attribution import context_match
 from prism_jax.attribution import curvature as curvature_lib
 from prism_jax.attribution import documents as documents_lib
@@ -289,6 +289,7 @@ def build(cfg, graphdef, params, train, out_dir, attr: AttributionConfig, *,
     context.enter_context(jax.set_mesh(mesh))
     context.enter_context(sharding.use_rules(MeshConfig().rules))
   work = epath.Path(str(out_dir).rstrip("/") + ".partial")
+  distributed.check_shared_workdir(str(work), "--index")  # process 0 merges every part
   fingerprint = _fingerprint(cfg, attr, step, setup, corpus.num_documents)
   with context:
     e_VxD = np.asarray(_to_host(lm.unembedding(params), setup, local=False), np.float64)
