@@ -9,6 +9,7 @@ JSON plus a loss-curve plot (PNG) under --workdir (default runs/compare).
 from __future__ import annotations
 
 import io
+import json
 import statistics
 
 from etils import epath
@@ -129,11 +130,27 @@ def markdown_table(study: dict) -> str:
   return "\n".join(lines + footer) + "\n"
 
 
+def _earlier_evaluation(run_dir: str, step: int, request: dict) -> dict | None:
+  """The results an earlier compare wrote for this step and these settings, else None
+  (`evaluate`'s own files, other settings and unreadable files are never reused)."""
+  path = epath.Path(layout.path(run_dir, layout.EVAL, f"step_{step}.json"))
+  try:
+    results = json.loads(path.read_text())
+  except (OSError, ValueError):
+    return None
+  if not isinstance(results, dict) or results.get("step") != step:
+    return None
+  return results if results.get("compare_request") == request else None
+
+
 def run_study(prism_cfg: ExperimentConfig, dense_cfg: ExperimentConfig, workdir: str,
               tasks: list, limit: int | None, val_batches: int | None,
               task_root: str | None = None, train_data=None, tokenizer=None,
               validation=None, progress: bool = True) -> dict:
   """Trains/reuses both runs, evaluates both, writes compare.{md,json} and loss_curves.png.
+
+  Rerun after an interruption, it resumes training and reuses an evaluation it finished
+  (same step, validation batches, tasks and limit).
 
   `train_data`, `tokenizer` and `validation` (a callable cfg -> batches) replace the corpus
   for tests; by default both come from the configured data.
@@ -158,12 +175,18 @@ def run_study(prism_cfg: ExperimentConfig, dense_cfg: ExperimentConfig, workdir:
           cfg.data, bundle.tokenizer, bundle.validation_source, num_batches=val_batches)
     else:
       tok, batches = tokenizer, validation(cfg)
-    print(f"== {cfg.name}: evaluating step {step}", flush=True)
-    results = evaluation.evaluate(cfg, graphdef, params, tok, validation_batches=batches,
-                                tasks=tasks, limit=limit, task_root=task_root,
-                                progress=progress)
-    results["step"] = step
-    evaluation.write_results(results, run_dir)
+    request = {"val_batches": val_batches, "tasks": [t.name for t in tasks], "limit": limit}
+    results = _earlier_evaluation(run_dir, step, request)
+    if results is not None:  # a rerun after an interruption: each run is scored once
+      print(f"== {cfg.name}: step {step} was evaluated already (eval/step_{step}.json)",
+            flush=True)
+    else:
+      print(f"== {cfg.name}: evaluating step {step}", flush=True)
+      results = evaluation.evaluate(cfg, graphdef, params, tok, validation_batches=batches,
+                                    tasks=tasks, limit=limit, task_root=task_root,
+                                    progress=progress)
+      results.update(step=step, compare_request=request)
+      evaluation.write_results(results, run_dir)
     print(evaluation.format_table(results), flush=True)
     val = results["validation"]
     study["runs"][cfg.name] = {

@@ -325,3 +325,36 @@ def test_a_damaged_index_is_one_line_naming_the_file(tmp_path):
                                       r"\(JSONDecodeError: .*rebuild it \(make index\)"):
     index_lib.Index(str(tmp_path))
   assert index_lib.is_index(tmp_path)  # so that rebuilding it replaces it
+
+
+def test_compare_resumed_scores_each_run_once(tmp_path, monkeypatch):
+  """`make compare` end to end on the tiny pair: both runs trained and scored, the table,
+  the JSON and the plot written; run again (as after an interruption) it trains nothing
+  and evaluates nothing, and reports the same figures."""
+  from prism_jax import evaluation
+  from tests.text_model import CharTokenizer
+
+  prism = tiny_config("train.steps=2", "train.eval_every=100", "checkpoint.every=2")
+  dense = tiny_config("train.steps=2", "train.eval_every=100", "checkpoint.every=2",
+                      exp="dense_tiny")
+  kwargs = dict(train_data=synthetic_data, tokenizer=CharTokenizer(),
+                validation=lambda cfg: synthetic_data(cfg).eval_batches(), progress=False)
+  first = comparison.run_study(prism, dense, str(tmp_path), [], None, None, **kwargs)
+  assert set(first["runs"]) == {prism.name, dense.name}
+  for name, run in first["runs"].items():
+    assert run["step"] == 2 and np.isfinite(run["val_loss"]) and run["step_seconds"] > 0
+  for name in ("compare.md", "compare.json", "loss_curves.png"):
+    assert (tmp_path / name).stat().st_size > 0
+  assert json.loads((tmp_path / "compare.json").read_text())["runs"] == json.loads(
+      json.dumps(first["runs"]))
+
+  def no_second_evaluation(*args, **kwargs):
+    raise AssertionError("evaluated again")
+
+  monkeypatch.setattr(evaluation, "evaluate", no_second_evaluation)
+  again = comparison.run_study(prism, dense, str(tmp_path), [], None, None, **kwargs)
+  for name in first["runs"]:
+    assert again["runs"][name]["val_loss"] == first["runs"][name]["val_loss"]
+  # Other settings (here: a validation-batch count) are scored afresh.
+  with pytest.raises(AssertionError, match="evaluated again"):
+    comparison.run_study(prism, dense, str(tmp_path), [], None, 1, **kwargs)
