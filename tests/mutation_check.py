@@ -158,6 +158,24 @@ MUTATIONS = [
         "  for step in sorted(checkpointer.all_steps()):",
         ("tests/test_checkpoint_resume.py",),
         "resumes from the oldest checkpoint"),
+    Mutation(
+        "ctrl-c-loses-the-steps", "prism_jax/training.py",
+        "      if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not ignored",
+        "      if False:",
+        ("tests/test_reliability.py::test_sigterm_or_ctrl_c_saves_at_that_step_and_exits_0",),
+        "Ctrl-C stops without saving the current step"),
+    Mutation(
+        "damaged-index-file-traceback", "prism_jax/attribution/index.py",
+        "      except (OSError, ValueError, EOFError) as e:  # missing, truncated, not an .npy",
+        "      except KeyError as e:",
+        ("tests/test_no_data_loss.py::test_a_damaged_index_is_one_line_naming_the_file",),
+        "a truncated or missing index file is numpy's traceback"),
+    Mutation(
+        "compare-scores-twice", "prism_jax/comparison.py",
+        '  return results if results.get("compare_request") == request else None',
+        "  return None",
+        ("tests/test_no_data_loss.py::test_compare_resumed_scores_each_run_once",),
+        "a resumed compare evaluates a finished run again"),
 ]
 
 
