@@ -146,11 +146,12 @@ def _earlier_evaluation(run_dir: str, step: int, request: dict) -> dict | None:
 def run_study(prism_cfg: ExperimentConfig, dense_cfg: ExperimentConfig, workdir: str,
               tasks: list, limit: int | None, val_batches: int | None,
               task_root: str | None = None, train_data=None, tokenizer=None,
-              validation=None, progress: bool = True) -> dict:
+              validation=None, progress: bool = True) -> dict | None:
   """Trains/reuses both runs, evaluates both, writes compare.{md,json} and loss_curves.png.
 
   Rerun after an interruption, it resumes training and reuses an evaluation it finished
-  (same step, validation batches, tasks and limit).
+  (same step, validation batches, tasks and limit). Returns None, writing no table, when
+  training was stopped (SIGTERM, a first Ctrl-C) before its last step.
 
   `train_data`, `tokenizer` and `validation` (a callable cfg -> batches) replace the corpus
   for tests; by default both come from the configured data.
@@ -165,7 +166,11 @@ def run_study(prism_cfg: ExperimentConfig, dense_cfg: ExperimentConfig, workdir:
     run_dir = layout.path(workdir, cfg.name)
     run_dirs[cfg.name] = run_dir
     print(f"== {cfg.name}: training to step {cfg.train.steps} in {run_dir}", flush=True)
-    train(cfg, run_dir, train_data(cfg) if train_data else None)
+    trained = train(cfg, run_dir, train_data(cfg) if train_data else None)
+    if trained["preempted"]:  # SIGTERM or Ctrl-C: saved; scoring a half-trained run misleads
+      print(f"== {cfg.name}: stopped at step {trained['step']} of {cfg.train.steps}; run the "
+            "same command again to resume", flush=True)
+      return None
     graphdef, params, step = restore.load_params(cfg, run_dir)
     if tokenizer is None:
       from prism_jax import data as data_lib

@@ -358,3 +358,29 @@ def test_compare_resumed_scores_each_run_once(tmp_path, monkeypatch):
   # Other settings (here: a validation-batch count) are scored afresh.
   with pytest.raises(AssertionError, match="evaluated again"):
     comparison.run_study(prism, dense, str(tmp_path), [], None, 1, **kwargs)
+
+
+def test_compare_stops_when_training_is_stopped(tmp_path, monkeypatch, capsys):
+  """A SIGTERM or first Ctrl-C saves the run and returns early: compare must not go on to
+  score a half-trained model (nor train its twin) as if it had finished."""
+  import prism_jax.training
+  from prism_jax import evaluation
+
+  prism = tiny_config("train.steps=2")
+  dense = tiny_config("train.steps=2", exp="dense_tiny")
+  trained = []
+
+  def stopped_train(cfg, workdir, data=None, mesh=None):
+    trained.append(cfg.name)
+    return {"preempted": True, "step": 1}
+
+  def no_evaluation(*args, **kwargs):
+    raise AssertionError("a stopped run was evaluated")
+
+  monkeypatch.setattr(prism_jax.training, "train", stopped_train)
+  monkeypatch.setattr(evaluation, "evaluate", no_evaluation)
+  assert comparison.run_study(prism, dense, str(tmp_path), [], None, None) is None
+  assert trained == [prism.name]
+  assert f"== {prism.name}: stopped at step 1 of 2; run the same command again to resume" in (
+      capsys.readouterr().out)
+  assert not (tmp_path / "compare.json").exists() and not (tmp_path / "compare.md").exists()

@@ -43,6 +43,8 @@ def main(argv=None):
   with outputs.WorkdirLock(args.workdir, "compare", create=True):
     study = run_study(prism_cfg, dense_cfg, args.workdir, tasks, args.limit or None,
                       args.val_batches)
+  if study is None:  # training was stopped and saved; it said so
+    return
   print()
   print(markdown_table(study))
   print(f"done in {time.perf_counter() - started:.0f}s: {args.workdir}/compare.md, "
