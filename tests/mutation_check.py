@@ -93,16 +93,16 @@ MUTATIONS = [
         "bits per byte computed per token"),
     # (d) The training positions' gradient g_t = E^T p_t - E_{y_t} without its target term.
     Mutation(
-        "attribution-missed-y_t", "prism_jax/attribution/index.py",
-        'jnp.einsum("blv,vd->bld", p_BxLxV, e_VxD) - jnp.take(e_VxD, batch["targets"], 0)',
-        'jnp.einsum("blv,vd->bld", p_BxLxV, e_VxD)',
+        "attribution-missed-y_t", "prism_jax/attribution/index_step.py",
+        'records["grad"] = m_BxLxD - jnp.take(e_VxD, batch["targets"], 0)',
+        'records["grad"] = m_BxLxD',
         ("tests/test_attribution.py",),
         "g_t = E^T p_t: the - e_{y_t} term dropped from the indexed gradients"),
     # (d') The query's gradient g_q without its target term.
     Mutation(
         "attribution-query-missed-y", "prism_jax/attribution/prototype.py",
-        "g = jnp.exp(logp) @ e_VxD - e_VxD[target]",
-        "g = jnp.exp(logp) @ e_VxD",
+        "g = p @ e_VxD - e_VxD[target]",
+        "g = p @ e_VxD",
         ("tests/test_attribution.py",),
         "g_q = E^T p_q: the - e_y term dropped from the query gradient"),
     # (e) Resume restores the model but not the data iterator's position.
