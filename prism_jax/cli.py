@@ -74,6 +74,23 @@ class Parser(argparse.ArgumentParser):
     return namespace, extras
 
 
+def utf8_text(text: str) -> str:
+  """argparse `type=` for text the tokenizer reads (a prompt, words): the command line's
+  bytes must be UTF-8 (Python keeps other bytes as lone surrogates, which sentencepiece
+  cannot take)."""
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError as e:
+    bad = ord(text[e.start])
+    byte = f"byte 0x{bad - 0xDC00:02x}" if 0xDC80 <= bad <= 0xDCFF else f"U+{bad:04X}"
+    raise argparse.ArgumentTypeError(f"is not UTF-8 text ({byte} at character {e.start})"
+                                      ) from None
+  return text
+
+
+utf8_text.__name__ = "UTF-8 text"
+
+
 def number_flag(flag: str):
   """argparse `type=` for a numeric flag: parses and checks it against its FLAG_RANGES row."""
   valid, _ = limits.FLAG_RANGES[flag]

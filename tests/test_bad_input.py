@@ -111,6 +111,8 @@ ENTRY_POINTS = {
     "generate": ("prism_jax.main.generate", ["--prompt", "a cat is"],
                  CHECKPOINT + INTERVENTIONS + [
         ("prompt longer than the context", ["--prompt", LONG_PROMPT], "context"),
+        ("prompt that is not UTF-8", ["--prompt", "ab\udcffcd"],
+         "argument --prompt: is not UTF-8 text (byte 0xff at character 2)"),
         ("output that is a folder", ["--output", TMP], "is a folder; give a file path"),
         ("output under a file", ["--output", f"{TMP}/a_file/g.json"],
          "a_file is a file, not a folder"),
@@ -132,6 +134,9 @@ ENTRY_POINTS = {
     ]),
     "attribute": ("prism_jax.main.attribute", ["--prompt", "a cat is"], CHECKPOINT + INDEX + [
         ("prompt longer than the context", ["--prompt", LONG_PROMPT], "context"),
+        # A command line's bytes that are not UTF-8 reach Python as lone surrogates.
+        ("target token that is not UTF-8", ["--target-token", "\udcfe"],
+         "argument --target-token: is not UTF-8 text (byte 0xfe at character 0)"),
         ("missing index", [], "no prototype index"),
         ("json path that is a folder", ["--json", TMP], "is a folder; give a file path"),
         ("single_pass terms that are not a choice", ["attr.single_pass_terms=all"],
@@ -151,6 +156,8 @@ ENTRY_POINTS = {
                                                         "--words", "red"],
                          CHECKPOINT + INDEX + [
         ("unknown prototype id", ["--prototypes", "999"], "prototype 999 does not exist"),
+        ("words that are not UTF-8", ["--words", "a\udcc3"],
+         "argument --words: is not UTF-8 text (byte 0xc3 at character 1)"),
         ("name that is a path", ["--name", "../config"], "--name '../config' is not a plain name"),
         ("hidden name", ["--name", ".x"], "is not a plain name"),
         ("suppressing every prototype", ["--prototypes", *map(str, range(32))],

@@ -23,16 +23,15 @@ import time
 import jax
 import numpy as np
 
-from prism_jax import run_index
-from prism_jax import outputs
+from prism_jax import cli, outputs, run_index
 from prism_jax.attribution import common, index as index_lib, run, service
 from prism_jax.errors import UserError, exit_on_user_error
 from prism_jax.models import lm
 
 
 def _flags(parser):
-  parser.add_argument("--prompt", required=True, help="prompt text")
-  parser.add_argument("--target-token", default=None,
+  parser.add_argument("--prompt", required=True, type=cli.utf8_text, help="prompt text")
+  parser.add_argument("--target-token", default=None, type=cli.utf8_text,
                       help="token to explain (default: the model's greedy next token)")
   parser.add_argument("--method", default=run.DEFAULT_METHOD, choices=run.METHODS)
   parser.add_argument("--json", default=None, help="also write the result as JSON here")

@@ -112,16 +112,18 @@ def suppress(argv) -> dict:
   choose = parser.add_argument_group("which prototypes (any combination)")
   choose.add_argument("--prototypes", type=cli.number_flag("--prototypes"),
                       nargs="+", default=[], help="prototype ids")
-  choose.add_argument("--label", default=None, help="prototypes whose label/top token has it")
-  choose.add_argument("--match", default=None,
+  choose.add_argument("--label", default=None, type=cli.utf8_text,
+                      help="prototypes whose label/top token has it")
+  choose.add_argument("--match", default=None, type=cli.utf8_text,
                       help="prototypes whose neighbourhood spans contain this text")
   choose.add_argument("--min-share", type=cli.number_flag("--min-share"), default=0.5,
                       help="--match: share of the top --neighbours spans that must match")
   choose.add_argument("--neighbours", type=cli.number_flag("--neighbours"), default=32)
   choose.add_argument("--max-prototypes", type=cli.number_flag("--max-prototypes"), default=16,
                       help="cap on prototypes chosen by --label/--match (best first)")
-  parser.add_argument("--words", default=None, help="comma-separated word family to measure "
-                      "(default: the --match or --label text)")
+  parser.add_argument("--words", default=None, type=cli.utf8_text,
+                      help="comma-separated word family to measure (default: the --match or "
+                      "--label text)")
   parser.add_argument("--val-batches", type=cli.number_flag("--val-batches"), default=None,
                       help="validation batches (default train.eval_batches)")
   parser.add_argument("--text-file", default=None, help="UTF-8 text to measure on instead "

@@ -20,7 +20,7 @@ from prism_jax.sampling import Generator, Sampling, encode_prompt, format_contri
 
 def parse_args(argv=None):
   parser = cli.base_parser(__doc__.splitlines()[0])
-  parser.add_argument("--prompt", required=True, help="text to continue")
+  parser.add_argument("--prompt", required=True, type=cli.utf8_text, help="text to continue")
   parser.add_argument("--max-new-tokens", type=cli.number_flag("--max-new-tokens"), default=48)
   parser.add_argument("--temperature", type=cli.number_flag("--temperature"),
                       default=0.8, help="0 = greedy")
