@@ -34,6 +34,7 @@ import time
 
 import experiments
 from benchmarks import common
+from prism_jax.errors import exit_on_user_error
 
 # The train command, in one place: `prism_jax.main.train` once the CLI move lands.
 TRAIN_MODULE = "prism_jax.main.train"
@@ -383,6 +384,7 @@ def plot(summary: dict, path: str, title: str) -> None:
   plt.close(fig)
 
 
+@exit_on_user_error
 def main(argv=None):
   p = common.OverridesParser(description=__doc__.splitlines()[0])
   p.add_argument("--size", default="tiny", help="prism_SIZE vs dense_SIZE")

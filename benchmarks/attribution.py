@@ -43,6 +43,8 @@ import subprocess
 import sys
 import time
 
+from prism_jax.errors import UserError, exit_on_user_error
+
 METHODS = ("single_pass", "prototype", "influence", "ekfac", "trak", "graddot")
 INDEX_METHODS = ("single_pass", "prototype", "influence")
 EXP = "prism_tiny"
@@ -454,6 +456,7 @@ def extrapolated_row(method: str, variant: str, n: int, measured: list[dict], wh
 # The run
 
 
+@exit_on_user_error
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -518,9 +521,31 @@ def main(argv=None):
   args.direct_index = d(args.direct_index, "all", "all")
   args.trak_examples = d(args.trak_examples, 16, 8)
   args.out = d(args.out, "runs/bench", "runs/bench/quick")
+  _check_arguments(args)
   if q:
     args.attr = ["attr.trak_projection_dim=16", "attr.batch_size=8", *args.attr]
   run_benchmark(args)
+
+
+def _check_arguments(args) -> None:
+  """One line for a bad --sizes, --direct-index, --index-extra or --methods, before any
+  training or indexing (each can take an hour)."""
+  for flag, text in (("--sizes", args.sizes), ("--direct-index", args.direct_index),
+                     ("--index-extra", args.index_extra)):
+    items = [t.strip() for t in str(text).split(",") if t.strip()]
+    if flag == "--sizes" and not items:
+      raise UserError("--sizes names no N: give scored-token counts such as 100000,all")
+    for item in items:
+      try:
+        ok = item == "all" or int(float(item)) >= 1
+      except (ValueError, OverflowError):
+        ok = False
+      if not ok:
+        raise UserError(f"{flag} {text}: {item!r} is neither a token count >= 1 nor 'all'")
+  methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+  unknown = [m for m in methods if m not in METHODS]
+  if unknown or not methods:
+    raise UserError(f"--methods {args.methods!r}: choose from {', '.join(METHODS)}")
 
 
 def _checkpoint_key(workdir: str) -> str:

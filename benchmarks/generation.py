@@ -16,8 +16,9 @@ import numpy as np
 import experiments
 from benchmarks import common
 from prism_jax.config import apply_overrides
-from prism_jax.sampling import Generator, Sampling
+from prism_jax.errors import exit_on_user_error
 from prism_jax.models import lm
+from prism_jax.sampling import Generator, Sampling
 
 
 def measure(name: str, prompt_tokens: int, new_tokens: int, rounds: int,
@@ -39,6 +40,7 @@ def measure(name: str, prompt_tokens: int, new_tokens: int, rounds: int,
           "cache_tok_s": cached, "no_cache_tok_s": full, "speedup": cached / full}
 
 
+@exit_on_user_error
 def main(argv=None):
   parser = common.parser(__doc__, rounds=3)
   parser.add_argument("--prompt-tokens", type=int, default=16)

@@ -23,6 +23,7 @@ import optax
 import experiments
 from benchmarks import common
 from prism_jax.config import PrototypeConfig
+from prism_jax.errors import exit_on_user_error
 from prism_jax.models import prism_head
 
 
@@ -79,6 +80,7 @@ def measure(size: str, banks: list[tuple[int, int]], rounds: int) -> list[tuple[
   return rows
 
 
+@exit_on_user_error
 def main(argv=None):
   parser = common.parser(__doc__, rounds=10)
   parser.set_defaults(configs=["tiny"])

@@ -19,6 +19,7 @@ import experiments
 from benchmarks import common
 from prism_jax import sharding
 from prism_jax.config import apply_overrides
+from prism_jax.errors import exit_on_user_error
 from prism_jax.step import compile_steps, to_global_batch
 
 
@@ -61,6 +62,7 @@ def compare(size: str, rounds: int, steps: int, overrides: list[str]) -> dict:
           "tokens_per_step": runners["prism"].cfg.data.batch_size * runners["prism"].cfg.data.seq_len}
 
 
+@exit_on_user_error
 def main(argv=None):
   parser = common.parser(__doc__, rounds=3)
   parser.add_argument("--steps", type=int, default=5)
