@@ -27,11 +27,14 @@ data: setup
 train: data
 	$(PY) -m prism_jax.main.train --exp $(EXP) --workdir $(WORKDIR) $(ARGS)
 
+# -n: one test process per core, at most four (each holds its own compiled programs).
+TEST_PROCESSES ?= -n auto --maxprocesses=4
+
 test: eval-data
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q $(TEST_PROCESSES) --durations=15 tests
 
 test-fast: eval-data
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q $(TEST_PROCESSES) -m "not slow" tests
 
 # The attribution part trains runs/bench/prism_tiny once (reused after) and caches its indexes
 # and measurements under runs/bench/cache; ATTR_BENCH_ARGS=--quick is the random-weight check.

@@ -34,8 +34,10 @@ setup(
     extras_require={
         # playwright drives Debian's /usr/bin/chromium in tests/test_explore.py (never
         # `playwright install`); without chromium the test skips, or fails under CI=true.
-        "dev": ["pytest==9.2.0", "pytest-timeout==2.4.0", "tensorboard==2.21.0",
-                "playwright==1.65.2"],
+        # pytest-xdist: `make test` runs the suite in two processes (12 min instead of 20 on
+        # two cores: much of a test's time is single-threaded compilation).
+        "dev": ["pytest==9.2.0", "pytest-timeout==2.4.0", "pytest-xdist==3.8.0",
+                "tensorboard==2.21.0", "playwright==1.65.2"],
         # `plan` compiles the steps for a TPU topology on CPU (prism_jax/aot.py): the TPU
         # runtime release that jax 0.10.2 pins (jax[tpu] requires libtpu==0.0.42.*).
         "tpu-plan": ["libtpu==0.0.42.1"],

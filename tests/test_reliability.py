@@ -22,12 +22,6 @@ from tests.synthetic import synthetic_data, tiny_config
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _default_sigint():
-  """A shell's background job starts with SIGINT ignored, and its children inherit that:
-  the worker gets Ctrl-C as a terminal would deliver it."""
-  signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def _start_worker(workdir, steps, *overrides, env=None, log=None):
   """The worker in its own process; `env` adds its test hooks (see tests/train_worker.py).
 
@@ -38,7 +32,7 @@ def _start_worker(workdir, steps, *overrides, env=None, log=None):
     return subprocess.Popen([sys.executable, "-m", "tests.train_worker", str(workdir),
                              str(steps), *overrides], cwd=ROOT, env={**os.environ, **(env or {})},
                             stdout=out, stderr=subprocess.STDOUT if log else subprocess.PIPE,
-                            text=True, preexec_fn=_default_sigint)
+                            text=True)
   finally:
     if log:
       out.close()

@@ -21,6 +21,7 @@ Test hooks (environment variables, all optional; the library code is untouched):
 
 import dataclasses
 import os
+import signal
 import sys
 import time
 
@@ -95,6 +96,9 @@ def _dump(path: str, state):
 
 
 def main():
+  # A shell's background job starts with SIGINT ignored and its children inherit that
+  # (CI's may): take Ctrl-C as a terminal delivers it, as the real entry point would.
+  signal.signal(signal.SIGINT, signal.default_int_handler)
   from prism_jax.errors import exit_on_user_error
   from prism_jax.training import train
   from tests.synthetic import synthetic_data, tiny_config
