@@ -63,17 +63,28 @@ def check_shared_workdir(workdir: str, flag: str = "--workdir") -> None:
       np.frombuffer(secrets.token_bytes(16), np.uint8))
   text = bytes(np.asarray(token, np.uint8)).hex()
   probe = epath.Path(workdir) / f".shared_check_{text[:12]}"
+  failure = ""
   if jax.process_index() == 0:
-    probe.parent.mkdir(parents=True, exist_ok=True)
-    probe.write_text(text)
-  multihost_utils.sync_global_devices("prism_shared_workdir_written")
+    try:
+      probe.parent.mkdir(parents=True, exist_ok=True)
+      probe.write_text(text)
+    except OSError as e:  # every process must still reach the collectives below
+      failure = e.strerror or str(e)
+  # Process 0's failure, as bytes every process receives (the others would wait forever).
+  failed = multihost_utils.broadcast_one_to_all(np.array(bool(failure)))
+  if bool(failed):
+    raise UserError(f"{flag} {workdir}: process 0 cannot write there"
+                    + (f" ({failure})" if failure else ""))
   try:
     seen = probe.read_text() == text
   except OSError:
     seen = False
   seen_by = np.asarray(multihost_utils.process_allgather(np.array(seen))).reshape(-1)
   if jax.process_index() == 0:
-    probe.unlink()
+    try:
+      probe.unlink()
+    except OSError:
+      pass  # a probe left behind is harmless; the check has its answer
   blind = [int(i) for i in np.nonzero(~seen_by)[0]]
   if blind:
     listed = ", ".join(map(str, blind[:8])) + (" ..." if len(blind) > 8 else "")
