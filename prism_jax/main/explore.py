@@ -22,8 +22,8 @@ def main(argv=None):
   parser.add_argument("--step", type=cli.number_flag("--step"),
                       default=None, help="checkpoint step (default latest)")
   parser.add_argument("--index", default=None, help="prototype index (default WORKDIR/index)")
-  parser.add_argument("--prompt", default=DEFAULT_PROMPT, type=cli.utf8_text, help="prompt for the contribution "
-                      "view ('' to skip)")
+  parser.add_argument("--prompt", default=DEFAULT_PROMPT, type=cli.utf8_text,
+                      help="prompt for the contribution view ('' to skip)")
   parser.add_argument("--max-new-tokens", type=cli.number_flag("--max-new-tokens"), default=24)
   parser.add_argument("--projection", choices=["auto", "umap", "pca"], default="auto")
   parser.add_argument("--llm-labeller", default=None,
