@@ -188,9 +188,16 @@ def read_run_config(path) -> dict:
 # under another value (the head in blocks gives the same losses and gradients).
 _HOW_NOT_WHAT = frozenset({"prototypes.score_blocks"})
 
+# The data settings that decide which tokens the run reads, in what order, and which
+# documents it holds out. The saved input position belongs to that stream, and a resume
+# under another validation split would score documents the run has trained on.
+_DATA_STREAM = ("dataset", "text_key", "validation_fraction", "seq_len", "batch_size",
+                "shuffle_seed", "process_sharding")
+
 
 def check_run_config(cfg: ExperimentConfig, workdir: str) -> None:
-  """Refuses to resume a run whose model differs from `cfg` (its config.json says so)."""
+  """Refuses to resume a run whose model or data stream differs from `cfg` (its
+  config.json says so). Where the data lives (data_dir, source_dir) may change."""
   path = config_path(workdir)
   if not path.exists():
     return
@@ -211,6 +218,13 @@ def check_run_config(cfg: ExperimentConfig, workdir: str) -> None:
       if old != value:
         raise ConfigError(f"{workdir} holds a run with {section}.{key}={old!r}, not {value!r}; "
                           "use another --workdir or the same settings")
+  data = saved.get("data") if isinstance(saved.get("data"), dict) else {}
+  for key in _DATA_STREAM:
+    old, value = data.get(key, current["data"][key]), current["data"][key]
+    if old != value:
+      raise ConfigError(f"{workdir} holds a run trained with data.{key}={old!r}, not {value!r} "
+                        "(a resume must read the same token stream and hold out the same "
+                        "documents); use another --workdir or the same setting")
 
 
 def write_run_config(cfg: ExperimentConfig, workdir: str) -> None:

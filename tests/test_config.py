@@ -1,5 +1,6 @@
 """Typed configs: every mistake a user can type is one line naming the problem."""
 
+import re
 import subprocess
 import sys
 
@@ -63,6 +64,28 @@ def test_resuming_with_a_different_model_is_refused(tmp_path):
   check_run_config(apply_overrides(cfg, ["prototypes.score_blocks=4"]), str(tmp_path))
   with pytest.raises(ConfigError, match="holds a run with model.d_model=128, not 64"):
     check_run_config(apply_overrides(cfg, ["model.d_model=64"]), str(tmp_path))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.validation_fraction=0.2", "data.validation_fraction=0.05, not 0.2"),
+    ("data.batch_size=8", "data.batch_size=16, not 8"),
+    ("data.seq_len=64", "data.seq_len=128, not 64"),
+    ("data.shuffle_seed=3", "data.shuffle_seed=0, not 3"),
+    ("data.dataset=c4", "data.dataset='prism_corpus', not 'c4'"),
+])
+def test_resuming_on_another_data_stream_is_refused(tmp_path, override, message):
+  """A wider validation split would hold out documents the run trained on; another batch,
+  length, order or corpus would not continue from the saved input position."""
+  from prism_jax.cli import check_run_config, write_run_config
+
+  cfg = experiments.get("prism_tiny")
+  write_run_config(cfg, str(tmp_path))
+  # where the data lives, and the optimizer, may change on resume
+  check_run_config(apply_overrides(cfg, ["data.data_dir=/elsewhere", "data.source_dir=/x",
+                                         "data.prefetch=0", "optimizer.learning_rate=1e-4"]),
+                   str(tmp_path))
+  with pytest.raises(ConfigError, match=f"holds a run trained with {re.escape(message)} "):
+    check_run_config(apply_overrides(cfg, [override]), str(tmp_path))
 
 
 def test_a_setting_added_after_a_run_trained_reads_as_its_default(tmp_path):
