@@ -130,10 +130,14 @@ def markdown_table(study: dict) -> str:
   return "\n".join(lines + footer) + "\n"
 
 
+# compare's evaluations have a file of their own (evaluate's are never read back)
+COMPARE_TAGS = ("compare",)
+
+
 def _earlier_evaluation(run_dir: str, step: int, request: dict) -> dict | None:
   """The results an earlier compare wrote for this step and these settings, else None
   (`evaluate`'s own files, other settings and unreadable files are never reused)."""
-  path = epath.Path(layout.path(run_dir, layout.EVAL, f"step_{step}.json"))
+  path = epath.Path(evaluation.results_path(run_dir, step, COMPARE_TAGS))
   try:
     results = json.loads(path.read_text())
   except (OSError, ValueError):
@@ -183,7 +187,7 @@ def run_study(prism_cfg: ExperimentConfig, dense_cfg: ExperimentConfig, workdir:
     request = {"val_batches": val_batches, "tasks": [t.name for t in tasks], "limit": limit}
     results = _earlier_evaluation(run_dir, step, request)
     if results is not None:  # a rerun after an interruption: each run is scored once
-      print(f"== {cfg.name}: step {step} was evaluated already (eval/step_{step}.json)",
+      print(f"== {cfg.name}: step {step} was evaluated already (eval/step_{step}.compare.json)",
             flush=True)
     else:
       print(f"== {cfg.name}: evaluating step {step}", flush=True)
@@ -191,7 +195,7 @@ def run_study(prism_cfg: ExperimentConfig, dense_cfg: ExperimentConfig, workdir:
                                     tasks=tasks, limit=limit, task_root=task_root,
                                     progress=progress)
       results.update(step=step, compare_request=request)
-      evaluation.write_results(results, run_dir)
+      evaluation.write_results(results, evaluation.results_path(run_dir, step, COMPARE_TAGS))
     print(evaluation.format_table(results), flush=True)
     val = results["validation"]
     study["runs"][cfg.name] = {

@@ -3,12 +3,13 @@
     comparable across tokenizers) on the validation split, or on a UTF-8 `--text-file`;
   - zero-shot accuracy, raw and per-character normalised, with standard errors, on the
     downstream tasks (`--tasks hellaswag piqa ...`, default all; `--tasks none` skips them);
-as a dict, a plain-text table, and JSON in <workdir>/eval/step_<N>.json.
+as a dict, a plain-text table, and JSON in <workdir>/eval/step_<N>[.<tags>].json.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import time
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -164,8 +165,32 @@ def format_table(results: dict) -> str:
   return "\n".join(lines)
 
 
-def write_results(results: dict, workdir: str) -> str:
-  path = layout.path(workdir, layout.EVAL, f"step_{results.get('step', 0)}.json")
+def results_path(workdir: str, step: int, tags: Sequence[str] = ()) -> str:
+  """<workdir>/eval/step_<N>[.<tag>...].json (`request_tags` names the evaluation)."""
+  return layout.path(workdir, layout.EVAL, ".".join([f"step_{step}", *tags, "json"]))
+
+
+def request_tags(*, tasks: Sequence[str] | None = None, limit: int | None = None,
+                 val_batches: int | None = None, text_file: str | None = None,
+                 controller: str | None = None, suppress: str | None = None) -> list[str]:
+  """What sets an evaluation apart from the default one (the validation batches of
+  train.eval_batches and every task, as trained), as parts of its file name: a quick or an
+  intervened evaluation never replaces another, and the same request replaces its own.
+
+  `tasks`: the task names, None for all of them.
+  """
+  stem = lambda path: re.sub(r"[^A-Za-z0-9_-]+", "_", epath.Path(path).stem)[:40] or "_"
+  tags = [f"text-{stem(text_file)}"] if text_file else []
+  if tasks is not None and set(tasks) != set(downstream.TASKS):
+    tags.append("tasks-" + ("+".join(sorted(tasks)) if tasks else "none"))
+  tags += [f"limit-{limit}"] if limit is not None else []
+  tags += [f"val-{val_batches}"] if val_batches is not None and not text_file else []
+  tags += [f"controller-{stem(controller)}"] if controller else []
+  tags += [f"suppress-{stem(suppress)}"] if suppress else []
+  return tags
+
+
+def write_results(results: dict, path: str) -> str:
   return outputs.write_json(path, results)
 
 

@@ -107,6 +107,8 @@ ENTRY_POINTS = {
          "--task-data /nonexistent/tasks: no such folder"),
         ("task data folder without the task", ["--tasks", "boolq", "--task-data", TMP],
          "no boolq request file (boolq/rc_0shot/requests.jsonl.gz)"),
+        ("run whose results folder is a file", ["--workdir", f"{TMP}/eval_is_a_file"],
+         "eval_is_a_file/eval is a file, not a folder"),
     ]),
     "generate": ("prism_jax.main.generate", ["--prompt", "a cat is"],
                  CHECKPOINT + INTERVENTIONS + [
@@ -261,6 +263,8 @@ def _bad_files(tmp, run, cfg):
   _latin1_sources(tmp / "latin1")
   shutil.copytree(run, tmp / "no_config")
   (tmp / "no_config" / "config.json").unlink()
+  shutil.copytree(run, tmp / "eval_is_a_file", ignore=shutil.ignore_patterns("eval"))
+  (tmp / "eval_is_a_file" / "eval").write_text("not a folder")
   shutil.copytree(run, tmp / "broken_config")
   (tmp / "broken_config" / "config.json").write_text('{"name": "prism_tiny", "model": {')
   (tmp / "locked").mkdir()

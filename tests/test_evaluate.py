@@ -59,6 +59,33 @@ def test_evaluate_reports_loss_bpb_and_tasks_as_json(prepared, tmp_path):
   assert "piqa" in table and "bits/byte" in table
 
 
+def test_each_kind_of_evaluation_keeps_a_file_of_its_own(prepared, tmp_path):
+  """A quick, text-file or intervened evaluation never replaces another step's results; the
+  same request replaces its own."""
+  workdir, _ = prepared
+  book = tmp_path / "my book.txt"
+  book.write_text(FACTS)
+  saved = lambda path: json.loads(open(path).read())
+  quick = _evaluate(workdir, "--tasks", "none")
+  text = _evaluate(workdir, "--tasks", "none", "--text-file", str(book))
+  assert quick["json"].endswith("/eval/step_150.tasks-none.json")
+  assert text["json"].endswith("/eval/step_150.text-my_book.tasks-none.json")
+  assert "validation" in saved(quick["json"]) and "text_file" not in saved(quick["json"])
+  assert "text_file" in saved(text["json"])
+  assert _evaluate(workdir, "--tasks", "none")["json"] == quick["json"]
+
+
+def test_request_tags_name_what_differs_from_the_default_evaluation():
+  tags = evaluation.request_tags
+  assert tags(tasks=list(downstream.TASKS)) == [] and tags() == []
+  assert tags(tasks=["piqa", "boolq"], limit=20, val_batches=4) == [
+      "tasks-boolq+piqa", "limit-20", "val-4"]
+  # --val-batches does not apply to a text file; paths become their plain stems
+  assert tags(text_file="/x/a b.txt", val_batches=4, controller="c/piqa.json",
+              suppress="s/../lord.json") == ["text-a_b", "controller-piqa", "suppress-lord"]
+  assert evaluation.results_path("w", 7, ["tasks-none"]) == "w/eval/step_7.tasks-none.json"
+
+
 class MultiByteTokenizer(CharTokenizer):
   """CharTokenizer plus a few non-ASCII characters, each two tokens (marker 4, then 5 + its
   index): so for the text below UTF-8 bytes, characters and tokens all differ."""

@@ -3,7 +3,8 @@
 Restores the latest (or `--step`) checkpoint of the run in --workdir and reports validation
 loss, perplexity and bits per byte (or those of a `--text-file`) and zero-shot accuracy on
 the downstream tasks (prism_jax/evaluation.py), as a table on screen and as JSON in
-<workdir>/eval/step_<N>.json.
+<workdir>/eval/step_<N>.json (a quick, text-file or intervened evaluation has a name of its
+own: step_<N>.tasks-piqa.limit-20.json, say).
 """
 
 from __future__ import annotations
@@ -57,6 +58,11 @@ def _run(args: argparse.Namespace, opened: Run) -> dict:
   text = evaluation.read_text_file(args.text_file) if args.text_file else None
   chosen = interventions.load(args, cfg)
   graphdef, params, step = opened.params(args.step)
+  # One file per kind of evaluation, checked before the passes (a file where eval/ goes)
+  results_path = evaluation.results_path(opened.workdir, step, evaluation.request_tags(
+      tasks=[t.name for t in tasks], limit=args.limit, val_batches=args.val_batches,
+      text_file=args.text_file, controller=args.controller, suppress=args.suppress))
+  outputs.check_file_target(results_path, "the results file")
   from prism_jax import data as data_lib  # deferred: tfds/grain import cost
 
   bundle = data_lib.prepare(cfg.data, cfg.model.vocab_size)
@@ -70,7 +76,7 @@ def _run(args: argparse.Namespace, opened: Run) -> dict:
              **results}
   if args.text_file:
     results["text_file_path"] = outputs.absolute(args.text_file)
-  results["json"] = evaluation.write_results(results, opened.workdir)
+  results["json"] = evaluation.write_results(results, results_path)
   return results
 
 
