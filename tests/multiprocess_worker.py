@@ -4,13 +4,18 @@ Reads JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID like the real
 point, trains the tiny synthetic config on its slice of each global batch and (process 0)
 saves the final parameters to OUT/params.npz. With PRISM_WORKER_OWN_WORKDIR=1 each process
 trains in a folder of its own (OUT/run_PID), as hosts with a workdir on their own disks would.
+With PRISM_WORKER_READ_ONLY_PROBE=1 process 0's write of the shared-folder probe fails as on a
+read-only mount (the tests run as root, whom file modes do not stop).
 """
 
+import errno
 import os
 import sys
 
 import jax
 import numpy as np
+
+from etils import epath
 
 from prism_jax import distributed
 from prism_jax.errors import exit_on_user_error
@@ -25,6 +30,8 @@ def main():
   distributed.initialize(cfg.distributed)
   data = synthetic_data(cfg, process_index=jax.process_index(),
                         process_count=jax.process_count())
+  if os.environ.get("PRISM_WORKER_READ_ONLY_PROBE") == "1" and jax.process_index() == 0:
+    _fail_probe_writes()
   own = os.environ.get("PRISM_WORKER_OWN_WORKDIR") == "1"
   workdir = os.path.join(out, f"run_{jax.process_index()}" if own else "run")
   result = train(cfg, workdir, data)
@@ -36,6 +43,18 @@ def main():
     np.savez(os.path.join(out, "params.npz"), **flat)
     print(f"processes={jax.process_count()} devices={jax.device_count()} "
           f"loss={result['loss/total']:.6f}", flush=True)
+
+
+def _fail_probe_writes():
+  write_text = epath.Path.write_text
+
+  def refuse(self, *args, **kwargs):
+    if self.name.startswith(".shared_check_"):
+      raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+    return write_text(self, *args, **kwargs)
+
+  for cls in {type(epath.Path("/tmp")), epath.Path}:
+    cls.write_text = refuse
 
 
 if __name__ == "__main__":

@@ -68,3 +68,16 @@ def test_a_workdir_the_processes_do_not_share_is_refused_before_any_work(tmp_pat
   # Nothing was trained or saved; the probe file and the lock are gone.
   assert list((tmp_path / "run_0").iterdir()) == []
   assert not (tmp_path / "run_1").exists()
+
+
+def test_a_workdir_process_0_cannot_write_stops_every_process_in_one_line(tmp_path):
+  """The others wait for process 0's probe; its failure must reach them, not hang them."""
+  procs = _start(tmp_path, 4, processes=2, PRISM_WORKER_READ_ONLY_PROBE="1")
+  outputs = [p.communicate(timeout=300) for p in procs]
+  line = f"error: --workdir {tmp_path}/run: process 0 cannot write there"
+  for pid, (p, (_, stderr)) in enumerate(zip(procs, outputs)):
+    assert p.returncode == 2, stderr[-3000:]
+    # process 0 knows why; the others learn only that it failed
+    reason = " (Read-only file system)" if pid == 0 else ""
+    assert stderr.strip().splitlines()[-1] == line + reason, stderr[-3000:]
+  assert list((tmp_path / "run").iterdir()) == []  # nothing trained, the lock released
