@@ -25,7 +25,7 @@ data: setup
 	$(PY) -m prism_jax.main.data --exp $(EXP) $(ARGS)
 
 train: data
-	$(PY) -m prism_jax.main.train --exp $(EXP) --workdir $(WORKDIR) $(ARGS)
+	$(PY) -m prism_jax.main.train --exp $(EXP) --workdir "$(WORKDIR)" $(ARGS)
 
 # -n: one test process per core, at most four (each holds its own compiled programs).
 TEST_PROCESSES ?= -n auto --maxprocesses=4
@@ -76,15 +76,15 @@ $(EVAL_STAMP): $(STAMP)
 	touch $(EVAL_STAMP)
 
 eval: eval-data
-	$(PY) -m prism_jax.main.evaluate --exp $(EXP) --workdir $(WORKDIR) $(ARGS)
+	$(PY) -m prism_jax.main.evaluate --exp $(EXP) --workdir "$(WORKDIR)" $(ARGS)
 
 generate: setup
-	$(PY) -m prism_jax.main.generate --exp $(EXP) --workdir $(WORKDIR) --prompt "$(PROMPT)" $(ARGS)
+	$(PY) -m prism_jax.main.generate --exp $(EXP) --workdir "$(WORKDIR)" --prompt "$(PROMPT)" $(ARGS)
 
 COMPARE_DIR ?= runs/compare
 
 compare: eval-data
-	$(PY) -m prism_jax.main.compare --prism prism_small --dense dense_small --workdir $(COMPARE_DIR) $(ARGS)
+	$(PY) -m prism_jax.main.compare --prism prism_small --dense dense_small --workdir "$(COMPARE_DIR)" $(ARGS)
 
 # Mesh and memory plan: make plan EXP=prism_1b [TOPOLOGY=v5p-128 | TOPOLOGY=<device count>].
 # Without TOPOLOGY: the slice the experiment is planned for (experiments/gpt2_scale.py), else
@@ -109,10 +109,10 @@ METHOD ?= single_pass
 .PHONY: index attribute lds
 
 index: setup
-	$(PY) -m prism_jax.main.index --exp $(EXP) --workdir $(WORKDIR) $(ARGS)
+	$(PY) -m prism_jax.main.index --exp $(EXP) --workdir "$(WORKDIR)" $(ARGS)
 
 attribute: setup
-	$(PY) -m prism_jax.main.attribute --exp $(EXP) --workdir $(WORKDIR) --prompt "$(PROMPT)" --method $(METHOD) $(ARGS)
+	$(PY) -m prism_jax.main.attribute --exp $(EXP) --workdir "$(WORKDIR)" --prompt "$(PROMPT)" --method $(METHOD) $(ARGS)
 
 lds: setup
 	$(PY) -m prism_jax.main.lds --workdir runs/lds $(ARGS)
@@ -124,10 +124,10 @@ SUPPRESS ?= --label LORD --words LORD,Lord
 .PHONY: control suppress explore
 
 control: eval-data
-	$(PY) -m prism_jax.main.control calibrate --exp $(EXP) --workdir $(WORKDIR) --task $(TASK) $(ARGS)
+	$(PY) -m prism_jax.main.control calibrate --exp $(EXP) --workdir "$(WORKDIR)" --task $(TASK) $(ARGS)
 
 suppress: setup
-	$(PY) -m prism_jax.main.control suppress --exp $(EXP) --workdir $(WORKDIR) $(SUPPRESS) $(ARGS)
+	$(PY) -m prism_jax.main.control suppress --exp $(EXP) --workdir "$(WORKDIR)" $(SUPPRESS) $(ARGS)
 
 explore: setup
-	$(PY) -m prism_jax.main.explore --exp $(EXP) --workdir $(WORKDIR) --prompt "$(PROMPT)" $(ARGS)
+	$(PY) -m prism_jax.main.explore --exp $(EXP) --workdir "$(WORKDIR)" --prompt "$(PROMPT)" $(ARGS)

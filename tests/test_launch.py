@@ -154,3 +154,13 @@ def test_missing_gcloud_is_a_clear_error(tmp_path):
   assert proc.returncode == 2
   assert proc.stderr.strip().endswith("gcloud not found on PATH (use --dry-run to see the "
                                       "commands)")
+
+
+@pytest.mark.parametrize("target", ["train", "eval", "index", "attribute", "explore"])
+def test_make_targets_keep_a_workdir_with_spaces_whole(target):
+  """`make train WORKDIR="my runs/a"` passes one --workdir, not a stray override `runs/a`."""
+  printed = subprocess.run(["make", "-n", "-C", str(ROOT), target, "WORKDIR=/tmp/my runs/a"],
+                           capture_output=True, text=True, check=True).stdout
+  line, = [l for l in printed.splitlines() if "--workdir" in l]
+  argv = shlex.split(line)
+  assert argv[argv.index("--workdir") + 1] == "/tmp/my runs/a"
