@@ -83,7 +83,16 @@ def run_config(cfg: ExperimentConfig, workdir: str, overrides: Sequence[str] = (
     except (AttributeError, ValueError, TypeError) as e:
       raise UserError(f"{path} does not hold a valid config ({e}); fix it or move it away "
                       "(the checkpoints carry the model settings)") from None
-  return config_lib.apply_overrides(cfg, list(overrides))
+  trained = cfg
+  cfg = config_lib.apply_overrides(cfg, list(overrides))
+  if (path.is_file() and cfg.data.dataset == trained.data.dataset
+      and cfg.data.validation_fraction != trained.data.validation_fraction):
+    # Another split of the same documents: some it would validate on were trained on.
+    raise UserError(f"data.validation_fraction={cfg.data.validation_fraction}: the run in "
+                    f"{workdir} was trained with {trained.data.validation_fraction}, and another "
+                    "split would score documents it trained on; use --val-batches for fewer "
+                    "batches, or --text-file / data.dataset for other text")
+  return cfg
 
 
 def load_tokenizer(cfg: ExperimentConfig):

@@ -109,6 +109,8 @@ ENTRY_POINTS = {
          "no boolq request file (boolq/rc_0shot/requests.jsonl.gz)"),
         ("run whose results folder is a file", ["--workdir", f"{TMP}/eval_is_a_file"],
          "eval_is_a_file/eval is a file, not a folder"),
+        ("validation split other than the run's", ["data.validation_fraction=0.2"],
+         "was trained with 0.05, and another split would score documents it trained on"),
     ]),
     "generate": ("prism_jax.main.generate", ["--prompt", "a cat is"],
                  CHECKPOINT + INTERVENTIONS + [
