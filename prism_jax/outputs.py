@@ -69,6 +69,17 @@ def write_json(path, record) -> str:
   return write_text(path, json.dumps(record, indent=1))
 
 
+def unused_path(folder, stem: str, suffix: str) -> str:
+  """folder/stem+suffix, or stem-2, stem-3, ... when taken: a new file never replaces one
+  (two runs finishing within the same second, named by the time)."""
+  folder = epath.Path(folder)
+  path, n = folder / f"{stem}{suffix}", 1
+  while path.exists():
+    n += 1
+    path = folder / f"{stem}-{n}{suffix}"
+  return str(path)
+
+
 def check_file_target(path, flag: str) -> None:
   """Refuses, before any work, a file path that cannot be written: an existing folder, or a
   local path under a file or under an unwritable folder."""

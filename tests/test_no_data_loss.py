@@ -213,6 +213,18 @@ def test_plain_names_only(name):
     outputs.plain_name(name, "--name")
 
 
+def test_a_file_named_by_the_time_never_replaces_another(tmp_path):
+  """generate names its JSON by the second; two runs finishing in one second keep both."""
+  first = outputs.write_json(outputs.unused_path(tmp_path / "g", "20261207-120000", ".json"),
+                             {"run": 1})
+  second = outputs.write_json(outputs.unused_path(tmp_path / "g", "20261207-120000", ".json"),
+                              {"run": 2})
+  third = outputs.unused_path(tmp_path / "g", "20261207-120000", ".json")
+  assert [pathlib.Path(p).name for p in (first, second, third)] == [
+      "20261207-120000.json", "20261207-120000-2.json", "20261207-120000-3.json"]
+  assert json.loads(pathlib.Path(first).read_text()) == {"run": 1}
+
+
 def test_replace_folder_never_replaces_a_foreign_folder(tmp_path):
   foreign = tmp_path / "run"
   foreign.mkdir()

@@ -69,8 +69,8 @@ def _generate(args, opened: Run):
                     "sampling": dataclasses.asdict(sampling), "seed": args.seed,
                     "kv_cache": not args.no_cache, "controller": args.controller,
                     "suppress": args.suppress})
-  output = args.output or layout.path(workdir, layout.GENERATIONS,
-                                       time.strftime("%Y%m%d-%H%M%S") + ".json")
+  output = args.output or outputs.unused_path(layout.path(workdir, layout.GENERATIONS),
+                                              time.strftime("%Y%m%d-%H%M%S"), ".json")
   outputs.write_json(output, result)
   print(args.prompt + result["completion"])
   print()
