@@ -51,3 +51,17 @@ def test_index_covers_every_token_then_attribute_finds_the_document(run_dir, tmp
   assert found["method"] == run_lib.DEFAULT_METHOD == "single_pass"
   assert found["results"][0]["example_id"] == 1, found["results"]
   assert "[[" in found["results"][0]["text"]
+
+
+def test_a_target_after_a_space_is_the_word_not_a_bare_space(tmp_path):
+  """' ship' after 'the whale' is '▁ship' as in running text; on its own sentencepiece
+  encodes it as a bare '▁' and then '▁ship', and the bare space is not what was asked."""
+  from prism_jax.data.tokenizer import train_tokenizer
+  from tests.test_data import _synthetic_texts
+
+  tok = train_tokenizer(_synthetic_texts(300, seed=1), 400, str(tmp_path / "t.model"))
+  assert [tok.id_to_piece(i) for i in tok.encode(" ship")] == ["▁", "▁ship"]
+  prompt_ids, ship = tok.encode("the whale"), tok.encode("ship")
+  assert [tok.id_to_piece(i) for i in ship] == ["▁ship"]
+  for prompt, target in (("the whale", " ship"), ("the whale ", "ship"), ("the whale", "ship")):
+    assert attribute.encode_target(tok, prompt, target) == (prompt_ids, ship), (prompt, target)

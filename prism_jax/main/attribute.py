@@ -8,8 +8,8 @@
   --method influence    the head influence through U from stored per-token gradients
   --method ekfac|trak|graddot   post-hoc baselines (also on dense models)
 
-The token is --target-token (its first piece) or, without it, the model's greedy next
-token. Prints the top documents with scores and the token highlighted as [[token]]; --json
+The token is --target-token (its first piece; ' and', with a space, is read as the text
+after the prompt) or, without it, the model's greedy next token. Prints the top documents with scores and the token highlighted as [[token]]; --json
 writes the same as JSON. The index methods read the run's index (`make index`); the
 baselines score the passages' openings (attr.index_examples / attr.index_seed), recomputing
 training gradients per query. Why single_pass is the default: docs/attribution.md.
@@ -32,19 +32,35 @@ from prism_jax.models import lm
 def _flags(parser):
   parser.add_argument("--prompt", required=True, type=cli.utf8_text, help="prompt text")
   parser.add_argument("--target-token", default=None, type=cli.utf8_text,
-                      help="token to explain (default: the model's greedy next token)")
+                      help="token to explain, as text after the prompt (' and' or 'and'; "
+                           "default: the model's greedy next token)")
   parser.add_argument("--method", default=run.DEFAULT_METHOD, choices=run.METHODS)
   parser.add_argument("--json", default=None, help="also write the result as JSON here")
 
 
+def encode_target(tokenizer, prompt: str, target: str) -> tuple[list[int], list[int]]:
+  """(prompt ids after BOS, target ids). A space between them (' and', or a prompt ending
+  in one) is read as running text, as the downstream tasks read a continuation: 'The king'
+  + ' and' gives '▁and', not a bare '▁' piece then '▁and'. Otherwise the target is a word of
+  its own ('and' gives '▁and', sentencepiece's word start)."""
+  if target[:1].isspace() or prompt[-1:].isspace():
+    from prism_jax import downstream
+
+    context, continuation = downstream.encode_request(tokenizer, prompt, target)
+    has_bos = downstream.special_id(tokenizer, "bos_id") is not None
+    return context[1:] if has_bos else context, continuation
+  return list(tokenizer.encode(prompt)), list(tokenizer.encode(target))
+
+
 def make_query(cfg, graphdef, params, tokenizer, prompt: str, target: str | None
                ) -> common.Query:
-  ids = [tokenizer.bos_id, *tokenizer.encode(prompt)]
+  prompt_ids, pieces = (encode_target(tokenizer, prompt, target) if target is not None
+                        else (tokenizer.encode(prompt), None))
+  ids = [tokenizer.bos_id, *prompt_ids]
   if len(ids) > cfg.data.seq_len:
     raise UserError(f"the prompt is {len(ids)} tokens with BOS, longer than the attribution "
                     f"context of {cfg.data.seq_len} (data.seq_len)")
   if target is not None:
-    pieces = tokenizer.encode(target)
     if not pieces:
       raise UserError(f"--target-token {target!r} encodes to no token")
     if len(pieces) > 1:
