@@ -41,6 +41,9 @@ def test_index_covers_every_token_then_attribute_finds_the_document(run_dir, tmp
   expected = sum(len(CharTokenizer().encode(d * 3)) + 1 for d in DOCUMENTS)
   assert f"indexed {len(DOCUMENTS)} documents, {expected} positions" in printed, printed
   assert "per indexed token" in printed
+  index.main(["--exp", "prism_tiny", "--workdir", run_dir, *built])  # nothing to do
+  assert "is up to date (step 150, the same settings and documents): nothing to do" in (
+      capsys.readouterr().out)
 
   out = tmp_path / "found.json"
   # A prompt from the middle of document 1 ("a dog is blue."), its next token asked for.

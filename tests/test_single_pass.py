@@ -359,6 +359,33 @@ def test_a_killed_build_resumes_to_the_same_index(small, tmp_path):
     np.testing.assert_array_equal(got[rel], want[rel], err_msg=rel)
 
 
+def test_an_index_of_the_same_build_is_kept_and_a_damaged_or_other_one_built_again(
+    small, tmp_path, monkeypatch):
+  """`make index` again over an up-to-date index (the same step, settings and documents)
+  keeps it: no pass, the manifest untouched. A file cut short or other settings: built
+  again (otherwise `attribute` would say 'rebuild it' and `make index` 'up to date')."""
+  cfg, params, corpus = small
+  graphdef, _ = lm.abstract_model(cfg)
+  attr = AttributionConfig(batch_size=2, shard_prototypes=3, neighbourhood_size=4,
+                           postings=5, softmax_top=4)
+  out = tmp_path / "index"
+  build = lambda a=attr: indexing.build(cfg, graphdef, params, corpus, str(out), a,
+                                        devices=jax.devices()[:1])
+  first = build()
+  assert "up_to_date" not in first
+  written = (out / "manifest.json").stat().st_mtime_ns
+  passes, real_pass = [], indexing._pass
+  monkeypatch.setattr(indexing, "_pass", lambda *a, **k: passes.append(1) or real_pass(*a, **k))
+  again = build()
+  assert again.pop("up_to_date") and passes == []
+  assert again == json.loads((out / "manifest.json").read_text())
+  assert (out / "manifest.json").stat().st_mtime_ns == written
+  victim = out / sorted(first["files"])[0]
+  victim.write_bytes(victim.read_bytes()[:-1])
+  assert "up_to_date" not in build() and passes == [1]
+  assert "up_to_date" not in build(dataclasses.replace(attr, postings=3)) and passes == [1, 1]
+
+
 @pytest.mark.parametrize("merged_tokens", [20, 1 << 24])
 def test_merged_parts_hold_what_the_committed_parts_held(small, tmp_path, monkeypatch,
                                                          merged_tokens):

@@ -251,6 +251,21 @@ def _resume_point(work: epath.Path, fingerprint: dict) -> dict | None:
   return progress if progress.get("fingerprint") == fingerprint else None
 
 
+def _finished(out_dir, fingerprint: dict) -> dict | None:
+  """The manifest of a finished build of exactly this index at `out_dir`, with every file
+  it lists whole (a damaged one is built again), else None."""
+  folder = epath.Path(out_dir)
+  try:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    if not isinstance(manifest, dict) or manifest.get("build") != fingerprint:
+      return None
+    whole = all((folder / name).stat().length == entry["bytes"]
+                for name, entry in manifest["files"].items())
+  except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    return None
+  return manifest if whole else None
+
+
 def build(cfg, graphdef, params, train, out_dir, attr: AttributionConfig, *,
           decode=default_decode, devices=None, step: int | None = None, mesh=None,
           stop_after_batches: int | None = None) -> dict | None:
@@ -259,7 +274,9 @@ def build(cfg, graphdef, params, train, out_dir, attr: AttributionConfig, *,
   caller) the pass runs there on `params` as they are laid out; without, on a
   data-parallel mesh of `devices` (default: this process's) with `params` replicated.
   `stop_after_batches` stops after that many batches of this call without finishing (a
-  kill, for tests): the next call resumes from the last commit."""
+  kill, for tests): the next call resumes from the last commit. An index already built
+  from the same step, settings and documents is kept: its manifest comes back with
+  `up_to_date` set."""
   if cfg.model.head != "prism":
     raise UserError(f"{cfg.name} has a dense head: the prototype index needs a PRISM model")
   vocab, m = cfg.model.vocab_size, cfg.prototypes.num_prototypes
@@ -291,6 +308,10 @@ def build(cfg, graphdef, params, train, out_dir, attr: AttributionConfig, *,
   work = epath.Path(str(out_dir).rstrip("/") + ".partial")
   distributed.check_shared_workdir(str(work), "--index")  # process 0 merges every part
   fingerprint = _fingerprint(cfg, attr, step, setup, corpus.num_documents)
+  finished = _finished(out_dir, fingerprint)
+  if finished is not None:  # the same step, settings and documents: hours at scale, saved
+    context.close()
+    return {**finished, "up_to_date": True}
   with context:
     e_VxD = np.asarray(_to_host(lm.unembedding(params), setup, local=False), np.float64)
     basis = curvature_lib.shared_basis(e_VxD) if attr.curvature == "shared" else None
@@ -464,7 +485,7 @@ def _finish(cfg, attr, work: epath.Path, fingerprint: dict, setup: _Setup, e_VxD
       "curvature": attr.curvature,
       "processes": [{"path": f"processes/{i:05d}", "first_token": int(bases[i]), **p}
                     for i, p in enumerate(processes)],
-      "shards": [], "model_settings": model_settings(cfg)}
+      "shards": [], "model_settings": model_settings(cfg), "build": fingerprint}
   reader = Index.from_manifest(work, manifest)
   tables = _merged_tables(work, processes, bases, batches, attr, m, cfg.model.vocab_size)
   full = None

@@ -27,6 +27,10 @@ def main(argv=None):
     took = time.perf_counter() - started
   if manifest is None:  # another process of a multi-host build writes the manifest
     return
+  if manifest.get("up_to_date"):
+    print(f"the index at {out} is up to date (step {manifest['step']}, the same settings and "
+          "documents): nothing to do; remove it, or give another --index, to build it again")
+    return
   print(f"indexed {manifest['num_examples']} documents, {manifest['num_tokens']} positions, "
         f"{manifest['num_prototypes']} prototypes in {took:.1f}s -> {out}")
   per_token = manifest["bytes_per_token"]
