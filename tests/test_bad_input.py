@@ -155,6 +155,10 @@ ENTRY_POINTS = {
                                                          "--task-data", TMP], CHECKPOINT + [
         ("unknown task", ["--task", "piqaa"], "unknown task 'piqaa' (did you mean 'piqa'?)"),
         ("task data that is a file", ["--task-data", f"{TMP}/a_file"], "a_file: not a folder"),
+        ("too few documents to hold any out", ["--limit", "2"],
+         "piqa: 2 documents at --calibration-fraction 0.5 give 1 to calibrate on and 1 to hold"),
+        ("calibration fraction that leaves none out", ["--calibration-fraction", "0.999"],
+         "piqa: 4 documents at --calibration-fraction 0.999 give 4 to calibrate on and 0 to"),
     ]),
     "control suppress": ("prism_jax.main.control", ["suppress", "--prototypes", "1",
                                                         "--words", "red"],

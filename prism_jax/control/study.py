@@ -19,7 +19,6 @@ from prism_jax import sampling
 from prism_jax.control import controller as ctl
 from prism_jax.control import suppress as sup
 from prism_jax.control import tasks as task_lib
-from prism_jax.errors import UserError
 from prism_jax.models import lm
 
 
@@ -72,9 +71,8 @@ def calibrate_task(setup: Calibration, name: str, examples: Sequence, cards, ind
   started = time.perf_counter()
   values, unembed = params["prototype_head"]["values"], lm.unembedding(params)
   m, seq = cfg.prototypes.num_prototypes, cfg.model.max_seq_len
+  task_lib.check_split(name, len(examples), setup.calibration_fraction)
   cal, held = task_lib.split(examples, setup.calibration_fraction, setup.split_seed)
-  if len(cal) < 2 or len(held) < 2:
-    raise UserError(f"{name}: too few documents to split ({len(examples)})")
   feats = task_lib.features(graphdef, params, cal, tokenizer, seq, setup.batch_size,
                             setup.progress)
   controller, losses = ctl.fit(feats, values, unembed, m, setup.fit, setup.progress)

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from prism_jax import downstream
 from prism_jax.control.controller import ChoiceFeatures
+from prism_jax.errors import UserError
 from prism_jax.models import lm
 from prism_jax.models.prism_head import Controller
 
@@ -21,6 +22,15 @@ def split(examples: Sequence, calibration_fraction: float, seed: int) -> tuple[l
   order = np.random.default_rng(seed).permutation(len(examples))
   cut = int(round(calibration_fraction * len(examples)))
   return [examples[i] for i in order[:cut]], [examples[i] for i in order[cut:]]
+
+
+def check_split(name: str, count: int, calibration_fraction: float) -> None:
+  """Both parts of `split` need two documents (a fit, and a held-out mean with its error)."""
+  cut = int(round(calibration_fraction * count))
+  if min(cut, count - cut) < 2:
+    raise UserError(f"{name}: {count} documents at --calibration-fraction "
+                    f"{calibration_fraction:g} give {cut} to calibrate on and {count - cut} to "
+                    "hold out; each needs at least 2 (more documents, or another fraction)")
 
 
 def request_rows(examples, tokenizer, max_len: int):

@@ -23,6 +23,7 @@ from prism_jax import cli, downstream, evaluation, layout, outputs, run_index
 from prism_jax.control import controller as ctl
 from prism_jax.control import study
 from prism_jax.control import suppress as sup
+from prism_jax.control import tasks as task_lib
 from prism_jax.errors import UserError, exit_on_user_error
 from prism_jax.run import Run
 
@@ -83,6 +84,8 @@ def calibrate(argv) -> dict:
   root = args.task_data or downstream.data_root()
   downstream.check_request_files(specs, root, "--task-data" if args.task_data else None)
   examples = {s.name: downstream.load_task(s, root, args.limit) for s in specs}
+  for name, task_examples in examples.items():  # before the restore
+    task_lib.check_split(name, len(task_examples), args.calibration_fraction)
   opened, cfg, workdir, graphdef, params, step = _setup(args)
   with opened, outputs.WorkdirLock(workdir, "control calibrate"):
     tokenizer = opened.tokenizer()
