@@ -180,6 +180,9 @@ def _train_loop(cfg: ExperimentConfig, workdir: str, data: TrainData | None,
     start = int(jax.device_get(state.step))
     log = MetricsLog(workdir, resume_step=start)
     total = cfg.train.steps
+    if start >= total:
+      say(f"the run is at step {start}, at or past train.steps={total}: nothing to train "
+          "(raise train.steps to go on)", flush=True)
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
     progress = tqdm(total=total, initial=start, desc=cfg.name, unit="step", dynamic_ncols=True,
                     disable=not (cfg.train.progress and is_main), file=sys.stdout)

@@ -55,6 +55,17 @@ def _copy(run, tmp_path):
   return str(target)
 
 
+def test_a_run_past_train_steps_says_so_and_trains_nothing(two_step_run, tmp_path, capsys):
+  _, run = two_step_run
+  workdir = _copy(run, tmp_path)
+  shorter = tiny_config("train.steps=1", "checkpoint.every=1", "train.eval_every=100")
+  result = train(shorter, workdir, synthetic_data(shorter))
+  assert result["step"] == 2 and not result["preempted"]
+  assert ("the run is at step 2, at or past train.steps=1: nothing to train"
+          in capsys.readouterr().out)
+  assert _steps(workdir) == ["1", "2"]
+
+
 @pytest.mark.parametrize("item", ["state", "config"])  # the arrays, or the settings check
 def test_permission_error_stops_and_sets_nothing_aside(two_step_run, tmp_path, monkeypatch,
                                                        item):
