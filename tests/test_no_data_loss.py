@@ -350,6 +350,32 @@ def test_a_damaged_index_is_one_line_naming_the_file(tmp_path):
   assert index_lib.is_index(tmp_path)  # so that rebuilding it replaces it
 
 
+def test_an_index_rebuilt_while_open_is_never_read_half_old_half_new(tmp_path):
+  """A reader opens files as it first needs them; after `make index` swapped in a new
+  build, those would be the new build's, paired with the old manifest."""
+  def build(folder, offsets):
+    (folder / "prototypes" / "00000").mkdir(parents=True)
+    (folder / "manifest.json").write_text(json.dumps({"format": index_lib.FORMAT}))
+    for name in ("posting_offsets", "posting_token"):
+      np.save(folder / "prototypes" / "00000" / f"{name}.npy", offsets)
+    return folder
+
+  target = build(tmp_path / "index", np.arange(4))
+  os.utime(target / "manifest.json", (1.7e9, 1.7e9))  # built well before the rebuild
+  index = index_lib.Index(str(target))
+  np.testing.assert_array_equal(index.array("prototypes/00000/posting_offsets.npy"),
+                                np.arange(4))
+  outputs.replace_folder(build(tmp_path / "new", np.arange(9)), target, "prototype index",
+                         index_lib.is_index, "--index")
+  # what it read stays the old build's; a file it has not read yet is refused
+  np.testing.assert_array_equal(index.array("prototypes/00000/posting_offsets.npy"),
+                                np.arange(4))
+  with pytest.raises(UserError, match="was rebuilt while it was open; open it again"):
+    index.array("prototypes/00000/posting_token.npy")
+  reopened = index_lib.Index(str(target))
+  assert len(reopened.array("prototypes/00000/posting_token.npy")) == 9
+
+
 def test_compare_resumed_scores_each_run_once(tmp_path, monkeypatch):
   """`make compare` end to end on the tiny pair: both runs trained and scored, the table,
   the JSON and the plot written; run again (as after an interruption) it trains nothing

@@ -181,6 +181,19 @@ def load_array(path: epath.Path) -> np.ndarray:
   return np.load(io.BytesIO(path.read_bytes()))
 
 
+def _build_identity(path: epath.Path):
+  """Which build a local index folder holds now: its manifest's mtime and size (a rebuild
+  swaps in a folder whose manifest was written as that build finished, seconds to hours
+  after the one a reader opened). None for a bucket (a request per file read)."""
+  if "://" in str(path):
+    return None
+  try:
+    stat = (path / "manifest.json").stat()
+  except OSError:
+    return ()
+  return stat.mtime, stat.length
+
+
 class PartArray:
   """One per-position field over all parts, indexed by global token id without concatenating."""
 
@@ -232,6 +245,7 @@ class Index:
     self._cache: dict = {}
     self._parts = None
     self._documents = None
+    self._identity = _build_identity(self.path)
 
   @classmethod
   def from_manifest(cls, path, manifest: dict) -> "Index":
@@ -239,6 +253,7 @@ class Index:
     index = cls.__new__(cls)
     index.path, index.manifest = epath.Path(path), manifest
     index._cache, index._parts, index._documents = {}, None, None
+    index._identity = None
     return index
 
   # --- per-position arrays, spread over parts ---------------------------------------------
@@ -263,6 +278,11 @@ class Index:
     if rel in self.LEGACY:
       return PartArray(self, self.LEGACY[rel])
     if rel not in self._cache:
+      # Files open as they are first read: after a rebuild they would be the new build's,
+      # paired with the old manifest and the files read before it.
+      if self._identity is not None and _build_identity(self.path) != self._identity:
+        raise UserError(f"the index at {self.path} was rebuilt while it was open; open it "
+                        "again")
       try:
         self._cache[rel] = load_array(self.path / rel)
       except (OSError, ValueError, EOFError) as e:  # missing, truncated, not an .npy
