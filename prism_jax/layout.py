@@ -13,6 +13,7 @@ METRICS = "metrics.jsonl"       # one JSON object per logged step
 TENSORBOARD = "tensorboard"
 PROFILE = "profile"             # JAX profiler traces
 LOCK = "writer.lock"            # the process writing the run (prism_jax.outputs)
+TOKENIZER = "tokenizer.json"   # the tokenizer the run trained with (prism_jax.tokenizer_record)
 INDEX = "index"                 # the prototype index (make index)
 EVAL = "eval"                   # evaluate: step_<N>[.<what differs>].json
 GENERATIONS = "generations"     # generate: <time>[-n].json

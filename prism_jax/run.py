@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import jax
 
-from prism_jax import cli, distributed, layout, restore, sharding
+from prism_jax import cli, distributed, layout, restore, sharding, tokenizer_record
 from prism_jax.config import ExperimentConfig
 
 
@@ -76,5 +76,17 @@ class Run:
     return restore.load_params(self.cfg, self.workdir, step, mesh=self.mesh)
 
   def tokenizer(self):
-    return restore.load_tokenizer(self.cfg)
+    """The run's tokenizer, checked against the one it trained with."""
+    tokenizer = restore.load_tokenizer(self.cfg)
+    tokenizer_record.check(self.workdir, tokenizer)
+    return tokenizer
+
+  def data(self):
+    """The configured data (prism_jax.data.DataBundle), its tokenizer checked like
+    `tokenizer()`'s."""
+    from prism_jax import data as data_lib  # deferred: tfds/grain import cost
+
+    bundle = data_lib.prepare(self.cfg.data, self.cfg.model.vocab_size)
+    tokenizer_record.check(self.workdir, bundle.tokenizer)
+    return bundle
 

@@ -14,13 +14,13 @@ import signal
 import sys
 import threading
 import time
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import jax
 import numpy as np
 from tqdm import tqdm
 
-from prism_jax import cli, distributed, layout, outputs, sharding
+from prism_jax import cli, distributed, layout, outputs, sharding, tokenizer_record
 from prism_jax.checkpoint import (CheckpointMismatch, Checkpointer, CheckpointUnreachable,
                                   abstract_with_sharding, model_settings)
 from prism_jax.config import ExperimentConfig
@@ -34,6 +34,7 @@ class TrainData:
   """A checkpointable iterator of host-local training batches, and validation batches."""
   train_iterator: Iterator[dict]
   eval_batches: Callable[[], Iterable[dict]]
+  tokenizer: Any = None  # recorded in the run (prism_jax.tokenizer_record); None: not recorded
 
 
 def corpus_data(cfg: ExperimentConfig) -> TrainData:
@@ -48,7 +49,8 @@ def corpus_data(cfg: ExperimentConfig) -> TrainData:
       train_iterator=train_iterator,
       eval_batches=lambda: data_lib.iterate_eval_batches(
           cfg.data, bundle.tokenizer, bundle.validation_source,
-          num_batches=cfg.train.eval_batches, **kwargs))
+          num_batches=cfg.train.eval_batches, **kwargs),
+      tokenizer=bundle.tokenizer)
 
 
 def validation_metrics(steps: CompiledSteps, params, batches: Iterable[dict]) -> dict:
@@ -170,6 +172,7 @@ def _train(cfg: ExperimentConfig, workdir: str, data: TrainData | None, mesh) ->
 def _train_loop(cfg: ExperimentConfig, workdir: str, data: TrainData | None,
                 checkpointer: Checkpointer, mesh: jax.sharding.Mesh) -> dict:
   data = data or corpus_data(cfg)
+  tokenizer_record.record_or_check(workdir, data.tokenizer, jax.process_index() == 0)
   steps = compile_steps(cfg, mesh)
   profiler = _Profiler(cfg, workdir)
   is_main = jax.process_index() == 0

@@ -350,6 +350,45 @@ def test_a_damaged_index_is_one_line_naming_the_file(tmp_path):
   assert index_lib.is_index(tmp_path)  # so that rebuilding it replaces it
 
 
+def test_a_run_refuses_a_tokenizer_other_than_the_one_it_trained_with(tmp_path, monkeypatch):
+  """Another sentencepiece model of the same size (a rebuilt data_cache, another
+  data.tokenizer) maps the same ids to other pieces: resuming or reading the run with it
+  is refused in one line; the one it trained with passes, as do tests' in-memory ones."""
+  import dataclasses
+
+  from prism_jax import layout, tokenizer_record
+  from prism_jax.data.tokenizer import train_tokenizer
+  from tests.test_data import _synthetic_texts
+  from tests.text_model import CharTokenizer
+
+  first, other = (train_tokenizer(_synthetic_texts(300, seed=seed), 400,
+                                  str(tmp_path / f"t{seed}.model")) for seed in (1, 2))
+  assert first.fingerprint != other.fingerprint
+  cfg = tiny_config("train.steps=1", "train.eval_every=100")
+  workdir = str(tmp_path / "run")
+  train(cfg, workdir, dataclasses.replace(synthetic_data(cfg), tokenizer=first))
+  recorded = json.loads((tmp_path / "run" / layout.TOKENIZER).read_text())
+  assert recorded == {"path": first.path, "sha256": first.fingerprint}
+  longer = tiny_config("train.steps=2", "train.eval_every=100")
+  with pytest.raises(UserError, match=r"the tokenizer .*t2.model is not the one the run in "
+                                      r".*run trained with \(.*t1.model, sha256 "):
+    train(longer, workdir, dataclasses.replace(synthetic_data(longer), tokenizer=other))
+  tokenizer_record.check(workdir, first)
+  tokenizer_record.check(workdir, CharTokenizer())
+  assert train(longer, workdir, dataclasses.replace(synthetic_data(longer),
+                                                    tokenizer=first))["step"] == 2
+  # every tool reads its tokenizer and data through the Run, which checks the same way
+  from prism_jax import data as data_lib
+  from prism_jax.run import Run
+
+  monkeypatch.setattr(data_lib, "prepare", lambda *a, **k: data_lib.DataBundle(
+      tokenizer=other, train_source=[], validation_source=[]))
+  run = Run(cfg=longer, workdir=workdir, mesh=None)
+  for read in (run.tokenizer, run.data):
+    with pytest.raises(UserError, match="is not the one the run in"):
+      read()
+
+
 def test_an_index_rebuilt_while_open_is_never_read_half_old_half_new(tmp_path):
   """A reader opens files as it first needs them; after `make index` swapped in a new
   build, those would be the new build's, paired with the old manifest."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from prism_jax import tokenizer_record
 from prism_jax.attribution import common, documents, indexing, prototype, single_pass
 from prism_jax.attribution.config import AttributionConfig
 from prism_jax.attribution.index import Index
@@ -31,6 +32,7 @@ def build_run_index(run, attr: AttributionConfig, out_dir: str, step: int | None
   `with run:`); each process its share. Resumes an interrupted build of the same index."""
   graphdef, params, step = run.params(step)
   corpus, tokenizer = training_corpus(run.cfg, attr)
+  tokenizer_record.check(run.workdir, tokenizer)
   return indexing.build(run.cfg, graphdef, params, corpus, out_dir, attr, mesh=run.mesh,
                         step=step, decode=tokenizer.decode,
                         stop_after_batches=stop_after_batches)

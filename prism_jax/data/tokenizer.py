@@ -7,6 +7,7 @@ included (a newline is the byte piece <0x0A>).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import random
@@ -50,6 +51,11 @@ class Tokenizer:
 
   def __setstate__(self, state):
     self.__init__(state["proto"], state["path"])
+
+  @property
+  def fingerprint(self) -> str:
+    """SHA-256 of the model's bytes: which tokenizer a run trained with."""
+    return hashlib.sha256(self._proto).hexdigest()
 
   @property
   def vocab_size(self) -> int:

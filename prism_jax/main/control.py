@@ -171,17 +171,14 @@ def suppress(argv) -> dict:
       raise UserError("no prototype matched; lower --min-share or try another --label/--match")
     sup.check_leaves_enough(mask, cfg.prototypes.top_k, "this choice")
     family = sup.word_family(tokenizer, cfg.model.vocab_size, words)
-    from prism_jax import data as data_lib  # deferred: tfds/grain import cost
-
     text = evaluation.read_text_file(args.text_file) if args.text_file else None
-    bundle = data_lib.prepare(cfg.data, cfg.model.vocab_size)
+    bundle = opened.data()
     num_batches = args.val_batches or cfg.train.eval_batches
 
     def batches():
       if text is not None:
         return evaluation.text_batches(tokenizer, text, cfg.data.seq_len, cfg.data.batch_size)
-      return data_lib.iterate_eval_batches(cfg.data, bundle.tokenizer, bundle.validation_source,
-                                           num_batches=num_batches)
+      return evaluation.validation_batches(cfg, bundle, num_batches)
 
     before, after = study.measure_suppression(
         cfg, graphdef, params, tokenizer, mask, family, batches, prompts=args.prompts,

@@ -63,9 +63,7 @@ def _run(args: argparse.Namespace, opened: Run) -> dict:
       tasks=[t.name for t in tasks], limit=args.limit, val_batches=args.val_batches,
       text_file=args.text_file, controller=args.controller, suppress=args.suppress))
   outputs.check_file_target(results_path, "the results file")
-  from prism_jax import data as data_lib  # deferred: tfds/grain import cost
-
-  bundle = data_lib.prepare(cfg.data, cfg.model.vocab_size)
+  bundle = opened.data()
   validation = None if text is not None else evaluation.validation_batches(
       cfg, bundle, args.val_batches or cfg.train.eval_batches)
   results = evaluation.evaluate(

@@ -9,7 +9,7 @@ maps the prototype keys to 2-D (UMAP if installed, else PCA) and writes
 
 from __future__ import annotations
 
-from prism_jax import cli, outputs, run_index
+from prism_jax import cli, evaluation, outputs, run_index
 from prism_jax.errors import UserError, exit_on_user_error
 from prism_jax.explore import labels as labels_lib
 from prism_jax.explore.explorer import DEFAULT_PROMPT, explore
@@ -51,15 +51,12 @@ def main(argv=None):
 def _explore(args, opened: Run, labeller):
   cfg, workdir = opened.cfg, opened.workdir
   graphdef, params, step = opened.params(args.step)
-  from prism_jax import data as data_lib
-
-  bundle = data_lib.prepare(cfg.data, cfg.model.vocab_size)
+  bundle = opened.data()
   index_dir = args.index or opened.index
   index = run_index.open_if_built(index_dir, cfg, step, args.allow_index_mismatch)
   if index is None and args.index:
     raise UserError(f"no prototype index at {args.index}")
-  batches = data_lib.iterate_eval_batches(cfg.data, bundle.tokenizer, bundle.validation_source,
-                                          num_batches=args.val_batches or cfg.train.eval_batches)
+  batches = evaluation.validation_batches(cfg, bundle, args.val_batches or cfg.train.eval_batches)
   out = explore(cfg, workdir, graphdef, params, step, bundle.tokenizer, batches, index=index,
                 prompt=args.prompt or None, max_new_tokens=args.max_new_tokens,
                 projection_method=args.projection, llm_labeller=labeller,
