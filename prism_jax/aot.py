@@ -97,9 +97,18 @@ def is_tpu_topology(topology: Topology) -> bool:
 
 def topology_devices(topology: Topology) -> list:
   """Compile-only TPU devices of the slice (needs libtpu; starts no TPU)."""
+  import jax
   from jax.experimental import topologies
 
-  devices = list(topologies.get_topology_desc(tpu_topology_name(topology), "tpu").devices)
+  try:
+    devices = list(topologies.get_topology_desc(tpu_topology_name(topology), "tpu").devices)
+  except jax.errors.JaxRuntimeError as e:
+    if "lockfile" not in str(e):
+      raise
+    # libtpu lets one process at a time load it (its lock is /tmp/libtpu_lockfile)
+    raise PlanError("libtpu is in use by another process on this machine (a training run or "
+                    "another plan?); plan again once it is free, or, where no process here "
+                    "uses a TPU, with ALLOW_MULTIPLE_LIBTPU_LOAD=1") from None
   if len(devices) != topology.devices:
     raise PlanError(f"libtpu describes {tpu_topology_name(topology)} with {len(devices)} "
                     f"devices, expected {topology.devices}")

@@ -13,6 +13,9 @@ import tempfile
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# libtpu (the plan tests compile for TPU topologies) lets one process load it at a time;
+# the suite's workers and subprocesses use no TPU, only its compiler.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 _CACHE_DIR = None
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:

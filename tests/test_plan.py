@@ -296,6 +296,28 @@ def test_without_libtpu_plan_prints_the_estimate_and_how_to_install(capsys, monk
   assert "pip install -e '.[tpu-plan]'" in aot.INSTALL_HINT
 
 
+def test_libtpu_held_by_another_process_is_one_line(capsys, monkeypatch):
+  """libtpu loads in one process at a time (/tmp/libtpu_lockfile): a second plan, or a plan
+  beside a training run on a TPU VM, gets a line saying so, not JAX's traceback."""
+  import jax
+  from jax.experimental import topologies
+
+  from prism_jax import aot
+
+  def held(*args, **kwargs):
+    raise jax.errors.JaxRuntimeError("ABORTED: Internal error when accessing libtpu "
+                                     "multi-process lockfile. Run \"$ sudo rm "
+                                     "/tmp/libtpu_lockfile\".")
+
+  monkeypatch.setattr(aot, "libtpu_available", lambda: True)
+  monkeypatch.setattr(topologies, "get_topology_desc", held)
+  with pytest.raises(SystemExit) as exit_info:
+    plan_cli.main(["--exp", "prism_tiny", "--topology", "v5e-8"])
+  line, = capsys.readouterr().err.strip().splitlines()
+  assert exit_info.value.code == 2
+  assert line.startswith("error: libtpu is in use by another process on this machine")
+
+
 def test_out_of_memory_message_is_parsed():
   from prism_jax import aot
   text = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
