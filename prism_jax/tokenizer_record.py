@@ -43,11 +43,13 @@ def check(workdir: str, tokenizer) -> None:
                   "data.tokenizer at that model, or use another --workdir")
 
 
-def record_or_check(workdir: str, tokenizer, is_main: bool = True) -> None:
-  """train: the first start records the tokenizer; a resume must use the same one."""
-  check(workdir, tokenizer)
+def record_or_check(workdir: str, tokenizer, resuming: bool, is_main: bool = True) -> None:
+  """train: a resume must use the tokenizer recorded (a run from before the record gets
+  one); a start records it, replacing one an attempt that never saved left behind."""
+  if resuming:
+    check(workdir, tokenizer)
   mine = fingerprint(tokenizer)
-  if mine is not None and is_main and _recorded(workdir) is None:
+  if mine is not None and is_main and (not resuming or _recorded(workdir) is None):
     path = getattr(tokenizer, "path", "")
     outputs.write_json(layout.path(workdir, layout.TOKENIZER),
                        {"path": outputs.absolute(path) if path else "", "sha256": mine})

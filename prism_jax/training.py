@@ -159,20 +159,22 @@ def _train(cfg: ExperimentConfig, workdir: str, data: TrainData | None, mesh) ->
   try:
     # A config.json without any checkpoint is an attempt that never saved (a bad setting,
     # a kill before the first save): nothing to protect, so new settings replace it.
-    if checkpointer.latest_step() is not None or _set_aside_before(checkpointer):
+    resuming = checkpointer.latest_step() is not None or _set_aside_before(checkpointer)
+    if resuming:
       cli.check_run_config(cfg, workdir)
     if checkpointer.latest_step() is not None:  # before anything is written
       checkpointer.check_settings(checkpointer.latest_step())
     cli.write_run_config(cfg, workdir)
-    return _train_loop(cfg, workdir, data, checkpointer, mesh or sharding.make_mesh(cfg.mesh))
+    return _train_loop(cfg, workdir, data, checkpointer, mesh or sharding.make_mesh(cfg.mesh),
+                       resuming)
   finally:
     checkpointer.close()
 
 
 def _train_loop(cfg: ExperimentConfig, workdir: str, data: TrainData | None,
-                checkpointer: Checkpointer, mesh: jax.sharding.Mesh) -> dict:
+                checkpointer: Checkpointer, mesh: jax.sharding.Mesh, resuming: bool) -> dict:
   data = data or corpus_data(cfg)
-  tokenizer_record.record_or_check(workdir, data.tokenizer, jax.process_index() == 0)
+  tokenizer_record.record_or_check(workdir, data.tokenizer, resuming, jax.process_index() == 0)
   steps = compile_steps(cfg, mesh)
   profiler = _Profiler(cfg, workdir)
   is_main = jax.process_index() == 0

@@ -375,6 +375,12 @@ def test_a_run_refuses_a_tokenizer_other_than_the_one_it_trained_with(tmp_path, 
     train(longer, workdir, dataclasses.replace(synthetic_data(longer), tokenizer=other))
   tokenizer_record.check(workdir, first)
   tokenizer_record.check(workdir, CharTokenizer())
+  # an attempt that never saved binds nothing, as with config.json
+  fresh = str(tmp_path / "fresh")
+  tokenizer_record.record_or_check(fresh, other, resuming=False)
+  train(cfg, fresh, dataclasses.replace(synthetic_data(cfg), tokenizer=first))
+  assert json.loads((tmp_path / "fresh" / layout.TOKENIZER).read_text())["sha256"] == (
+      first.fingerprint)
   assert train(longer, workdir, dataclasses.replace(synthetic_data(longer),
                                                     tokenizer=first))["step"] == 2
   # every tool reads its tokenizer and data through the Run, which checks the same way
