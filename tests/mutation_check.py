@@ -176,6 +176,32 @@ MUTATIONS = [
         "  return None",
         ("tests/test_no_data_loss.py::test_compare_resumed_scores_each_run_once",),
         "a resumed compare evaluates a finished run again"),
+    Mutation(
+        "resume-on-a-wider-validation-split", "prism_jax/cli.py",
+        "  for key in _DATA_STREAM:",
+        "  for key in ():",
+        ("tests/test_config.py::test_resuming_on_another_data_stream_is_refused",),
+        "a resume under another data stream (a wider validation split) is let through"),
+    Mutation(
+        "tokenizer-not-checked", "prism_jax/tokenizer_record.py",
+        '  if mine is None or record is None or record.get("sha256") == mine:',
+        "  if True:",
+        ("tests/test_no_data_loss.py::"
+         "test_a_run_refuses_a_tokenizer_other_than_the_one_it_trained_with",),
+        "a run resumed or read under another tokenizer"),
+    Mutation(
+        "evaluation-replaces-another", "prism_jax/evaluation.py",
+        '  return layout.path(workdir, layout.EVAL, ".".join([f"step_{step}", *tags, "json"]))',
+        '  return layout.path(workdir, layout.EVAL, f"step_{step}.json")',
+        ("tests/test_evaluate.py::test_each_kind_of_evaluation_keeps_a_file_of_its_own",),
+        "a quick or text-file evaluation replaces the step's results"),
+    Mutation(
+        "index-rebuilt-while-open-mixed", "prism_jax/attribution/index.py",
+        "      if self._identity is not None and _build_identity(self.path) != self._identity:",
+        "      if False:",
+        ("tests/test_no_data_loss.py::"
+         "test_an_index_rebuilt_while_open_is_never_read_half_old_half_new",),
+        "a reader pairs the old manifest with the new build's files"),
 ]
 
 
