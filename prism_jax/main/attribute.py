@@ -10,9 +10,10 @@
 
 The token is --target-token (its first piece; ' and', with a space, is read as the text
 after the prompt) or, without it, the model's greedy next token. Prints the top documents
-with scores and the token highlighted as [[token]]; --json writes the same as JSON. The index methods read the run's index (`make index`); the
-baselines score the passages' openings (attr.index_examples / attr.index_seed), recomputing
-training gradients per query. Why single_pass is the default: docs/attribution.md.
+with scores and the token highlighted as [[token]]; --json writes the same as JSON. The
+index methods read the run's index (`make index`); the baselines score the passages'
+openings (attr.index_examples / attr.index_seed), recomputing training gradients per query.
+Why single_pass is the default: docs/attribution.md.
 """
 
 from __future__ import annotations
