@@ -180,8 +180,7 @@ def run_study(prism_cfg: ExperimentConfig, dense_cfg: ExperimentConfig, workdir:
       from prism_jax import data as data_lib
 
       bundle = data_lib.prepare(cfg.data, cfg.model.vocab_size)
-      tok, batches = bundle.tokenizer, data_lib.iterate_eval_batches(
-          cfg.data, bundle.tokenizer, bundle.validation_source, num_batches=val_batches)
+      tok, batches = bundle.tokenizer, evaluation.validation_batches(cfg, bundle, val_batches)
     else:
       tok, batches = tokenizer, validation(cfg)
     request = {"val_batches": val_batches, "tasks": [t.name for t in tasks], "limit": limit}

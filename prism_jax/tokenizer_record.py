@@ -32,9 +32,10 @@ def _recorded(workdir: str) -> dict | None:
   return record if isinstance(record, dict) else None
 
 
-def check(workdir: str, tokenizer) -> None:
-  """Refuses a tokenizer other than the one the run in `workdir` recorded."""
-  mine, record = fingerprint(tokenizer), _recorded(workdir)
+def check(workdir: str, tokenizer, record: dict | None = None) -> None:
+  """Refuses a tokenizer other than the one the run in `workdir` recorded (`record`, when
+  the caller has read it already)."""
+  mine, record = fingerprint(tokenizer), record or _recorded(workdir)
   if mine is None or record is None or record.get("sha256") == mine:
     return
   raise UserError(f"the tokenizer {getattr(tokenizer, 'path', '') or '(in memory)'} is not "
@@ -46,10 +47,11 @@ def check(workdir: str, tokenizer) -> None:
 def record_or_check(workdir: str, tokenizer, resuming: bool, is_main: bool = True) -> None:
   """train: a resume must use the tokenizer recorded (a run from before the record gets
   one); a start records it, replacing one an attempt that never saved left behind."""
-  if resuming:
-    check(workdir, tokenizer)
+  record = _recorded(workdir) if resuming else None
+  if record is not None:
+    check(workdir, tokenizer, record)
   mine = fingerprint(tokenizer)
-  if mine is not None and is_main and (not resuming or _recorded(workdir) is None):
+  if mine is not None and is_main and record is None:
     path = getattr(tokenizer, "path", "")
     outputs.write_json(layout.path(workdir, layout.TOKENIZER),
                        {"path": outputs.absolute(path) if path else "", "sha256": mine})

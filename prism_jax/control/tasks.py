@@ -20,13 +20,17 @@ from prism_jax.models.prism_head import Controller
 def split(examples: Sequence, calibration_fraction: float, seed: int) -> tuple[list, list]:
   """(calibration, held-out): a seeded permutation of the documents, never of choices."""
   order = np.random.default_rng(seed).permutation(len(examples))
-  cut = int(round(calibration_fraction * len(examples)))
+  cut = _calibration_count(len(examples), calibration_fraction)
   return [examples[i] for i in order[:cut]], [examples[i] for i in order[cut:]]
+
+
+def _calibration_count(count: int, calibration_fraction: float) -> int:
+  return int(round(calibration_fraction * count))
 
 
 def check_split(name: str, count: int, calibration_fraction: float) -> None:
   """Both parts of `split` need two documents (a fit, and a held-out mean with its error)."""
-  cut = int(round(calibration_fraction * count))
+  cut = _calibration_count(count, calibration_fraction)
   if min(cut, count - cut) < 2:
     raise UserError(f"{name}: {count} documents at --calibration-fraction "
                     f"{calibration_fraction:g} give {cut} to calibrate on and {count - cut} to "
