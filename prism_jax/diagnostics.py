@@ -1,6 +1,7 @@
 """Health of the prototype head, computed in the train step and logged with its metrics.
 
   prototypes/key_drift_cos     median_j cos(P_j, P_j at init): 1.0 means the keys never moved
+                               (the train step: on logged steps only, NaN on the others)
   prototypes/best_match_cos    median over tokens of max_j cos(h, P_j): near 1 with keys that
                                also sit near each other means collapse onto the data
   prototypes/key_pair_cos      mean cos over pairs of (the first 256) keys: collapse indicator

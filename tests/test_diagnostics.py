@@ -55,7 +55,8 @@ def test_extremes_uniform_usage_and_collapsed_keys():
 
 
 def test_train_step_logs_diagnostics_and_key_drift_starts_at_one():
-  cfg = tiny_config("optimizer.warmup_steps=0", "optimizer.learning_rate=0.05")
+  cfg = tiny_config("optimizer.warmup_steps=0", "optimizer.learning_rate=0.05",
+                    "train.log_every=1")
   steps = compile_steps(cfg, sharding.make_mesh(cfg.mesh))
   state = steps.init()
   # The recomputed initial keys are the keys the run started from.
@@ -74,6 +75,18 @@ def test_train_step_logs_diagnostics_and_key_drift_starts_at_one():
   assert abs(drifts[0] - 1.0) < 1e-6  # measured on the parameters before the first update
   assert drifts[-1] < drifts[0]       # ... and they move
   assert 1.0 <= metrics["prototypes/usage_perplexity"] <= cfg.prototypes.num_prototypes
+
+
+def test_key_drift_is_measured_on_the_steps_the_loop_logs():
+  cfg = tiny_config("train.log_every=3", "train.steps=5")
+  steps = compile_steps(cfg, sharding.make_mesh(cfg.mesh))
+  state = steps.init()
+  batch = to_global_batch(random_batch(cfg, 0), steps.batch_sharding)
+  measured = []
+  for _ in range(5):  # the loop reports steps 1..5 and logs 3 (log_every) and 5 (the last)
+    state, metrics = steps.train_step(state, batch)
+    measured.append(bool(np.isfinite(jax.device_get(metrics["prototypes/key_drift_cos"]))))
+  assert measured == [False, False, True, False, True]
 
 
 @pytest.mark.parametrize("similarity", ["cosine", "dot"])

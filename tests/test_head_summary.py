@@ -85,3 +85,14 @@ def test_score_blocks_must_divide_the_length_and_exclude_whitening():
     tiny_config("prototypes.score_blocks=2", "prototypes.whiten_rate=0.1")
   with pytest.raises(ConfigError, match="prototypes.score_blocks"):
     tiny_config("prototypes.score_blocks=0")
+
+
+@pytest.mark.parametrize("axis", [0, -1])
+def test_min_and_argmin_is_jnp_argmin_ties_included(axis):
+  rng = np.random.default_rng(3)
+  x = rng.integers(0, 4, size=(37, 29)).astype(np.float32)  # many ties in every row/column
+  x[5] = 7.0                                                  # a row all one value
+  low, first = head_summary.min_and_argmin(jnp.asarray(x), axis)
+  np.testing.assert_array_equal(np.asarray(first), np.argmin(x, axis=axis))
+  np.testing.assert_array_equal(np.asarray(low), np.min(x, axis=axis))
+  chex.assert_type(first, jnp.int32)

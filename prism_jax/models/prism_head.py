@@ -131,10 +131,14 @@ def _select_top_k(scores_NxM, k: int, axis_name: str | None, bias_M=None):
     indices = jax.lax.all_gather(indices, axis_name, axis=-1, tiled=True)
     if bias_M is not None:
       unbiased = jax.lax.all_gather(unbiased, axis_name, axis=-1, tiled=True)
-  top_values, order = jax.lax.top_k(values, k)
-  top_indices = jnp.take_along_axis(indices, order, axis=-1)
+  if axis_name:  # (unsharded, the candidates are the top-k already, in order)
+    values, order = jax.lax.top_k(values, k)
+    indices = jnp.take_along_axis(indices, order, axis=-1)
+    if bias_M is not None:
+      unbiased = jnp.take_along_axis(unbiased, order, axis=-1)
+  top_values, top_indices = values, indices
   if bias_M is not None:
-    top_values, resort = jax.lax.top_k(jnp.take_along_axis(unbiased, order, axis=-1), k)
+    top_values, resort = jax.lax.top_k(unbiased, k)
     top_indices = jnp.take_along_axis(top_indices, resort, axis=-1)
   local = top_indices - shard * m_local
   local = jnp.where((local >= 0) & (local < m_local), local, m_local)  # m_local is dropped
