@@ -8,6 +8,10 @@ twin's head costs), of the whole PRISM head (scores, top-k, mix, unembedding), a
 parts on their own: the [B L, M] score product, the top-k, the k-row gather mix against
 the dense [B L, M] x [M, D] mix. Printed as ratios to the dense unembedding (medians over
 rounds), the figures to quote; the milliseconds are this machine's.
+
+Last, per bank, the floor of any top-k head on this machine: the dense twin's whole train
+step plus the score product and the top-k alone (no mix, no clustering terms, no backward
+pass of either), as a ratio to that step. A PRISM train step cannot be cheaper than it.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import optax
 
 import experiments
 from benchmarks import common
+from benchmarks.train_step import StepRunner
 from prism_jax.config import PrototypeConfig
 from prism_jax.errors import exit_on_user_error
 from prism_jax.models import prism_head
@@ -80,6 +85,12 @@ def measure(size: str, banks: list[tuple[int, int]], rounds: int) -> list[tuple[
   return rows
 
 
+def dense_step_ms(size: str, rounds: int) -> float:
+  """The dense twin's whole train step (milliseconds, median over rounds of 2 steps)."""
+  runner = StepRunner(f"dense_{size}", [])
+  return statistics.median(runner.run(2) for _ in range(rounds)) * 1e3
+
+
 @exit_on_user_error
 def main(argv=None):
   parser = common.parser(__doc__, rounds=10)
@@ -104,6 +115,13 @@ def main(argv=None):
     print(f"prism_{size}")
     for name, ms in rows:
       print(f"  {name:40} {ms:9.2f} ms  {ms / base:6.3f} x dense unembedding")
+    step_ms = dense_step_ms(size, args.rounds)
+    print(f"  {'dense_' + size + ' train step (whole)':40} {step_ms:9.2f} ms")
+    part = dict(rows)
+    for m, k in banks:
+      floor = part[f"M={m}, k={k}: score product (forward)"] + part[f"M={m}, k={k}: top-k"]
+      print(f"  M={m}, k={k}: floor (score product + top-k) {1 + floor / step_ms:6.3f} x the "
+            f"dense step")
 
 
 if __name__ == "__main__":

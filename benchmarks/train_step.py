@@ -33,7 +33,9 @@ def _batch(cfg, seed=0):
           "loss_mask": np.ones((b, l), np.float32)}
 
 
-class _Runner:
+class StepRunner:
+  """One experiment compiled with a fixed random batch; `run(n)` times n train steps."""
+
   def __init__(self, name, overrides):
     self.cfg = apply_overrides(experiments.get(name), overrides)
     mesh = sharding.make_mesh(self.cfg.mesh)
@@ -51,7 +53,7 @@ class _Runner:
 
 
 def compare(size: str, rounds: int, steps: int, overrides: list[str]) -> dict:
-  runners = {head: _Runner(f"{head}_{size}", overrides) for head in ("dense", "prism")}
+  runners = {head: StepRunner(f"{head}_{size}", overrides) for head in ("dense", "prism")}
   times = {head: [] for head in runners}
   for _ in range(rounds):
     for head, runner in runners.items():

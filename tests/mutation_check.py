@@ -202,6 +202,18 @@ MUTATIONS = [
         ("tests/test_no_data_loss.py::"
          "test_an_index_rebuilt_while_open_is_never_read_half_old_half_new",),
         "a reader pairs the old manifest with the new build's files"),
+    Mutation(
+        "nearest-pair-last-of-ties", "prism_jax/models/head_summary.py",
+        "  first = jnp.min(jnp.where(x == low, index, x.shape[axis]), axis=axis)",
+        "  first = jnp.max(jnp.where(x == low, index, -1), axis=axis)",
+        ("tests/test_head_summary.py::test_min_and_argmin_is_jnp_argmin_ties_included",),
+        "the fast argmin picks the last of tied nearest keys, not jnp.argmin's first"),
+    Mutation(
+        "key-drift-logged-one-step-late", "prism_jax/step.py",
+        "      done = state.step + 1",
+        "      done = state.step",
+        ("tests/test_diagnostics.py::test_key_drift_is_measured_on_the_steps_the_loop_logs",),
+        "key drift measured on the step after the logged one: NaN in metrics.jsonl"),
 ]
 
 

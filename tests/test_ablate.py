@@ -57,6 +57,22 @@ def test_head_cost_refuses_a_bad_bank_in_one_line(spec, capsys):
   assert str(exit_info.value).startswith("error: --banks") and spec in str(exit_info.value)
 
 
+def test_head_cost_floor_is_the_dense_step_plus_the_score_product_and_top_k(monkeypatch,
+                                                                           capsys):
+  from benchmarks import head_cost
+  rows = [("dense unembedding", 50.0), ("M=64, k=4: whole PRISM head", 80.0),
+          ("M=64, k=4: score product (forward)", 3.0), ("M=64, k=4: top-k", 7.0),
+          ("M=64, k=4: gather mix (fwd+bwd)", 9.0), ("M=64, k=4: dense mix (fwd+bwd)", 8.0)]
+  monkeypatch.setattr(head_cost, "measure", lambda size, banks, rounds: rows)
+  monkeypatch.setattr(head_cost, "dense_step_ms", lambda size, rounds: 200.0)
+  head_cost.main(["--configs", "tiny", "--banks", "64:4", "--rounds", "1"])
+  out = capsys.readouterr().out
+  assert "dense_tiny train step (whole)" in out and "200.00 ms" in out
+  assert "M=64, k=4: floor (score product + top-k)  1.050 x the dense step" in out  # 1 + 10/200
+  top_k_line = next(line for line in out.splitlines() if "M=64, k=4: top-k" in line)
+  assert top_k_line.split()[-6:] == ["7.00", "ms", "0.140", "x", "dense", "unembedding"]
+
+
 def test_the_winning_variant_is_the_default_head_and_round1_the_old_one():
   import experiments
   from prism_jax.config import apply_overrides
