@@ -70,11 +70,10 @@ MUTATIONS = [
     # to the highest ids instead of the lowest.
     Mutation(
         "topk-merge-order", "prism_jax/models/prism_head.py",
-        "  top_values, order = jax.lax.top_k(values, k)",
-        "  top_values, order = jax.lax.top_k(values[..., ::-1], k); "
-        "order = values.shape[-1] - 1 - order",
-        ("tests/test_prism_head.py::test_sharded_top_k_equals_reference_top_k_with_ties",
-         "tests/test_prism_head.py::test_tie_rule_lower_id_wins"),
+        "    values, order = jax.lax.top_k(values, k)",
+        "    merged = values; values, order = jax.lax.top_k(merged[..., ::-1], k); "
+        "order = merged.shape[-1] - 1 - order",
+        ("tests/test_prism_head.py::test_sharded_top_k_equals_reference_top_k_with_ties",),
         "ties resolved to the highest id in the per-shard merge"),
     # (b') Global ids offset by min(k, shard size) per shard instead of by the shard's size:
     # right only while a shard holds at most k prototypes.
