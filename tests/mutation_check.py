@@ -213,6 +213,12 @@ MUTATIONS = [
         "      done = state.step",
         ("tests/test_diagnostics.py::test_key_drift_is_measured_on_the_steps_the_loop_logs",),
         "key drift measured on the step after the logged one: NaN in metrics.jsonl"),
+    Mutation(
+        "calibration-report-drops-earlier-tasks", "prism_jax/control/records.py",
+        '  return {**report, "tasks": {**kept, **report["tasks"]}}',
+        "  return report",
+        ("tests/test_control.py::test_calibration_report_keeps_the_tasks_not_recalibrated",),
+        "calibrating sciq after piqa loses piqa's held-out figures from report.json"),
 ]
 
 

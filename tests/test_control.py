@@ -230,3 +230,20 @@ def test_mention_rate_counts_generations_with_the_family():
   rate = sup.mention_rate(FakeGenerator(), None, CharTokenizer(), ["p", "q"], family,
                           samples=4, max_new_tokens=5)
   assert rate == {"generations": 8, "mention_rate": 0.25, "family_token_share": 2 / 40}
+
+
+def test_calibration_report_keeps_the_tasks_not_recalibrated(tmp_path):
+  from prism_jax.control import records
+  path = str(tmp_path / "report.json")
+  first = {"experiment": "prism_tiny", "step": 100,
+           "tasks": {"piqa": {"step": 100, "heldout_gain": 0.1},
+                     "sciq": {"step": 100, "heldout_gain": 0.2}}}
+  records.save(path, records.merged_report(path, first))  # no report yet
+  second = {"experiment": "prism_tiny", "step": 200,
+            "tasks": {"sciq": {"step": 200, "heldout_gain": 0.3}}}
+  merged = records.merged_report(path, second)
+  assert merged["step"] == 200
+  assert merged["tasks"] == {"piqa": {"step": 100, "heldout_gain": 0.1},   # kept as it was
+                             "sciq": {"step": 200, "heldout_gain": 0.3}}   # recalibrated
+  (tmp_path / "report.json").write_text("{not json")  # an unreadable old report is replaced
+  assert records.merged_report(path, second) == second

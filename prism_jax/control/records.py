@@ -15,6 +15,23 @@ def save(path: str, record: dict) -> str:
   return outputs.write_json(path, record)  # whole, then renamed: never half a file
 
 
+def merged_report(path: str, report: dict) -> dict:
+  """`report` plus the tasks of the report already at `path` that it does not recalibrate.
+
+  controllers/report.json keeps each task's latest calibration, as controllers/<task>.json
+  does: calibrating sciq after piqa keeps piqa's held-out figures (each task records its
+  own step). An old report that cannot be read holds nothing to keep and is replaced.
+  """
+  try:
+    old = json.loads(epath.Path(path).read_text(encoding="utf-8"))
+  except (OSError, ValueError):  # none yet, or unreadable
+    old = {}
+  tasks = old.get("tasks") if isinstance(old, dict) else None
+  kept = ({name: r for name, r in tasks.items() if name not in report["tasks"]}
+          if isinstance(tasks, dict) else {})
+  return {**report, "tasks": {**kept, **report["tasks"]}}
+
+
 def load(path: str, fmt: str, what: str, how_to_make: str,
          parse: Callable[[dict], Any]) -> Any:
   """`parse(record)` for the record at `path`; UserError when missing, malformed or not `fmt`."""

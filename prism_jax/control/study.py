@@ -83,6 +83,7 @@ def calibrate_task(setup: Calibration, name: str, examples: Sequence, cards, ind
                                            setup.batch_size, f"{name} after", setup.progress)
   diff = correct_after - correct_before
   result = {
+      "step": setup.step,
       "calibration_examples": len(cal), "heldout_examples": len(held),
       "heldout_before": before, "heldout_after": after,
       "heldout_gain": float(np.mean(diff)),

@@ -21,6 +21,7 @@ import numpy as np
 
 from prism_jax import cli, downstream, evaluation, layout, outputs, run_index
 from prism_jax.control import controller as ctl
+from prism_jax.control import records
 from prism_jax.control import study
 from prism_jax.control import suppress as sup
 from prism_jax.control import tasks as task_lib
@@ -102,7 +103,8 @@ def calibrate(argv) -> dict:
       result = study.calibrate_task(setup, spec.name, examples[spec.name], cards, index)
       report["tasks"][spec.name] = result
       print(study.format_calibration(spec.name, result))
-    path = outputs.write_json(layout.path(workdir, layout.CONTROLLERS, "report.json"), report)
+    path = layout.path(workdir, layout.CONTROLLERS, "report.json")
+    path = outputs.write_json(path, records.merged_report(path, report))
     print(f"JSON: {path}")
     return report
 
