@@ -174,7 +174,7 @@ def suppress(argv) -> dict:
     sup.check_leaves_enough(mask, cfg.prototypes.top_k, "this choice")
     family = sup.word_family(tokenizer, cfg.model.vocab_size, words)
     text = evaluation.read_text_file(args.text_file) if args.text_file else None
-    bundle = opened.data()
+    bundle = opened.data() if text is None else None  # a text file needs no corpus
     num_batches = args.val_batches or cfg.train.eval_batches
 
     def batches():
