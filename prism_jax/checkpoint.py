@@ -9,6 +9,7 @@ is refused even when the run's config.json is gone.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import errno
 import logging
 import os
@@ -72,8 +73,27 @@ def settings_difference(saved: dict, current: dict) -> str | None:
   return None
 
 
+def saved_time(saved_ns: int) -> str:
+  """A checkpoint's commit time (`Checkpointer.saved_ns`) as people read it, in UTC."""
+  moment = datetime.datetime.fromtimestamp(saved_ns / 1e9, datetime.timezone.utc)
+  return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
 # How Orbax says the stored arrays do not have the shapes (or tree) the config asks for.
 _SHAPE_MISMATCH = ("is not compatible with the stored shape", "tree structures do not match")
+
+
+@contextlib.contextmanager
+def _quiet_orbax(quiet: bool = True):
+  """Orbax's absl warnings off (errors still shown) where they only describe what we asked."""
+  absl_logger = logging.getLogger("absl")
+  level = absl_logger.level
+  if quiet:
+    absl_logger.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    absl_logger.setLevel(level)
 
 
 class Checkpointer:
@@ -90,24 +110,30 @@ class Checkpointer:
         enable_async_checkpointing=cfg.async_save and not read_only,
         create=not read_only, read_only=read_only)
     # Orbax warns that a read-only directory is read-only; readers asked for exactly that.
-    absl_logger = logging.getLogger("absl")
-    level = absl_logger.level
-    if read_only:
-      absl_logger.setLevel(logging.ERROR)
     try:
-      self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                           item_names=("state", "data", "config"))
+      with _quiet_orbax(read_only):
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_names=("state", "data", "config"))
     except OSError as e:
       raise UserError(f"cannot open checkpoints in {self.directory}: "
                       f"{e.strerror or e}") from None
-    finally:
-      absl_logger.setLevel(level)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
+
+  def saved_ns(self, step: int) -> int | None:
+    """When Orbax committed `step` (its step metadata, ns since the epoch). Two checkpoints
+    of one step (a run deleted and trained again) differ here; the index, compare's reused
+    evaluations and the calibration report record it. None when the step records none."""
+    try:
+      with _quiet_orbax():  # it warns of each item it reads no metadata handler for
+        value = self.manager.metadata(step).commit_timestamp_nsecs
+    except Exception:  # noqa: BLE001 -- Orbax raises many types; no stamp is no check
+      return None
+    return int(value) if value else None
 
   def save(self, step: int, state, data_iterator=None, *, force: bool = False) -> bool:
     items = {"state": ocp.args.StandardSave(state)}

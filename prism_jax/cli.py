@@ -196,7 +196,7 @@ _DATA_STREAM = ("dataset", "text_key", "validation_fraction", "seq_len", "batch_
 
 
 def check_run_config(cfg: ExperimentConfig, workdir: str) -> None:
-  """Refuses to resume a run whose model or data stream differs from `cfg` (its
+  """Refuses to resume a run whose model, seed or data stream differs from `cfg` (its
   config.json says so). Where the data lives (data_dir, source_dir) may change."""
   path = config_path(workdir)
   if not path.exists():
@@ -218,6 +218,11 @@ def check_run_config(cfg: ExperimentConfig, workdir: str) -> None:
       if old != value:
         raise ConfigError(f"{workdir} holds a run with {section}.{key}={old!r}, not {value!r}; "
                           "use another --workdir or the same settings")
+  train = saved.get("train") if isinstance(saved.get("train"), dict) else {}
+  old, value = train.get("seed", current["train"]["seed"]), current["train"]["seed"]
+  if old != value:  # its initial parameters, the keys key drift is measured from, the label
+    raise ConfigError(f"{workdir} holds a run started with train.seed={old!r}, not {value!r}; "
+                      "use another --workdir or the same seed")
   data = saved.get("data") if isinstance(saved.get("data"), dict) else {}
   for key in _DATA_STREAM:
     old, value = data.get(key, current["data"][key]), current["data"][key]

@@ -154,7 +154,7 @@ def run_study(prism_cfg: ExperimentConfig, dense_cfg: ExperimentConfig, workdir:
   """Trains/reuses both runs, evaluates both, writes compare.{md,json} and loss_curves.png.
 
   Rerun after an interruption, it resumes training and reuses an evaluation it finished
-  (same step, validation batches, tasks and limit). Returns None, writing no table, when
+  (same checkpoint, validation batches, tasks and limit). Returns None, writing no table, when
   training was stopped (SIGTERM, a first Ctrl-C) before its last step.
 
   `train_data`, `tokenizer` and `validation` (a callable cfg -> batches) replace the corpus
@@ -183,7 +183,9 @@ def run_study(prism_cfg: ExperimentConfig, dense_cfg: ExperimentConfig, workdir:
       tok, batches = bundle.tokenizer, evaluation.validation_batches(cfg, bundle, val_batches)
     else:
       tok, batches = tokenizer, validation(cfg)
-    request = {"val_batches": val_batches, "tasks": [t.name for t in tasks], "limit": limit}
+    # the checkpoint's commit time: a run deleted and trained again to this step is new
+    request = {"val_batches": val_batches, "tasks": [t.name for t in tasks], "limit": limit,
+               "checkpoint_saved_ns": restore.checkpoint_saved_ns(cfg, run_dir, step)}
     results = _earlier_evaluation(run_dir, step, request)
     if results is not None:  # a rerun after an interruption: each run is scored once
       print(f"== {cfg.name}: step {step} was evaluated already (eval/step_{step}.compare.json)",

@@ -59,6 +59,15 @@ def load_params(cfg: ExperimentConfig, workdir: str, step: int | None = None,
   return graphdef, params, int(step)
 
 
+def checkpoint_saved_ns(cfg: ExperimentConfig, workdir: str, step: int) -> int | None:
+  """When checkpoint `step` of the run in `workdir` was committed (`Checkpointer.saved_ns`)."""
+  checkpointer = Checkpointer(checkpoint_dir(workdir), cfg.checkpoint, read_only=True)
+  try:
+    return checkpointer.saved_ns(step)
+  finally:
+    checkpointer.close()
+
+
 def run_config(cfg: ExperimentConfig, workdir: str, overrides: Sequence[str] = ()
                ) -> ExperimentConfig:
   """The config the run in `workdir` was trained with (its config.json), on this machine's

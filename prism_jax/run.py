@@ -75,6 +75,11 @@ class Run:
     restored into the shardings training gives them on this run's mesh."""
     return restore.load_params(self.cfg, self.workdir, step, mesh=self.mesh)
 
+  def saved_ns(self, step: int) -> int | None:
+    """When checkpoint `step` was committed: what tells it from an earlier checkpoint of the
+    same step (a run deleted and trained again) in whatever records the step it describes."""
+    return restore.checkpoint_saved_ns(self.cfg, self.workdir, step)
+
   def tokenizer(self):
     """The run's tokenizer, checked against the one it trained with."""
     tokenizer = restore.load_tokenizer(self.cfg)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from etils import epath
 
-from prism_jax import cli, layout
+from prism_jax import cli
 from prism_jax.attribution import common, config as attr_config, index as index_lib
 from prism_jax.checkpoint import model_settings
 from prism_jax.run import Run
@@ -45,15 +45,20 @@ def training_set(cfg, attr):
   return train, bundle.tokenizer
 
 
-def open_index(args, cfg, workdir: str, step: int) -> index_lib.Index:
-  """The run's index (--index or WORKDIR/index), checked against the loaded step."""
-  return index_lib.open_for(args.index or layout.path(workdir, layout.INDEX), step,
-                            model_settings(cfg), args.allow_index_mismatch)
+def open_index(args, run: Run, step: int) -> index_lib.Index:
+  """The run's index (--index or WORKDIR/index), checked against the loaded checkpoint."""
+  return _open(args.index or run.index, run, step, args.allow_index_mismatch)
 
 
-def open_if_built(index_dir: str, cfg, step: int, allow_mismatch: bool):
-  """The index in `index_dir` (checked against the loaded step), or None when none is built
-  there: the tools that only enrich their output with it (control, explore)."""
+def open_if_built(index_dir: str, run: Run, step: int, allow_mismatch: bool):
+  """The index in `index_dir` (checked against the loaded checkpoint), or None when none is
+  built there: the tools that only enrich their output with it (control, explore)."""
   if not (epath.Path(index_dir) / "manifest.json").is_file():
     return None
-  return index_lib.open_for(index_dir, step, model_settings(cfg), allow_mismatch)
+  return _open(index_dir, run, step, allow_mismatch)
+
+
+def _open(index_dir: str, run: Run, step: int, allow_mismatch: bool) -> index_lib.Index:
+  # the checkpoint's commit time tells it from an earlier one of the same step
+  return index_lib.open_for(index_dir, step, model_settings(run.cfg), allow_mismatch,
+                            saved_ns=run.saved_ns(step))

@@ -219,6 +219,39 @@ MUTATIONS = [
         "  return report",
         ("tests/test_control.py::test_calibration_report_keeps_the_tasks_not_recalibrated",),
         "calibrating sciq after piqa loses piqa's held-out figures from report.json"),
+    Mutation(
+        "calibration-report-keeps-a-trained-over-model", "prism_jax/control/records.py",
+        "  return then is not None and now is not None and then != now",
+        "  return False",
+        ("tests/test_control.py::"
+         "test_calibration_report_drops_tasks_of_a_checkpoint_trained_over",),
+        "report.json keeps the first model's figures beside the retrained one's, same step"),
+    Mutation(
+        "index-checked-by-step-alone", "prism_jax/attribution/index.py",
+        "  if saved_ns is not None and built_from is not None and built_from != saved_ns:",
+        "  if False:",
+        ("tests/test_no_data_loss.py::"
+         "test_an_index_of_an_earlier_checkpoint_of_the_same_step_is_refused",),
+        "attribute reads the first model's index after the run is trained again to its step"),
+    Mutation(
+        "index-build-ignores-checkpoint-time", "prism_jax/attribution/indexing.py",
+        "    build[\"checkpoint_saved_ns\"] = saved_ns",
+        "    pass",
+        ("tests/test_single_pass.py::test_an_index_of_the_same_build_is_kept_and_a_damaged_or_"
+         "other_one_built_again",),
+        "make index calls the first model's index up to date after a retrain to the same step"),
+    Mutation(
+        "compare-reuses-another-checkpoints-evaluation", "prism_jax/comparison.py",
+        '               "checkpoint_saved_ns": restore.checkpoint_saved_ns(cfg, run_dir, step)}',
+        "               }",
+        ("tests/test_no_data_loss.py::test_compare_resumed_scores_each_run_once",),
+        "compare's table reports the deleted run's evaluation for the retrained one"),
+    Mutation(
+        "resume-under-another-seed", "prism_jax/cli.py",
+        "  if old != value:  # its initial parameters, the keys key drift is measured from, the label",
+        "  if False:",
+        ("tests/test_config.py::test_resuming_with_a_different_model_is_refused",),
+        "compare ARGS=train.seed=1 in a seed-0 folder scores seed 0's runs as seed 1's"),
 ]
 
 

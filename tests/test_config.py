@@ -64,6 +64,10 @@ def test_resuming_with_a_different_model_is_refused(tmp_path):
   check_run_config(apply_overrides(cfg, ["prototypes.score_blocks=4"]), str(tmp_path))
   with pytest.raises(ConfigError, match="holds a run with model.d_model=128, not 64"):
     check_run_config(apply_overrides(cfg, ["model.d_model=64"]), str(tmp_path))
+  # the seed drew the run's initial parameters and its per-step draws; compare's table
+  # names it: a resume under another seed would train (or score) seed 0's run as seed 1's
+  with pytest.raises(ConfigError, match="holds a run started with train.seed=0, not 1"):
+    check_run_config(apply_overrides(cfg, ["train.seed=1"]), str(tmp_path))
 
 
 @pytest.mark.parametrize("override, message", [

@@ -247,3 +247,22 @@ def test_calibration_report_keeps_the_tasks_not_recalibrated(tmp_path):
                              "sciq": {"step": 200, "heldout_gain": 0.3}}   # recalibrated
   (tmp_path / "report.json").write_text("{not json")  # an unreadable old report is replaced
   assert records.merged_report(path, second) == second
+
+
+def test_calibration_report_drops_tasks_of_a_checkpoint_trained_over(tmp_path):
+  """A run deleted and trained again to the same step: the tasks calibrated on the first
+  model's checkpoint (another commit time) describe a model that is gone."""
+  from prism_jax.control import records
+  path = str(tmp_path / "report.json")
+  old = {"step": 100, "checkpoint_saved_ns": 1}
+  records.save(path, {"experiment": "prism_tiny", **old, "tasks": {
+      "piqa": {**old, "heldout_gain": 0.1}, "sciq": {**old, "heldout_gain": 0.2},
+      "arc_easy": {"step": 50, "checkpoint_saved_ns": 0, "heldout_gain": 0.3},
+      "hellaswag": {"step": 100, "heldout_gain": 0.4}}})  # recorded no commit time
+  new = {"step": 100, "checkpoint_saved_ns": 2}
+  merged = records.merged_report(path, {"experiment": "prism_tiny", **new, "tasks": {
+      "sciq": {**new, "heldout_gain": 0.5}}})
+  assert merged["tasks"] == {"arc_easy": {"step": 50, "checkpoint_saved_ns": 0,
+                                          "heldout_gain": 0.3},
+                             "hellaswag": {"step": 100, "heldout_gain": 0.4},
+                             "sciq": {**new, "heldout_gain": 0.5}}

@@ -218,6 +218,29 @@ def test_an_index_of_another_step_warns_only_when_allowed(tmp_path, capsys):
   index_lib.open_for(str(tmp_path), 7, model_settings(cfg))  # its own step and settings
 
 
+def test_an_index_of_an_earlier_checkpoint_of_the_same_step_is_refused(tmp_path, capsys):
+  """A run deleted and trained again reaches the same step with other parameters: the
+  checkpoint's commit time tells the two apart. An index or checkpoint that records none
+  (built before the field existed) is judged by its step."""
+  cfg = tiny_config()
+  settings = model_settings(cfg)
+  manifest = {"format": index_lib.FORMAT, "step": 7, "model_settings": settings,
+              "checkpoint_saved_ns": 1_800_000_000_000_000_000,
+              "shards": [{"start": 0, "stop": 32, "path": "shards/00000"}]}
+  (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+  later = 1_800_000_100_000_000_000
+  with pytest.raises(UserError, match=r"built from another checkpoint of step 7 \(committed "
+                     r"2027-01-15 08:00:00 UTC; the one there now: 2027-01-15 08:01:40 UTC"):
+    index_lib.open_for(str(tmp_path), 7, settings, saved_ns=later)
+  index_lib.open_for(str(tmp_path), 7, settings, allow_mismatch=True, saved_ns=later)
+  assert "another checkpoint of step 7" in capsys.readouterr().err
+  index_lib.open_for(str(tmp_path), 7, settings, saved_ns=manifest["checkpoint_saved_ns"])
+  index_lib.open_for(str(tmp_path), 7, settings, saved_ns=None)
+  del manifest["checkpoint_saved_ns"]
+  (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+  index_lib.open_for(str(tmp_path), 7, settings, saved_ns=later)
+
+
 @pytest.mark.parametrize("name", ["../config", "a/b", ".hidden", "", "x" * 200, "a\0b"])
 def test_plain_names_only(name):
   with pytest.raises(UserError, match="is not a plain name"):
@@ -452,6 +475,17 @@ def test_compare_resumed_scores_each_run_once(tmp_path, monkeypatch):
   # Other settings (here: a validation-batch count) are scored afresh.
   with pytest.raises(AssertionError, match="evaluated again"):
     comparison.run_study(prism, dense, str(tmp_path), [], None, 1, **kwargs)
+  # So is a run deleted and trained again to the same step: another checkpoint (Orbax's
+  # commit time), whose evaluation the first one's must never stand in for.
+  from prism_jax import restore
+  run_dir = str(tmp_path / dense.name)
+  first_saved = restore.checkpoint_saved_ns(dense, run_dir, 2)
+  import shutil
+  shutil.rmtree(tmp_path / dense.name / "checkpoints")
+  with pytest.raises(AssertionError, match="evaluated again"):
+    comparison.run_study(prism, dense, str(tmp_path), [], None, None, **kwargs)
+  assert first_saved is not None
+  assert restore.checkpoint_saved_ns(dense, run_dir, 2) not in (None, first_saved)
 
 
 def test_compare_stops_when_training_is_stopped(tmp_path, monkeypatch, capsys):

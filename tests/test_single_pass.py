@@ -361,9 +361,10 @@ def test_a_killed_build_resumes_to_the_same_index(small, tmp_path):
 
 def test_an_index_of_the_same_build_is_kept_and_a_damaged_or_other_one_built_again(
     small, tmp_path, monkeypatch):
-  """`make index` again over an up-to-date index (the same step, settings and documents)
-  keeps it: no pass, the manifest untouched. A file cut short or other settings: built
-  again (otherwise `attribute` would say 'rebuild it' and `make index` 'up to date')."""
+  """`make index` again over an up-to-date index (the same checkpoint, settings and
+  documents) keeps it: no pass, the manifest untouched. A file cut short, other settings or
+  another checkpoint of the same step: built again (otherwise `attribute` would say 'rebuild
+  it' and `make index` 'up to date')."""
   cfg, params, corpus = small
   graphdef, _ = lm.abstract_model(cfg)
   attr = AttributionConfig(batch_size=2, shard_prototypes=3, neighbourhood_size=4,
@@ -384,6 +385,14 @@ def test_an_index_of_the_same_build_is_kept_and_a_damaged_or_other_one_built_aga
   victim.write_bytes(victim.read_bytes()[:-1])
   assert "up_to_date" not in build() and passes == [1]
   assert "up_to_date" not in build(dataclasses.replace(attr, postings=3)) and passes == [1, 1]
+  # One step of a run deleted and trained again is another checkpoint (its commit time):
+  # built again, never 'up to date' over the first model's index.
+  stamped = lambda ns: indexing.build(cfg, graphdef, params, corpus, str(out), attr,
+                                      devices=jax.devices()[:1], step=4, saved_ns=ns)
+  assert "up_to_date" not in stamped(111) and passes == [1, 1, 1]
+  assert stamped(111).pop("up_to_date") and passes == [1, 1, 1]
+  assert "up_to_date" not in stamped(222) and passes == [1, 1, 1, 1]
+  assert json.loads((out / "manifest.json").read_text())["checkpoint_saved_ns"] == 222
 
 
 @pytest.mark.parametrize("merged_tokens", [20, 1 << 24])

@@ -70,7 +70,7 @@ from prism_jax import sharding
 from prism_jax.attribution import curvature as curvature_lib
 from prism_jax.attribution import index_step
 from prism_jax.attribution.common import TrainingSet
-from prism_jax.checkpoint import settings_difference
+from prism_jax.checkpoint import saved_time, settings_difference
 from prism_jax.config import MeshConfig
 from prism_jax.errors import UserError
 
@@ -153,11 +153,13 @@ def is_index(path) -> bool:
     return False
 
 
-def open_for(path: str, step: int, settings: dict, allow_mismatch: bool = False) -> "Index":
+def open_for(path: str, step: int, settings: dict, allow_mismatch: bool = False,
+             saved_ns: int | None = None) -> "Index":
   """The index at `path`, refused (or, with `allow_mismatch`, warned about) when it was built
-  from another checkpoint step or other model settings than the parameters in use."""
+  from another checkpoint (step, or `saved_ns`: when it was committed) or other model
+  settings than the parameters in use."""
   index = Index(path)
-  why = check_source(index.manifest, step, settings)
+  why = check_source(index.manifest, step, settings, saved_ns)
   if why and not allow_mismatch:
     raise UserError(f"the index at {path} {why}: rebuild it (make index) or pass "
                     "--allow-index-mismatch")
@@ -166,10 +168,17 @@ def open_for(path: str, step: int, settings: dict, allow_mismatch: bool = False)
   return index
 
 
-def check_source(manifest: dict, step: int, settings: dict) -> str | None:
-  """Why an index does not belong to the model at `step` (None when it does)."""
+def check_source(manifest: dict, step: int, settings: dict, saved_ns: int | None = None
+                 ) -> str | None:
+  """Why an index does not belong to the model at `step`, committed at `saved_ns` (None when
+  it does; an index or checkpoint that records no commit time is judged by its step)."""
   if manifest.get("step") != step:
     return f"was built from checkpoint step {manifest.get('step')}, not {step}"
+  built_from = manifest.get("checkpoint_saved_ns")
+  if saved_ns is not None and built_from is not None and built_from != saved_ns:
+    return (f"was built from another checkpoint of step {step} (committed "
+            f"{saved_time(built_from)}; the one there now: {saved_time(saved_ns)}, "
+            "a run trained again?)")
   difference = settings_difference(manifest.get("model_settings", settings), settings)
   return f"was built with {difference}" if difference else None
 

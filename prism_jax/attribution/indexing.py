@@ -233,13 +233,15 @@ def _add_to_tables(records: dict, tables: dict, k: int):
   tables["target_counts"].add(target)
 
 
-def _fingerprint(cfg, attr: AttributionConfig, step, setup: _Setup, num_documents: int
-                 ) -> dict:
-  return json.loads(json.dumps({
-      "format": FORMAT, "step": step, "model_settings": model_settings(cfg),
-      "attr": {k: getattr(attr, k) for k in CONTENT_KNOBS}, "rows": setup.rows,
-      "process_count": setup.process_count, "num_documents": num_documents,
-      "seq_len": cfg.data.seq_len}))
+def _fingerprint(cfg, attr: AttributionConfig, step, saved_ns, setup: _Setup,
+                 num_documents: int) -> dict:
+  build = {"format": FORMAT, "step": step, "model_settings": model_settings(cfg),
+           "attr": {k: getattr(attr, k) for k in CONTENT_KNOBS}, "rows": setup.rows,
+           "process_count": setup.process_count, "num_documents": num_documents,
+           "seq_len": cfg.data.seq_len}
+  if saved_ns is not None:  # the checkpoint itself, not only its step (a run trained again)
+    build["checkpoint_saved_ns"] = saved_ns
+  return json.loads(json.dumps(build))
 
 
 def _resume_point(work: epath.Path, fingerprint: dict) -> dict | None:
@@ -267,7 +269,8 @@ def _finished(out_dir, fingerprint: dict) -> dict | None:
 
 
 def build(cfg, graphdef, params, train, out_dir, attr: AttributionConfig, *,
-          decode=default_decode, devices=None, step: int | None = None, mesh=None,
+          decode=default_decode, devices=None, step: int | None = None,
+          saved_ns: int | None = None, mesh=None,
           stop_after_batches: int | None = None) -> dict | None:
   """Indexes `train` (a TrainingSet: one document per row; or a documents.Corpus) into
   `out_dir`; returns the manifest. With `mesh` (the run's, its rules entered by the
@@ -275,8 +278,8 @@ def build(cfg, graphdef, params, train, out_dir, attr: AttributionConfig, *,
   data-parallel mesh of `devices` (default: this process's) with `params` replicated.
   `stop_after_batches` stops after that many batches of this call without finishing (a
   kill, for tests): the next call resumes from the last commit. An index already built
-  from the same step, settings and documents is kept: its manifest comes back with
-  `up_to_date` set."""
+  from the same checkpoint (`step`, and `saved_ns`: when it was committed), settings and
+  documents is kept: its manifest comes back with `up_to_date` set."""
   if cfg.model.head != "prism":
     raise UserError(f"{cfg.name} has a dense head: the prototype index needs a PRISM model")
   vocab, m = cfg.model.vocab_size, cfg.prototypes.num_prototypes
@@ -307,7 +310,7 @@ def build(cfg, graphdef, params, train, out_dir, attr: AttributionConfig, *,
     context.enter_context(sharding.use_rules(MeshConfig().rules))
   work = epath.Path(str(out_dir).rstrip("/") + ".partial")
   distributed.check_shared_workdir(str(work), "--index")  # process 0 merges every part
-  fingerprint = _fingerprint(cfg, attr, step, setup, corpus.num_documents)
+  fingerprint = _fingerprint(cfg, attr, step, saved_ns, setup, corpus.num_documents)
   finished = _finished(out_dir, fingerprint)
   if finished is not None:  # the same step, settings and documents: hours at scale, saved
     context.close()
@@ -320,8 +323,8 @@ def build(cfg, graphdef, params, train, out_dir, attr: AttributionConfig, *,
       return None
   manifest = None
   if setup.process_index == 0:
-    manifest = _finish(cfg, attr, work, fingerprint, setup, e_VxD, basis, step, decode,
-                       corpus.num_documents)
+    manifest = _finish(cfg, attr, work, fingerprint, setup, e_VxD, basis, step, saved_ns,
+                       decode, corpus.num_documents)
     outputs.replace_folder(work, out_dir, "prototype index", is_index, "--index")
   _sync("prism_index_done", setup.process_count)
   return manifest if manifest is not None else Index(str(out_dir)).manifest
@@ -462,7 +465,7 @@ def _merge_parts(work: epath.Path, process: int, parts: list, max_tokens: int) -
 
 
 def _finish(cfg, attr, work: epath.Path, fingerprint: dict, setup: _Setup, e_VxD, basis,
-            step, decode, num_documents: int) -> dict:
+            step, saved_ns, decode, num_documents: int) -> dict:
   progress = json.loads((work / "progress.json").read_text())
   batches = progress["batches_done"]
   committed = progress["processes"]
@@ -474,7 +477,8 @@ def _finish(cfg, attr, work: epath.Path, fingerprint: dict, setup: _Setup, e_VxD
     raise UserError("the indexed training documents have no scored positions")
   m, d = cfg.prototypes.num_prototypes, cfg.model.d_model
   manifest = {
-      "format": FORMAT, "experiment": cfg.name, "step": step, "head": cfg.model.head,
+      "format": FORMAT, "experiment": cfg.name, "step": step,
+      "checkpoint_saved_ns": saved_ns, "head": cfg.model.head,
       "num_prototypes": m, "top_k": cfg.prototypes.top_k, "d_model": d,
       "vocab_size": cfg.model.vocab_size, "seq_len": cfg.data.seq_len,
       "num_examples": num_documents, "num_tokens": num_tokens,

@@ -2,7 +2,7 @@
 
   with run:                                              # the run's mesh and rules
     manifest = service.build_run_index(run, attr, out)   # every token of the training split
-    index = index_lib.open_for(out, step, model_settings(run.cfg))
+    index = run_index.open_index(args, run, step)        # checked against the checkpoint
     found = service.explain(run.cfg, graphdef, params, index, query, attr, decode)
 """
 
@@ -34,7 +34,7 @@ def build_run_index(run, attr: AttributionConfig, out_dir: str, step: int | None
   corpus, tokenizer = training_corpus(run.cfg, attr)
   tokenizer_record.check(run.workdir, tokenizer)
   return indexing.build(run.cfg, graphdef, params, corpus, out_dir, attr, mesh=run.mesh,
-                        step=step, decode=tokenizer.decode,
+                        step=step, saved_ns=run.saved_ns(step), decode=tokenizer.decode,
                         stop_after_batches=stop_after_batches)
 
 

@@ -20,16 +20,27 @@ def merged_report(path: str, report: dict) -> dict:
 
   controllers/report.json keeps each task's latest calibration, as controllers/<task>.json
   does: calibrating sciq after piqa keeps piqa's held-out figures (each task records its
-  own step). An old report that cannot be read holds nothing to keep and is replaced.
+  own step and checkpoint commit time). A task calibrated on an earlier checkpoint of the
+  report's own step (the run was trained again) describes a model that is gone, and is
+  dropped. An old report that cannot be read holds nothing to keep and is replaced.
   """
   try:
     old = json.loads(epath.Path(path).read_text(encoding="utf-8"))
   except (OSError, ValueError):  # none yet, or unreadable
     old = {}
   tasks = old.get("tasks") if isinstance(old, dict) else None
-  kept = ({name: r for name, r in tasks.items() if name not in report["tasks"]}
+  kept = ({name: r for name, r in tasks.items()
+           if name not in report["tasks"] and not _replaced_checkpoint(r, report)}
           if isinstance(tasks, dict) else {})
   return {**report, "tasks": {**kept, **report["tasks"]}}
+
+
+def _replaced_checkpoint(task: Any, report: dict) -> bool:
+  """Whether `task` was calibrated on another checkpoint of the step `report` describes."""
+  if not isinstance(task, dict) or task.get("step") != report.get("step"):
+    return False
+  then, now = task.get("checkpoint_saved_ns"), report.get("checkpoint_saved_ns")
+  return then is not None and now is not None and then != now
 
 
 def load(path: str, fmt: str, what: str, how_to_make: str,

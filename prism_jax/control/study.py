@@ -63,6 +63,7 @@ class Calibration:
   batch_size: int = 32
   show: int = 8
   progress: bool = True
+  saved_ns: int | None = None  # the checkpoint's commit time (Checkpointer.saved_ns)
 
 
 def calibrate_task(setup: Calibration, name: str, examples: Sequence, cards, index) -> dict:
@@ -83,7 +84,7 @@ def calibrate_task(setup: Calibration, name: str, examples: Sequence, cards, ind
                                            setup.batch_size, f"{name} after", setup.progress)
   diff = correct_after - correct_before
   result = {
-      "step": setup.step,
+      "step": setup.step, "checkpoint_saved_ns": setup.saved_ns,
       "calibration_examples": len(cal), "heldout_examples": len(held),
       "heldout_before": before, "heldout_after": after,
       "heldout_gain": float(np.mean(diff)),
@@ -99,7 +100,8 @@ def calibrate_task(setup: Calibration, name: str, examples: Sequence, cards, ind
   }
   result["controller"] = ctl.save(
       ctl.default_path(setup.workdir, name), controller,
-      {"experiment": cfg.name, "step": setup.step, "task": name,
+      {"experiment": cfg.name, "step": setup.step, "checkpoint_saved_ns": setup.saved_ns,
+       "task": name,
        "fit": dataclasses.asdict(setup.fit),
        "heldout_before": before["accuracy"], "heldout_after": after["accuracy"]})
   return result

@@ -101,14 +101,14 @@ def main(argv=None):
 
 
 def _attribute(args, opened, attr):
-  cfg, workdir = opened.cfg, opened.workdir
+  cfg = opened.cfg
   outputs.check_file_target(args.json, "--json")
   graphdef, params, step = opened.params(args.step)
   tokenizer = opened.tokenizer()
   query = make_query(cfg, graphdef, params, tokenizer, args.prompt, args.target_token)
   index_dir = args.index or opened.index
   if args.method in run.PROTOTYPE_METHODS:
-    index = run_index.open_index(args, cfg, workdir, step)
+    index = run_index.open_index(args, opened, step)
     train = None  # the index holds the documents
   else:
     train, _ = run_index.training_set(cfg, attr)

@@ -48,7 +48,7 @@ def _setup(args):
 
 
 def _index(args, opened: Run, step: int):
-  return run_index.open_if_built(args.index or opened.index, opened.cfg, step,
+  return run_index.open_if_built(args.index or opened.index, opened, step,
                                 args.allow_index_mismatch)
 
 
@@ -97,8 +97,10 @@ def calibrate(argv) -> dict:
         step=step, fit=ctl.FitConfig(steps=args.steps, learning_rate=args.learning_rate,
                                      l1_gain=args.l1, l1_bias=args.l1, seed=args.split_seed),
         calibration_fraction=args.calibration_fraction, split_seed=args.split_seed,
-        batch_size=args.batch_size, show=args.show, progress=not args.no_progress)
-    report = {"experiment": cfg.name, "step": step, "workdir": workdir, "tasks": {}}
+        batch_size=args.batch_size, show=args.show, progress=not args.no_progress,
+        saved_ns=opened.saved_ns(step))
+    report = {"experiment": cfg.name, "step": step, "checkpoint_saved_ns": setup.saved_ns,
+              "workdir": workdir, "tasks": {}}
     for spec in specs:
       result = study.calibrate_task(setup, spec.name, examples[spec.name], cards, index)
       report["tasks"][spec.name] = result

@@ -53,7 +53,7 @@ def _explore(args, opened: Run, labeller):
   graphdef, params, step = opened.params(args.step)
   bundle = opened.data()
   index_dir = args.index or opened.index
-  index = run_index.open_if_built(index_dir, cfg, step, args.allow_index_mismatch)
+  index = run_index.open_if_built(index_dir, opened, step, args.allow_index_mismatch)
   if index is None and args.index:
     raise UserError(f"no prototype index at {args.index}")
   batches = evaluation.validation_batches(cfg, bundle, args.val_batches or cfg.train.eval_batches)
