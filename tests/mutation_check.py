@@ -227,6 +227,13 @@ MUTATIONS = [
          "test_calibration_report_drops_tasks_of_a_checkpoint_trained_over",),
         "report.json keeps the first model's figures beside the retrained one's, same step"),
     Mutation(
+        "intervention-of-another-step-silent", "prism_jax/control/records.py",
+        "  if made_step != step:",
+        "  if False:",
+        ("tests/test_control.py::"
+         "test_an_intervention_made_on_another_checkpoint_is_applied_with_a_warning",),
+        "evaluate --controller from step 500 on step 1000 says nothing of it"),
+    Mutation(
         "index-checked-by-step-alone", "prism_jax/attribution/index.py",
         "  if saved_ns is not None and built_from is not None and built_from != saved_ns:",
         "  if False:",

@@ -266,3 +266,38 @@ def test_calibration_report_drops_tasks_of_a_checkpoint_trained_over(tmp_path):
                                           "heldout_gain": 0.3},
                              "hellaswag": {"step": 100, "heldout_gain": 0.4},
                              "sciq": {**new, "heldout_gain": 0.5}}
+
+
+def test_an_intervention_made_on_another_checkpoint_is_applied_with_a_warning(tmp_path, capsys):
+  """--controller/--suppress from a later or earlier step (prototypes moved) or from another
+  checkpoint of the same step (a run trained again: ids name other prototypes) are applied
+  as asked, each with one warning line; one made on the loaded checkpoint, or recording no
+  checkpoint, is applied silently."""
+  import argparse
+  import numpy as np
+  from prism_jax.control import controller as control_lib, interventions, suppress as sup
+
+  class Run:
+    def saved_ns(self, step):
+      return 1_000
+
+  controller = control_lib.Controller(gain_M=np.zeros(4, np.float32),
+                                      bias_M=np.zeros(4, np.float32))
+  made = control_lib.save(str(tmp_path / "c.json"), controller,
+                          {"step": 5, "checkpoint_saved_ns": 1_000})
+  old = sup.save(str(tmp_path / "s.json"), [1], {"step": 5})  # before commit times were kept
+
+  def warnings(step, **files):
+    interventions.warn_if_made_elsewhere(
+        argparse.Namespace(controller=files.get("c"), suppress=files.get("s")), Run(), step)
+    return capsys.readouterr().err
+
+  assert warnings(5, c=made, s=old) == ""
+  assert warnings(6, c=made) == (f"warning: --controller {made} was made on checkpoint step 5, "
+                                 "not 6: its prototypes have moved since\n")
+  assert "--suppress" in warnings(4, s=old)
+  made_again = control_lib.save(str(tmp_path / "c2.json"), controller,
+                                {"step": 5, "checkpoint_saved_ns": 999})
+  assert warnings(5, c=made_again) == (
+      f"warning: --controller {made_again} was made on another checkpoint of step 5 (a run "
+      "trained again?): its prototype ids name other prototypes\n")

@@ -4,8 +4,9 @@ the interventions they load: the one place those flags are spelled."""
 from __future__ import annotations
 
 import argparse
+import sys
 
-from prism_jax.control import controller as control_lib, suppress as suppress_lib
+from prism_jax.control import controller as control_lib, records, suppress as suppress_lib
 from prism_jax.errors import UserError
 
 
@@ -29,3 +30,17 @@ def load(args: argparse.Namespace, cfg) -> dict:
           "suppressed_M": (suppress_lib.load(args.suppress, num_prototypes,
                                              cfg.prototypes.top_k)
                            if args.suppress else None)}
+
+
+def warn_if_made_elsewhere(args: argparse.Namespace, run, step: int) -> None:
+  """A warning line for each --controller/--suppress file made on another checkpoint than
+  the one loaded (`run`'s step `step`): it is applied as asked, and the line says so."""
+  flags = [(flag, path) for flag, path in (("--controller", args.controller),
+                                           ("--suppress", args.suppress)) if path]
+  if not flags:
+    return
+  saved_ns = run.saved_ns(step)
+  for flag, path in flags:
+    why = records.other_checkpoint(records.made_on(path), step, saved_ns)
+    if why:
+      print(f"warning: {flag} {path} was made on {why}", file=sys.stderr)

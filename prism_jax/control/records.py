@@ -43,6 +43,32 @@ def _replaced_checkpoint(task: Any, report: dict) -> bool:
   return then is not None and now is not None and then != now
 
 
+def made_on(path: str) -> tuple:
+  """(step, checkpoint_saved_ns) that the controller or suppression set at `path` records it
+  was made on; (None, None) where it records none (or cannot be read: `load` says why)."""
+  try:
+    record = json.loads(epath.Path(path).read_text(encoding="utf-8"))
+  except (OSError, ValueError):
+    return None, None
+  if not isinstance(record, dict):
+    return None, None
+  return record.get("step"), record.get("checkpoint_saved_ns")
+
+
+def other_checkpoint(made: tuple, step: int, saved_ns: int | None) -> str | None:
+  """What a record `made` on (step, commit time) says against the checkpoint in use, or None
+  when it is that checkpoint (or records nothing to tell)."""
+  made_step, made_ns = made
+  if made_step is None:
+    return None
+  if made_step != step:
+    return f"checkpoint step {made_step}, not {step}: its prototypes have moved since"
+  if made_ns is not None and saved_ns is not None and made_ns != saved_ns:
+    return (f"another checkpoint of step {step} (a run trained again?): its prototype ids "
+            "name other prototypes")
+  return None
+
+
 def load(path: str, fmt: str, what: str, how_to_make: str,
          parse: Callable[[dict], Any]) -> Any:
   """`parse(record)` for the record at `path`; UserError when missing, malformed or not `fmt`."""

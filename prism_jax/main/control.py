@@ -190,7 +190,8 @@ def suppress(argv) -> dict:
         progress=not args.no_progress)
     name = outputs.plain_name(args.name, "--name") if args.name else default_name
     rows = study.describe([{"prototype": j} for j in chosen], cards, index, spans=1)
-    result = {"experiment": cfg.name, "step": step, "prototypes": rows, "words": words,
+    result = {"experiment": cfg.name, "step": step,
+              "checkpoint_saved_ns": opened.saved_ns(step), "prototypes": rows, "words": words,
               "measured_on": (outputs.absolute(args.text_file) if text is not None
                               else "validation"),
               "family_tokens": int(family.sum()), "before": before, "after": after,
@@ -198,9 +199,10 @@ def suppress(argv) -> dict:
               "selector": {"prototypes": args.prototypes, "label": args.label,
                            "match": args.match, "min_share": args.min_share}}
     result["path"] = sup.save(sup.default_path(workdir, name), chosen,
-                              {k: result[k] for k in ("experiment", "step", "words", "selector",
-                                                      "measured_on", "before", "after",
-                                                      "loss_change")})
+                              {k: result[k] for k in ("experiment", "step",
+                                                      "checkpoint_saved_ns", "words",
+                                                      "selector", "measured_on", "before",
+                                                      "after", "loss_change")})
     print(study.format_suppression(result))
     return result
 

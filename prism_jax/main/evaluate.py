@@ -58,6 +58,7 @@ def _run(args: argparse.Namespace, opened: Run) -> dict:
   text = evaluation.read_text_file(args.text_file) if args.text_file else None
   chosen = interventions.load(args, cfg)
   graphdef, params, step = opened.params(args.step)
+  interventions.warn_if_made_elsewhere(args, opened, step)
   # One file per kind of evaluation, checked before the passes (a file where eval/ goes)
   results_path = evaluation.results_path(opened.workdir, step, evaluation.request_tags(
       tasks=[t.name for t in tasks], limit=args.limit, val_batches=args.val_batches,

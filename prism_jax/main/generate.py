@@ -58,6 +58,7 @@ def _generate(args, opened: Run):
                       top_p=args.top_p)
   chosen = interventions.load(args, cfg)  # a bad file fails before the restore
   graphdef, params, step = opened.params(args.step)
+  interventions.warn_if_made_elsewhere(args, opened, step)
   tokenizer = opened.tokenizer()
   prompt_ids = encode_prompt(tokenizer, args.prompt)
   eos = special_id(tokenizer, "eos_id")
