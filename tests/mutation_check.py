@@ -234,6 +234,13 @@ MUTATIONS = [
          "test_an_intervention_made_on_another_checkpoint_is_applied_with_a_warning",),
         "evaluate --controller from step 500 on step 1000 says nothing of it"),
     Mutation(
+        "control-labels-of-another-checkpoint", "prism_jax/control/study.py",
+        "    if why is None:",
+        "    if True:",
+        ("tests/test_explore.py::test_control_shows_the_explorers_labels_only_for_the_"
+         "checkpoint_they_describe",),
+        "control's report labels prototypes with the labels of a model trained over"),
+    Mutation(
         "index-checked-by-step-alone", "prism_jax/attribution/index.py",
         "  if saved_ns is not None and built_from is not None and built_from != saved_ns:",
         "  if False:",

@@ -96,6 +96,40 @@ def test_labels_usage_and_files(report):
     assert abs(sum(p["contribution"] for p in step["prototypes"]) - step["logit"]) < 1e-3
 
 
+def test_control_shows_the_explorers_labels_only_for_the_checkpoint_they_describe(
+    report, tmp_path, capsys):
+  """explore's labels.json records its checkpoint (step 0 here, no commit time): control's
+  cards are those labels for that checkpoint; for a later step, or another checkpoint of
+  the step (a run trained again), top-token labels of the parameters in use, with a note. A
+  labels.json of before the record (a bare list) is read as it is."""
+  import json
+  from prism_jax.control import study
+
+  cfg, result = report
+  saved = json.loads(open(result["paths"]["labels.json"], encoding="utf-8").read())
+  assert saved["step"] == 0 and len(saved["cards"]) == cfg.prototypes.num_prototypes
+  graphdef, params = lm.init(cfg, 1)
+  (tmp_path / "explore").mkdir()
+  labels_file = tmp_path / "explore" / "labels.json"
+  stamped = labels.labels_record(saved["cards"], 5, 1_000)
+  labels_file.write_text(json.dumps(stamped))
+  explorer_ids = {c["id"]: c["label"] for c in saved["cards"]}
+  cards = study.prototype_cards(str(tmp_path), params, CharTokenizer(), 5, 1_000)
+  assert {j: c["label"] for j, c in cards.items()} == explorer_ids
+  assert capsys.readouterr().err == ""
+  top_tokens = {c["id"]: c["label"] for c in labels.label_prototypes(
+      params, CharTokenizer(), None, num_tokens=5)}
+  assert top_tokens != explorer_ids  # (other parameters: the two are told apart below)
+  for step, saved_ns, why in [(6, 1_000, "checkpoint step 5, not 6"),
+                              (5, 2_000, "another checkpoint of step 5")]:
+    cards = study.prototype_cards(str(tmp_path), params, CharTokenizer(), step, saved_ns)
+    assert {j: c["label"] for j, c in cards.items()} == top_tokens
+    assert why in capsys.readouterr().err
+  labels_file.write_text(json.dumps(saved["cards"]))  # the bare list: nothing to check
+  cards = study.prototype_cards(str(tmp_path), params, CharTokenizer(), 6, 2_000)
+  assert {j: c["label"] for j, c in cards.items()} == explorer_ids
+
+
 def test_llm_labeller_hook(report):
   fn = labels.load_llm_labeller("tests.test_explore:_fake_labeller")
   assert fn({"id": 3, "top_tokens": []}) == "proto-3"

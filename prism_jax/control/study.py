@@ -10,6 +10,7 @@ plus the prototype cards they describe prototypes with, and their reports.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from typing import Callable, Iterable, Sequence
 
@@ -17,19 +18,26 @@ import numpy as np
 
 from prism_jax import sampling
 from prism_jax.control import controller as ctl
+from prism_jax.control import records
 from prism_jax.control import suppress as sup
 from prism_jax.control import tasks as task_lib
 from prism_jax.models import lm
 
 
-def prototype_cards(workdir: str, params, tokenizer) -> dict:
-  """The explorer's cards by prototype id; without an explorer run, top-token labels."""
+def prototype_cards(workdir: str, params, tokenizer, step: int, saved_ns: int | None) -> dict:
+  """The explorer's cards by prototype id, when they describe the checkpoint in use (`step`,
+  committed at `saved_ns`); else top-token labels of these parameters."""
   from prism_jax.explore import labels
 
   saved = labels.load_labels(workdir)
   if saved is not None:
-    return saved
-  # No explorer run yet: label by top tokens only (cheap, no index needed).
+    cards, made = saved
+    why = records.other_checkpoint(made, step, saved_ns)
+    if why is None:
+      return cards
+    print(f"note: {labels.labels_path(workdir)} was made on {why}; labelling by top tokens "
+          "instead (run explore on this checkpoint for its labels)", file=sys.stderr)
+  # No explorer run of this checkpoint: label by top tokens only (cheap, no index needed).
   return {c["id"]: c for c in labels.label_prototypes(params, tokenizer, None, num_tokens=5)}
 
 

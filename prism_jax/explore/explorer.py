@@ -46,8 +46,9 @@ def usage_stats(graphdef, params, batches, num_prototypes: int, progress: bool =
 def explore(cfg, workdir, graphdef, params, step, tokenizer, batches, *, index=None,
             prompt: str | None = DEFAULT_PROMPT, max_new_tokens: int = 24,
             projection_method: str = "auto", llm_labeller=None, out_dir: str | None = None,
-            progress: bool = True) -> dict:
-  """Everything the command does, returned as paths and figures."""
+            progress: bool = True, saved_ns: int | None = None) -> dict:
+  """Everything the command does, returned as paths and figures. `saved_ns`: when Orbax
+  committed checkpoint `step`, recorded with the labels (control reads them back)."""
   m = cfg.prototypes.num_prototypes
   usage, mean_act, positions = usage_stats(graphdef, params, batches, m, progress)
   cards = labels_lib.label_prototypes(params, tokenizer, index, usage=usage,
@@ -70,7 +71,7 @@ def explore(cfg, workdir, graphdef, params, step, tokenizer, batches, *, index=N
   out_dir = out_dir or layout.path(workdir, layout.EXPLORE)
   paths = {name: layout.path(out_dir, name) for name in ("labels.json", "map.json",
                                                            "report.html")}
-  outputs.write_json(paths["labels.json"], cards)
+  outputs.write_json(paths["labels.json"], labels_lib.labels_record(cards, step, saved_ns))
   outputs.write_json(paths["map.json"], {"method": method,
                                          "coords": np.asarray(coords).tolist(),
                                          "categories": [c["category"] for c in cards]})

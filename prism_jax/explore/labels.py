@@ -167,13 +167,28 @@ def label_prototypes(params, tokenizer, index=None, usage: np.ndarray | None = N
   return cards
 
 
+LABELS_FORMAT = "prism-labels/1"
+
+
 def labels_path(workdir: str) -> str:
   return layout.path(workdir, layout.EXPLORE, "labels.json")
 
 
-def load_labels(workdir: str) -> dict[int, dict] | None:
-  """Cards saved by `python -m prism_jax.main.explore`, by prototype id; None when absent."""
+def labels_record(cards: list[dict], step: int, saved_ns: int | None) -> dict:
+  """labels.json: the cards and the checkpoint they describe (step, Orbax's commit time)."""
+  return {"format": LABELS_FORMAT, "step": step, "checkpoint_saved_ns": saved_ns,
+          "cards": cards}
+
+
+def load_labels(workdir: str) -> tuple[dict[int, dict], tuple] | None:
+  """(cards by prototype id, (step, checkpoint_saved_ns) they describe) saved by `python -m
+  prism_jax.main.explore`; None when absent. A file written before the checkpoint was
+  recorded (a bare list of cards) describes (None, None)."""
   path = epath.Path(labels_path(workdir))
   if not path.is_file():
     return None
-  return {int(c["id"]): c for c in json.loads(path.read_text(encoding="utf-8"))}
+  saved = json.loads(path.read_text(encoding="utf-8"))
+  if isinstance(saved, list):
+    return {int(c["id"]): c for c in saved}, (None, None)
+  return ({int(c["id"]): c for c in saved["cards"]},
+          (saved.get("step"), saved.get("checkpoint_saved_ns")))

@@ -91,15 +91,16 @@ def calibrate(argv) -> dict:
   with opened, outputs.WorkdirLock(workdir, "control calibrate"):
     tokenizer = opened.tokenizer()
     index = _index(args, opened, step)
-    cards = study.prototype_cards(workdir, params, tokenizer)
+    saved_ns = opened.saved_ns(step)
+    cards = study.prototype_cards(workdir, params, tokenizer, step, saved_ns)
     setup = study.Calibration(
         cfg=cfg, graphdef=graphdef, params=params, tokenizer=tokenizer, workdir=workdir,
         step=step, fit=ctl.FitConfig(steps=args.steps, learning_rate=args.learning_rate,
                                      l1_gain=args.l1, l1_bias=args.l1, seed=args.split_seed),
         calibration_fraction=args.calibration_fraction, split_seed=args.split_seed,
         batch_size=args.batch_size, show=args.show, progress=not args.no_progress,
-        saved_ns=opened.saved_ns(step))
-    report = {"experiment": cfg.name, "step": step, "checkpoint_saved_ns": setup.saved_ns,
+        saved_ns=saved_ns)
+    report = {"experiment": cfg.name, "step": step, "checkpoint_saved_ns": saved_ns,
               "workdir": workdir, "tasks": {}}
     for spec in specs:
       result = study.calibrate_task(setup, spec.name, examples[spec.name], cards, index)
@@ -159,7 +160,8 @@ def suppress(argv) -> dict:
   with opened, outputs.WorkdirLock(workdir, "control suppress"):
     tokenizer = opened.tokenizer()
     index = _index(args, opened, step)
-    cards = study.prototype_cards(workdir, params, tokenizer)
+    saved_ns = opened.saved_ns(step)
+    cards = study.prototype_cards(workdir, params, tokenizer, step, saved_ns)
     chosen = list(args.prototypes)
     if args.label:
       chosen += sup.by_label(cards, args.label)[:args.max_prototypes]
@@ -191,7 +193,7 @@ def suppress(argv) -> dict:
     name = outputs.plain_name(args.name, "--name") if args.name else default_name
     rows = study.describe([{"prototype": j} for j in chosen], cards, index, spans=1)
     result = {"experiment": cfg.name, "step": step,
-              "checkpoint_saved_ns": opened.saved_ns(step), "prototypes": rows, "words": words,
+              "checkpoint_saved_ns": saved_ns, "prototypes": rows, "words": words,
               "measured_on": (outputs.absolute(args.text_file) if text is not None
                               else "validation"),
               "family_tokens": int(family.sum()), "before": before, "after": after,

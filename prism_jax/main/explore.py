@@ -60,7 +60,8 @@ def _explore(args, opened: Run, labeller):
   out = explore(cfg, workdir, graphdef, params, step, bundle.tokenizer, batches, index=index,
                 prompt=args.prompt or None, max_new_tokens=args.max_new_tokens,
                 projection_method=args.projection, llm_labeller=labeller,
-                out_dir=args.output, progress=not args.no_progress)
+                out_dir=args.output, progress=not args.no_progress,
+                saved_ns=opened.saved_ns(step))
   print(f"{cfg.name} step {step}: {len(out['cards'])} prototypes, {out['dead']} dead; "
         f"categories {out['categories']}; map by {out['projection']}")
   if index is None:
