@@ -128,6 +128,11 @@ def test_control_shows_the_explorers_labels_only_for_the_checkpoint_they_describ
   labels_file.write_text(json.dumps(saved["cards"]))  # the bare list: nothing to check
   cards = study.prototype_cards(str(tmp_path), params, CharTokenizer(), 6, 2_000)
   assert {j: c["label"] for j, c in cards.items()} == explorer_ids
+  for damaged in ('{"cards": [', '{"step": 5}', '[{"label": "x"}]'):  # labels decorate only
+    labels_file.write_text(damaged)
+    cards = study.prototype_cards(str(tmp_path), params, CharTokenizer(), 5, 1_000)
+    assert {j: c["label"] for j, c in cards.items()} == top_tokens
+    assert f"cannot read {labels_file}" in capsys.readouterr().err
 
 
 def test_llm_labeller_hook(report):

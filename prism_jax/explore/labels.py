@@ -182,13 +182,18 @@ def labels_record(cards: list[dict], step: int, saved_ns: int | None) -> dict:
 
 def load_labels(workdir: str) -> tuple[dict[int, dict], tuple] | None:
   """(cards by prototype id, (step, checkpoint_saved_ns) they describe) saved by `python -m
-  prism_jax.main.explore`; None when absent. A file written before the checkpoint was
-  recorded (a bare list of cards) describes (None, None)."""
+  prism_jax.main.explore`; None when absent, or (with a note) when it cannot be read. A file
+  written before the checkpoint was recorded (a bare list of cards) describes (None, None)."""
   path = epath.Path(labels_path(workdir))
   if not path.is_file():
     return None
-  saved = json.loads(path.read_text(encoding="utf-8"))
-  if isinstance(saved, list):
-    return {int(c["id"]): c for c in saved}, (None, None)
-  return ({int(c["id"]): c for c in saved["cards"]},
-          (saved.get("step"), saved.get("checkpoint_saved_ns")))
+  try:
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(saved, list):
+      return {int(c["id"]): c for c in saved}, (None, None)
+    return ({int(c["id"]): c for c in saved["cards"]},
+            (saved.get("step"), saved.get("checkpoint_saved_ns")))
+  except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # labels decorate
+    print(f"note: cannot read {path} ({type(e).__name__}: {e}); labelling by top tokens "
+          "(run explore again for its labels)", file=sys.stderr)
+    return None
