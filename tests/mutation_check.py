@@ -241,6 +241,12 @@ MUTATIONS = [
          "checkpoint_they_describe",),
         "control's report labels prototypes with the labels of a model trained over"),
     Mutation(
+        "lds-cache-read-blindly", "prism_jax/attribution/ground_truth.py",
+        "  cached = _read_cache(path, _read_group, say)",
+        "  cached = _read_group(path) if os.path.exists(path) else None",
+        ("tests/test_lds.py::test_retrains_removing_the_driving_example_lower_the_query",),
+        "a cut-short retrain cache stops the LDS study with a zip traceback"),
+    Mutation(
         "index-checked-by-step-alone", "prism_jax/attribution/index.py",
         "  if saved_ns is not None and built_from is not None and built_from != saved_ns:",
         "  if False:",

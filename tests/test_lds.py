@@ -3,6 +3,7 @@ tiny models and few subsets for the retrains; the statistics against hand comput
 
 import json
 import os
+import pathlib
 
 import chex
 import jax
@@ -47,6 +48,15 @@ def test_retrains_removing_the_driving_example_lower_the_query(tmp_path):
                                say=lambda *_: None)
   assert again["retrained"] == 0
   np.testing.assert_array_equal(again["outputs"], truth["outputs"])
+  # a cached group damaged outside this code (cut short): retrained and replaced, said once
+  [cached] = list(pathlib.Path(truth["directory"]).glob("group_*.npz"))
+  cached.write_bytes(cached.read_bytes()[:100])
+  said = []
+  mended = ground_truth.compute(cfg, train, [query], subsets, 1, 4, str(tmp_path),
+                                say=said.append)
+  assert mended["retrained"] == 4
+  np.testing.assert_array_equal(mended["outputs"], truth["outputs"])
+  assert said[0] == f"  cached {cached.name} cannot be read (BadZipFile); computing it again"
   members = np.stack([subsets[0]] * 4)
   first = retrain.fit_group(cfg, train, members, [0, 0, 1, 1], [0, 0, 0, 0])
   second = retrain.fit_group(cfg, train, members, [0, 0, 1, 1], [0, 0, 0, 0])

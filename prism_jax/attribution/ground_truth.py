@@ -95,6 +95,29 @@ def _jobs(num_subsets: int, seeds: int, group: int):
   return out
 
 
+def _read_group(path: str):
+  with np.load(path) as cached:
+    return np.asarray(cached["outputs"]), float(cached["seconds"])
+
+
+def _read_pickle(path: str):
+  with open(path, "rb") as f:
+    return pickle.load(f)
+
+
+def _read_cache(path: str, read, say):
+  """`read(path)` of a cached result; None when absent, or (said) when it cannot be read: a
+  file damaged outside this code (its writes are atomic) is computed again and replaced."""
+  if not os.path.exists(path):
+    return None
+  try:
+    return read(path)
+  except Exception as e:  # noqa: BLE001 -- numpy/zip/pickle raise many types for bad bytes
+    say(f"  cached {os.path.basename(path)} cannot be read ({type(e).__name__}); "
+        "computing it again")
+    return None
+
+
 def compute(cfg, train: common.TrainingSet, queries, subsets: np.ndarray, seeds: int,
             group: int, workdir: str, say=print) -> dict:
   """{"outputs": [seeds, subsets, Q], "seconds": retraining time, "retrained": models
@@ -109,9 +132,9 @@ def compute(cfg, train: common.TrainingSet, queries, subsets: np.ndarray, seeds:
   seconds, trained = 0.0, 0
   for g, job in enumerate(jobs):
     path = os.path.join(directory, f"group_{g:04d}.npz")
-    if os.path.exists(path):
-      with np.load(path) as cached:
-        out_KxQ, took = cached["outputs"], float(cached["seconds"])
+    cached = _read_cache(path, _read_group, say)
+    if cached is not None:
+      out_KxQ, took = cached
     else:
       started = time.perf_counter()
       params = retrain.fit_group(cfg, train, subsets[[i for i, _ in job]],
@@ -135,9 +158,9 @@ def full_model(cfg, train: common.TrainingSet, seed: int, group: int, directory:
   Trained as a group of identical jobs so the retrains' compiled function is reused.
   """
   path = os.path.join(directory, f"full_seed{seed}.pkl")
-  if os.path.exists(path):
-    with open(path, "rb") as f:
-      return pickle.load(f)
+  cached = _read_cache(path, _read_pickle, say)
+  if cached is not None:
+    return cached
   everything = np.ones((group, train.num_examples), bool)
   started = time.perf_counter()
   params = retrain.fit_group(cfg, train, everything, [seed] * group, [10**6] * group)
