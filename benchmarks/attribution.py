@@ -43,6 +43,7 @@ import subprocess
 import sys
 import time
 
+from prism_jax import outputs
 from prism_jax.errors import UserError, exit_on_user_error
 
 METHODS = ("single_pass", "prototype", "influence", "ekfac", "trak", "graddot")
@@ -739,8 +740,7 @@ def run_benchmark(args):
             "targets": {"ekfac_over_single_pass_at_1e6": 500, "trak_over_single_pass_at_1e6": 3,
                         "single_pass_slope": 0.0}}
   os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, "attribution.json"), "w") as f:
-    json.dump(result, f, indent=1)
+  outputs.write_json(os.path.join(args.out, "attribution.json"), result)
   table = report(result)
   with open(os.path.join(args.out, "attribution.md"), "w") as f:
     f.write(table)
@@ -786,8 +786,7 @@ def _ensure_index(spec0, cache, key, n, influence, quick) -> dict:
     finally:
       os.remove(lock)
     info["dir"] = folder
-    with open(meta, "w") as f:
-      json.dump(info, f, indent=1)
+    outputs.write_json(meta, info)  # whole, then renamed: a kill leaves no half a record
     _log(f"  index: {info['seconds']:.1f} s, peak {info['peak_rss'] / 2**20:.0f} MiB, "
          f"single_pass {info['bytes_by_method']['single_pass']:,} bytes")
   with open(meta) as f:
@@ -828,9 +827,7 @@ def measure_cached(spec: dict, cache: str, key: str, quick: bool, remeasure: boo
     raise StageFailed("not measured (--cached-only: no cached measurement)")
   row = call(spec, quick)
   row["queries"] = spec["queries"]
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(row, f, indent=1)
+  outputs.write_json(path, row)  # whole, then renamed: a kill leaves no half a row
   return row
 
 
