@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import os
 import statistics
@@ -590,7 +591,9 @@ def run_benchmark(args):
     else:
       import experiments
       stream = _stream_corpus(experiments.get(EXP))
-    np.savez(stream_path, **stream)
+    buffer = io.BytesIO()
+    np.savez(buffer, **stream)
+    outputs.write_bytes(stream_path, buffer.getvalue())  # whole, then renamed
   with np.load(stream_path) as f:
     stream = {k: f[k] for k in f.files}
   total = scored_total(stream)
