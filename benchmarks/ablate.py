@@ -34,7 +34,7 @@ import time
 
 import experiments
 from benchmarks import common
-from prism_jax.errors import exit_on_user_error
+from prism_jax.errors import UserError, exit_on_user_error
 
 # The train command, in one place: `prism_jax.main.train` once the CLI move lands.
 TRAIN_MODULE = "prism_jax.main.train"
@@ -266,6 +266,39 @@ def finished(workdir: str, steps: int) -> bool:
   return any(r.get("step") == steps and "val/loss" in r for r in read_metrics(workdir))
 
 
+# What a finished run must share with the run the harness would train now to stand in for it
+# in the table (where the data lives and how often it logs may differ).
+_SETTINGS = ("model", "prototypes", "losses", "optimizer")
+_TRAIN_SETTINGS = ("seed", "steps")
+_DATA_SETTINGS = ("dataset", "text_key", "validation_fraction", "seq_len", "batch_size",
+                  "shuffle_seed", "process_sharding")
+
+
+def other_settings(workdir: str, exp: str, overrides: list[str]) -> str | None:
+  """How the run in `workdir` (its config.json) differs from `exp` with `overrides`, e.g.
+  "losses.balance=0.05, not 0.1"; None when it does not, or when there is no run yet."""
+  from prism_jax import config as config_lib
+  from prism_jax.checkpoint import settings_difference
+
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path, encoding="utf-8") as f:
+      saved = json.load(f)
+  except (OSError, ValueError) as e:
+    return f"an unreadable config.json ({type(e).__name__})"
+  if not isinstance(saved, dict):
+    return "a config.json that is not a config object"
+  want = config_lib.to_dict(config_lib.apply_overrides(experiments.get(exp), overrides))
+  current = {section: want[section] for section in _SETTINGS}
+  current["train"] = {k: want["train"][k] for k in _TRAIN_SETTINGS}
+  current["data"] = {k: want["data"][k] for k in _DATA_SETTINGS}
+  saved = {section: saved.get(section) if isinstance(saved.get(section), dict) else {}
+           for section in current}
+  return settings_difference(json.loads(json.dumps(saved)), json.loads(json.dumps(current)))
+
+
 def _lock_path(workdir: str) -> str:
   return os.path.join(workdir, "ablate.pid")
 
@@ -408,6 +441,18 @@ def main(argv=None):
   shared_args = [f"train.steps={args.steps}", f"train.eval_every={args.steps}",
             f"checkpoint.every={args.steps}", "train.progress=false", *args.overrides]
   runs = {v: {s: os.path.join(root, f"{v}_s{s}") for s in args.seeds} for v in variants}
+  run_args = lambda v, seed: [*variant_args[v], *shared_args, f"train.seed={seed}"]
+  exp_of = lambda v: f"{'dense' if v == 'dense' else 'prism'}_{args.size}"
+
+  # A run made with other settings (another definition of its variant, other extra
+  # overrides) must not stand in for this one in the table, nor be trained over.
+  for v, by_seed in runs.items():
+    for seed, workdir in by_seed.items():
+      why = other_settings(workdir, exp_of(v), run_args(v, seed))
+      if why:
+        raise UserError(f"{workdir} holds a run made with {why} (the {v} variant's "
+                        "definition or the extra overrides changed since): move it away or "
+                        "give another --out")
 
   # Skip runs that are finished, or being trained by another harness right now.
   todo = [(v, s, w) for v, by_seed in runs.items() for s, w in by_seed.items()
@@ -417,9 +462,8 @@ def main(argv=None):
     while todo or running:
       while todo and len(running) < args.jobs:
         variant, seed, workdir = todo.pop(0)
-        exp = f"{'dense' if variant == 'dense' else 'prism'}_{args.size}"
         cmd = ["nice", "-n", "10", *train_command(
-            exp, workdir, [*variant_args[variant], *shared_args, f"train.seed={seed}"])]
+            exp_of(variant), workdir, run_args(variant, seed))]
         os.makedirs(workdir, exist_ok=True)
         log = open(os.path.join(workdir, "train.log"), "a", encoding="utf-8")
         print(f"[ablate] start {variant} seed {seed}: {' '.join(cmd)}", flush=True)

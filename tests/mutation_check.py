@@ -247,6 +247,13 @@ MUTATIONS = [
         ("tests/test_lds.py::test_retrains_removing_the_driving_example_lower_the_query",),
         "a cut-short retrain cache stops the LDS study with a zip traceback"),
     Mutation(
+        "ablate-reuses-runs-of-other-settings", "benchmarks/ablate.py",
+        "      why = other_settings(workdir, exp_of(v), run_args(v, seed))",
+        "      why = None",
+        ("tests/test_ablate.py::test_a_finished_run_of_other_settings_never_stands_in_for_a_"
+         "variant",),
+        "make ablate with other extra overrides tables the first invocation's runs"),
+    Mutation(
         "index-checked-by-step-alone", "prism_jax/attribution/index.py",
         "  if saved_ns is not None and built_from is not None and built_from != saved_ns:",
         "  if False:",

@@ -44,6 +44,31 @@ def test_rescoring_reuses_finished_runs_and_writes_table_and_plot(tmp_path, caps
   assert "prism_tiny" in table and "seeds [0, 1]" in table  # what it was measured on
 
 
+def test_a_finished_run_of_other_settings_never_stands_in_for_a_variant(tmp_path, capsys):
+  """`make ablate` again with other extra overrides (or a variant redefined) would put the
+  first runs in the new table: refused in one line before any training, naming the setting."""
+  import experiments
+  from prism_jax import config as config_lib
+
+  root = tmp_path / "tiny_10"
+  _write_run(root / "dense_s0", 10, 5.0, 1000.0)
+  made = config_lib.apply_overrides(experiments.get("dense_tiny"),
+                                    ["train.steps=10", "train.seed=0", "train.log_every=5"])
+  (root / "dense_s0" / "config.json").write_text(json.dumps(config_lib.to_dict(made)))
+  argv = ["--steps", "10", "--variants", "dense", "--out", str(tmp_path), "--no-train"]
+  ablate.main(argv)  # the same settings (how often it logged may differ): rescored
+  assert (root / "ablation.md").exists()
+  with pytest.raises(SystemExit) as exit_info:
+    ablate.main([*argv, "losses.z_loss=0.001"])
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f"error: {root / 'dense_s0'} holds a run made with losses.z_loss=0.0, "
+                        "not 0.001 (the dense variant's definition")
+  assert ablate.other_settings(str(root / "dense_s0"), "dense_tiny",
+                               ["train.steps=10", "train.seed=1"]) == "train.seed=0, not 1"
+  assert ablate.other_settings(str(root / "nothing_yet"), "dense_tiny", []) is None
+
+
 def test_train_command_names_the_experiment_workdir_and_overrides():
   cmd = ablate.train_command("prism_tiny", "runs/x", ["train.seed=1"])
   assert cmd[-5:] == ["--exp", "prism_tiny", "--workdir", "runs/x", "train.seed=1"]
