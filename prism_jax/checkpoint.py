@@ -73,6 +73,13 @@ def settings_difference(saved: dict, current: dict) -> str | None:
   return None
 
 
+def other_commit(recorded_ns: int | None, current_ns: int | None) -> bool:
+  """Whether a record of some step was made on another checkpoint of that step than the one
+  there now (a run deleted and trained again); a side that records no commit time cannot
+  tell, and is taken to be the same."""
+  return recorded_ns is not None and current_ns is not None and recorded_ns != current_ns
+
+
 def saved_time(saved_ns: int) -> str:
   """A checkpoint's commit time (`Checkpointer.saved_ns`) as people read it, in UTC."""
   moment = datetime.datetime.fromtimestamp(saved_ns / 1e9, datetime.timezone.utc)

@@ -30,6 +30,7 @@ class Run:
   workdir: str
   mesh: jax.sharding.Mesh
   _stack: contextlib.ExitStack | None = None
+  _saved_ns: dict = dataclasses.field(default_factory=dict)  # step -> commit time, read once
 
   @classmethod
   def open(cls, exp: str, workdir: str | None, overrides: Sequence[str] = ()) -> Run:
@@ -78,7 +79,9 @@ class Run:
   def saved_ns(self, step: int) -> int | None:
     """When checkpoint `step` was committed: what tells it from an earlier checkpoint of the
     same step (a run deleted and trained again) in whatever records the step it describes."""
-    return restore.checkpoint_saved_ns(self.cfg, self.workdir, step)
+    if step not in self._saved_ns:
+      self._saved_ns[step] = restore.checkpoint_saved_ns(self.cfg, self.workdir, step)
+    return self._saved_ns[step]
 
   def tokenizer(self):
     """The run's tokenizer, checked against the one it trained with."""

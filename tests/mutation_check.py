@@ -221,7 +221,8 @@ MUTATIONS = [
         "calibrating sciq after piqa loses piqa's held-out figures from report.json"),
     Mutation(
         "calibration-report-keeps-a-trained-over-model", "prism_jax/control/records.py",
-        "  return then is not None and now is not None and then != now",
+        '  return other_commit(task.get("checkpoint_saved_ns"), '
+        'report.get("checkpoint_saved_ns"))',
         "  return False",
         ("tests/test_control.py::"
          "test_calibration_report_drops_tasks_of_a_checkpoint_trained_over",),
@@ -255,7 +256,7 @@ MUTATIONS = [
         "make ablate with other extra overrides tables the first invocation's runs"),
     Mutation(
         "index-checked-by-step-alone", "prism_jax/attribution/index.py",
-        "  if saved_ns is not None and built_from is not None and built_from != saved_ns:",
+        "  if other_commit(built_from, saved_ns):",
         "  if False:",
         ("tests/test_no_data_loss.py::"
          "test_an_index_of_an_earlier_checkpoint_of_the_same_step_is_refused",),

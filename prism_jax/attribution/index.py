@@ -70,7 +70,7 @@ from prism_jax import sharding
 from prism_jax.attribution import curvature as curvature_lib
 from prism_jax.attribution import index_step
 from prism_jax.attribution.common import TrainingSet
-from prism_jax.checkpoint import saved_time, settings_difference
+from prism_jax.checkpoint import other_commit, saved_time, settings_difference
 from prism_jax.config import MeshConfig
 from prism_jax.errors import UserError
 
@@ -175,7 +175,7 @@ def check_source(manifest: dict, step: int, settings: dict, saved_ns: int | None
   if manifest.get("step") != step:
     return f"was built from checkpoint step {manifest.get('step')}, not {step}"
   built_from = manifest.get("checkpoint_saved_ns")
-  if saved_ns is not None and built_from is not None and built_from != saved_ns:
+  if other_commit(built_from, saved_ns):
     return (f"was built from another checkpoint of step {step} (committed "
             f"{saved_time(built_from)}; the one there now: {saved_time(saved_ns)}, "
             "a run trained again?)")

@@ -8,6 +8,7 @@ from typing import Any, Callable
 from etils import epath
 
 from prism_jax import outputs
+from prism_jax.checkpoint import other_commit
 from prism_jax.errors import UserError
 
 
@@ -39,8 +40,7 @@ def _replaced_checkpoint(task: Any, report: dict) -> bool:
   """Whether `task` was calibrated on another checkpoint of the step `report` describes."""
   if not isinstance(task, dict) or task.get("step") != report.get("step"):
     return False
-  then, now = task.get("checkpoint_saved_ns"), report.get("checkpoint_saved_ns")
-  return then is not None and now is not None and then != now
+  return other_commit(task.get("checkpoint_saved_ns"), report.get("checkpoint_saved_ns"))
 
 
 def made_on(path: str) -> tuple:
@@ -63,7 +63,7 @@ def other_checkpoint(made: tuple, step: int, saved_ns: int | None) -> str | None
     return None
   if made_step != step:
     return f"checkpoint step {made_step}, not {step}: its prototypes have moved since"
-  if made_ns is not None and saved_ns is not None and made_ns != saved_ns:
+  if other_commit(made_ns, saved_ns):
     return (f"another checkpoint of step {step} (a run trained again?): its prototype ids "
             "name other prototypes")
   return None
