@@ -55,8 +55,11 @@ train-multiprocess: data
 	$(PY) launch/local.py --processes 2 --exp $(EXP) --workdir runs/multiprocess --compare \
 	  train.steps=20 train.eval_every=20 checkpoint.every=20 $(ARGS)
 
+# Caches only (the benchmarks' runs and measurements, test and bytecode caches): a trained run
+# under runs/ holds hours of work and is removed by hand, never by make.
 clean:
-	rm -rf runs
+	rm -rf runs/bench .pytest_cache
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
 
 # --- evaluation, generation and the PRISM-vs-dense study (docs/evaluate.md) ---
 EVAL_STAMP := $(VENV)/.eval-data-stamp
@@ -96,13 +99,14 @@ plan: setup
 	$(PY) -m prism_jax.main.plan --exp $(EXP) $(if $(TOPOLOGY),--topology $(TOPOLOGY)) $(ARGS)
 
 # Print the TPU launch commands for EXP on TOPOLOGY (nothing runs): make launch-dry-run
-# EXP=prism_1b TOPOLOGY=v5p-64 NAME=prism ZONE=us-east5-a
+# EXP=prism_1b TOPOLOGY=v5p-64 NAME=prism ZONE=us-east5-a [BUCKET_WORKDIR=gs://my-bucket/runs/x]
 NAME ?= prism
 ZONE ?= us-central2-b
+BUCKET_WORKDIR ?= gs://BUCKET/runs/$(EXP)
 launch-dry-run: setup
 	@for action in create setup train; do \
 	  $(PY) launch/tpu.py $$action --name $(NAME) --zone $(ZONE) --accelerator-type $(TOPOLOGY) \
-	    --exp $(EXP) --args "$(ARGS)" --dry-run || exit $$?; done
+	    --exp $(EXP) --args "$(ARGS)" --workdir "$(BUCKET_WORKDIR)" --dry-run || exit $$?; done
 
 METHOD ?= single_pass
 

@@ -39,7 +39,10 @@ def parse_args(argv=None):
                       help="create/delete a queued resource instead of a TPU VM directly")
   parser.add_argument("--exp", help="experiment name (train)")
   parser.add_argument("--args", default="", help="config overrides, 'key=value ...' (train)")
-  parser.add_argument("--workdir", help="WORKDIR for make train; use gs://... on multi-host")
+  parser.add_argument("--workdir", help="WORKDIR for make train: gs://BUCKET/... (train)")
+  parser.add_argument("--workdir-on-vm", action="store_true",
+                      help="allow a --workdir on the VM's own disk (train; single-host "
+                           "slices only, and lost with the VM)")
   source = parser.add_mutually_exclusive_group()
   source.add_argument("--repo", help="git URL to clone on every worker (setup)")
   source.add_argument("--copy", action="store_true",
@@ -93,6 +96,12 @@ def setup(args) -> list[Command]:
 
 def train(args) -> list[Command]:
   exp, overrides = common.check_experiment(args.exp, args.args)
+  if not (args.workdir or "").startswith("gs://") and not args.workdir_on_vm:
+    # `delete` (or a spot VM's preemption) takes the VM's disk, checkpoints and all.
+    given = f"--workdir {args.workdir} is" if args.workdir else "without --workdir, the run goes"
+    raise LaunchError(f"{given} on the TPU VM's own disk, which `delete` or a preemption "
+                      "removes with every checkpoint: give --workdir gs://BUCKET/..., or "
+                      "--workdir-on-vm to keep it there anyway")
   cmd = common.make_train(exp, overrides, args.workdir)
   line = common.background(cmd, "logs/train-$(hostname).log", PIDFILE)
   return [_ssh(args, f"cd {REMOTE_DIR} && {line}")]

@@ -280,6 +280,32 @@ MUTATIONS = [
         "  if False:",
         ("tests/test_config.py::test_resuming_with_a_different_model_is_refused",),
         "compare ARGS=train.seed=1 in a seed-0 folder scores seed 0's runs as seed 1's"),
+    Mutation(
+        "index-build-removes-a-users-partial-folder", "prism_jax/attribution/indexing.py",
+        "  if work.exists() and not _is_build_folder(work):",
+        "  if False:",
+        ("tests/test_single_pass.py::"
+         "test_a_folder_where_the_build_goes_that_is_not_a_build_is_left_alone",),
+        "make index --index X deletes the user's folder X.partial"),
+    Mutation(
+        "index-resumes-from-a-part-cut-short", "prism_jax/attribution/indexing.py",
+        "        if (work / part[\"path\"] / f\"{name}.npy\").stat().length != size:",
+        "        if False:",
+        ("tests/test_single_pass.py::"
+         "test_a_half_built_index_damaged_from_outside_is_built_again",),
+        "a half-built index with a part cut short stops in numpy at the end of the pass"),
+    Mutation(
+        "make-clean-removes-runs", "Makefile",
+        "\trm -rf runs/bench .pytest_cache",
+        "\trm -rf runs .pytest_cache",
+        ("tests/test_no_data_loss.py::test_make_clean_keeps_trained_runs",),
+        "make clean deletes every trained run"),
+    Mutation(
+        "tpu-train-on-the-vms-disk", "launch/tpu.py",
+        '  if not (args.workdir or "").startswith("gs://") and not args.workdir_on_vm:',
+        "  if False:",
+        ("tests/test_launch.py::test_bad_arguments_fail_in_one_line",),
+        "launch/tpu.py train puts the run on the VM's disk, which delete removes"),
 ]
 
 

@@ -39,14 +39,30 @@ def test_tpu_create_queued_resource():
 
 
 def test_tpu_train_runs_make_train_on_all_workers():
-  lines = dry(TPU, "train", *POD, "--exp", "prism_1b", "--args", "train.steps=10 mesh.data=2")
+  lines = dry(TPU, "train", *POD, "--exp", "prism_1b", "--args", "train.steps=10 mesh.data=2",
+              "--workdir", "gs://b/runs/p")
   assert lines == [
       "gcloud compute tpus tpu-vm ssh prism-pod --zone=us-east5-a --worker=all "
       "'--command=cd prism-jax && mkdir -p logs && setsid nohup make train EXP=prism_1b "
-      "'\"'\"'ARGS=train.steps=10 mesh.data=2'\"'\"' > logs/train-$(hostname).log 2>&1 "
-      "< /dev/null & echo $! > logs/train.pid'"]
+      "'\"'\"'ARGS=train.steps=10 mesh.data=2'\"'\"' WORKDIR=gs://b/runs/p "
+      "> logs/train-$(hostname).log 2>&1 < /dev/null & echo $! > logs/train.pid'"]
   argv = shlex.split(lines[0])
   assert argv[-1].startswith("--command=cd prism-jax && ")  # one argument for gcloud
+
+
+def test_tpu_train_keeps_the_run_on_the_vm_only_when_asked():
+  line, = dry(TPU, "train", *POD, "--exp", "prism_tiny", "--workdir", "runs/p",
+              "--workdir-on-vm")
+  assert "make train EXP=prism_tiny WORKDIR=runs/p >" in line
+
+
+def test_make_launch_dry_run_prints_a_bucket_workdir():
+  proc = subprocess.run(["make", "-s", "launch-dry-run", "EXP=prism_1b", "TOPOLOGY=v5p-64",
+                         "ZONE=us-east5-a", "BUCKET_WORKDIR=gs://mine/runs/x",
+                         f"PY={sys.executable}"], cwd=ROOT, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr
+  assert "WORKDIR=gs://mine/runs/x" in proc.stdout.splitlines()[-1]
 
 
 def test_tpu_setup_copy_and_clone():
@@ -112,6 +128,10 @@ def test_gpu_cluster_other_actions():
     (TPU, ["train", *POD, "--exp", "prism_1b", "--args", "train.stepz=3"],
      "unknown config key 'train.stepz'"),
     (TPU, ["train", *POD], "--exp is required"),
+    (TPU, ["train", *POD, "--exp", "prism_1b"],
+     "without --workdir, the run goes on the TPU VM's own disk, which `delete` or a preemption"),
+    (TPU, ["train", *POD, "--exp", "prism_1b", "--workdir", "runs/p"],
+     "--workdir runs/p is on the TPU VM's own disk"),
     (TPU, ["create", "--zone", "us-east5-a", "--accelerator-type", "v5p-64"],
      "--name is required"),
     (TPU, ["create", "--name", "Bad_Name", "--zone", "us-east5-a"], "--name 'Bad_Name'"),

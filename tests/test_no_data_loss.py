@@ -290,6 +290,20 @@ def test_replace_folder_never_replaces_a_foreign_folder(tmp_path):
   assert "new" in json.loads((old_index / "manifest.json").read_text())
 
 
+def test_make_clean_keeps_trained_runs(tmp_path):
+  """`make clean` is for caches; it once removed runs/, every trained checkpoint with it."""
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  for rel in ("runs/prism_tiny/checkpoints/60/x", "runs/bench/cache/row.json",
+              "pkg/__pycache__/m.pyc", ".venv/lib/__pycache__/keep.pyc"):
+    (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / rel).write_text("x")
+  subprocess.run(["make", "-f", str(repo / "Makefile"), "clean"], cwd=tmp_path, check=True,
+                 capture_output=True)
+  assert (tmp_path / "runs/prism_tiny/checkpoints/60/x").exists()
+  assert (tmp_path / ".venv/lib/__pycache__/keep.pyc").exists()
+  assert not (tmp_path / "runs/bench").exists() and not (tmp_path / "pkg/__pycache__").exists()
+
+
 def test_compare_table_without_tasks_says_none_was_scored():
   from prism_jax.comparison import markdown_table
   run = {"head": "prism", "val_loss": 4.7, "bits_per_byte": 1.9, "perplexity": 110.0,

@@ -359,6 +359,48 @@ def test_a_killed_build_resumes_to_the_same_index(small, tmp_path):
     np.testing.assert_array_equal(got[rel], want[rel], err_msg=rel)
 
 
+@pytest.mark.parametrize("damage", ["state", "sums", "part"])
+def test_a_half_built_index_damaged_from_outside_is_built_again(small, tmp_path, capsys,
+                                                                 damage):
+  """Commits are written whole, so a committed file cut short was damaged from outside
+  (a disk, a hand): the build says so and starts again, instead of stopping in numpy."""
+  cfg, params, corpus = small
+  graphdef, _ = lm.abstract_model(cfg)
+  attr = AttributionConfig(batch_size=2, shard_prototypes=3, neighbourhood_size=4,
+                           index_part_batches=2, postings=5, softmax_top=4, curvature="blocks")
+  build = lambda name, **k: indexing.build(cfg, graphdef, params, corpus, str(tmp_path / name),
+                                           attr, devices=jax.devices()[:1], **k)
+  build("whole")
+  assert build("resumed", stop_after_batches=3) is None
+  work = tmp_path / "resumed.partial"
+  victim = {"state": next(work.glob("processes/*/state_*.npz")),
+            "sums": next(work.glob("sums_*.npz")),
+            "part": next(work.glob("processes/*/parts/*/target.npy"))}[damage]
+  victim.write_bytes(victim.read_bytes()[:-9])
+  build("resumed")
+  assert "the half-built index at" in capsys.readouterr().err
+  want_manifest, want = _files(tmp_path / "whole")
+  got_manifest, got = _files(tmp_path / "resumed")
+  assert got_manifest == want_manifest
+  for rel in want:
+    np.testing.assert_array_equal(got[rel], want[rel], err_msg=rel)
+
+
+def test_a_folder_where_the_build_goes_that_is_not_a_build_is_left_alone(small, tmp_path):
+  """The build works in <index>.partial and removes a stale build there: anything else
+  found there is the user's, and stops the build in one line with nothing changed."""
+  cfg, params, corpus = small
+  graphdef, _ = lm.abstract_model(cfg)
+  theirs = tmp_path / "notes.partial"
+  theirs.mkdir()
+  (theirs / "notes.txt").write_text("mine")
+  with pytest.raises(UserError, match=r"notes.partial is where --index .*notes is built"):
+    indexing.build(cfg, graphdef, params, corpus, str(tmp_path / "notes"),
+                   AttributionConfig(batch_size=2), devices=jax.devices()[:1])
+  assert (theirs / "notes.txt").read_text() == "mine"
+  assert not (tmp_path / "notes").exists()
+
+
 def test_an_index_of_the_same_build_is_kept_and_a_damaged_or_other_one_built_again(
     small, tmp_path, monkeypatch):
   """`make index` again over an up-to-date index (the same checkpoint, settings and

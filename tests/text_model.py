@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
+import shutil
 import tempfile
 
 import grain
@@ -61,6 +63,8 @@ TEXT_MODEL_OVERRIDES = ("data.seq_len=32", "model.max_seq_len=64", "train.steps=
 def trained_text_model(exp: str = "prism_tiny") -> tuple[str, object]:
   """(workdir, cfg) of a tiny model trained on FACTS; trained once per test session."""
   cfg = tiny_config(*TEXT_MODEL_OVERRIDES, exp=exp)
-  workdir = os.path.join(tempfile.mkdtemp(prefix="prism_text_model_"), exp)
+  root = tempfile.mkdtemp(prefix="prism_text_model_")
+  atexit.register(shutil.rmtree, root, ignore_errors=True)  # the session's, not the machine's
+  workdir = os.path.join(root, exp)
   train(cfg, workdir, text_data(FACTS, cfg.data.seq_len, cfg.data.batch_size))
   return workdir, cfg

@@ -27,6 +27,9 @@ import contextlib
 import dataclasses
 import io
 import json
+import re
+import sys
+import zipfile
 
 import jax
 import numpy as np
@@ -182,9 +185,9 @@ class _Part:
     files["doc_offsets"] = np.r_[0, np.cumsum([len(t) for t in tokens])].astype(np.int64)
     files["doc_tokens"] = (np.concatenate(tokens) if tokens else np.zeros(0)).astype(
         setup.vocab_ids)
-    for name, array in files.items():
-      save_npy(folder / f"{name}.npy", array)
-    return {"num_tokens": self.num_tokens, "num_documents": len(self.documents)}
+    written = {name: save_npy(folder / f"{name}.npy", array) for name, array in files.items()}
+    return {"num_tokens": self.num_tokens, "num_documents": len(self.documents),
+            "bytes": written}
 
 
 def _records(host: dict, batch: dict, chunks: documents_lib.ChunkBatch, first_token: int,
@@ -244,6 +247,23 @@ def _fingerprint(cfg, attr: AttributionConfig, step, saved_ns, setup: _Setup,
   return json.loads(json.dumps(build))
 
 
+# What a build writes at the top of <out>.partial (and, while it is finished, the index's
+# own entries); a folder there holding anything else is not removed.
+_BUILD_NAME = re.compile(r"progress\.json|processes|prototypes|targets|manifest\.json"
+                         r"|sums_\d{9}\.npz|\..+\.tmp\d+|\.shared_check_[0-9a-f]+")
+
+
+def _is_build_folder(work: epath.Path) -> bool:
+  return work.is_dir() and all(_BUILD_NAME.fullmatch(p.name) for p in work.iterdir())
+
+
+def _check_build_folder(work: epath.Path, out_dir) -> None:
+  if work.exists() and not _is_build_folder(work):
+    raise UserError(f"{work} is where --index {out_dir} is built, and it holds something "
+                    "that is not an index build (nothing was changed): move it, or give "
+                    "another --index")
+
+
 def _resume_point(work: epath.Path, fingerprint: dict) -> dict | None:
   """The committed progress of an earlier build of the same index, else None."""
   try:
@@ -293,6 +313,8 @@ def build(cfg, graphdef, params, train, out_dir, attr: AttributionConfig, *,
   if attr.index_influence and attr.curvature == "none":
     attr = dataclasses.replace(attr, curvature="blocks")  # influence solves with each G_j
   outputs.check_folder(out_dir, "prototype index", is_index, "--index")  # before the pass
+  work = epath.Path(str(out_dir).rstrip("/") + ".partial")
+  _check_build_folder(work, out_dir)  # a stale build there is removed: only a build
   corpus = (documents_lib.from_training_set(train) if isinstance(train, TrainingSet)
             else train)
   own_mesh = mesh is None
@@ -308,7 +330,6 @@ def build(cfg, graphdef, params, train, out_dir, attr: AttributionConfig, *,
   if own_mesh:
     context.enter_context(jax.set_mesh(mesh))
     context.enter_context(sharding.use_rules(MeshConfig().rules))
-  work = epath.Path(str(out_dir).rstrip("/") + ".partial")
   distributed.check_shared_workdir(str(work), "--index")  # process 0 merges every part
   fingerprint = _fingerprint(cfg, attr, step, saved_ns, setup, corpus.num_documents)
   finished = _finished(out_dir, fingerprint)
@@ -337,19 +358,22 @@ def _pass(graphdef, params, corpus, work: epath.Path, fingerprint: dict, setup: 
   m, k, d = cfg.prototypes.num_prototypes, cfg.prototypes.top_k, cfg.model.d_model
   proc = work / "processes" / f"{setup.process_index:05d}"
   progress = _resume_point(work, fingerprint)
-  if progress is None and setup.process_index == 0:
-    _remove(work)  # a stale or different build: start afresh
-  _sync("prism_index_start", setup.process_count)
   tables = _tables(attr, m, cfg.model.vocab_size)
+  resumed = (_committed_state(work, proc, progress, setup.process_index, tables)
+             if progress is not None else None)
+  if _any_process(progress is not None and resumed is None, setup.process_count):
+    print(f"the half-built index at {work} is damaged (a committed file is missing or cut "
+          "short): building it again from the start", file=sys.stderr)
+    progress, tables = None, _tables(attr, m, cfg.model.vocab_size)
+  if progress is None and setup.process_index == 0:
+    _remove(work)  # a stale, different or damaged build: start afresh
+  _sync("prism_index_start", setup.process_count)
   batches_done, num_tokens, parts = 0, 0, []
   if progress is not None:
     batches_done = progress["batches_done"]
     mine = progress["processes"][setup.process_index]
     num_tokens, parts = mine["num_tokens"], mine["parts"]
-    state = load_npz(proc / f"state_{batches_done:09d}.npz")
-    for name, table in tables.items():
-      table.load(state, name)
-    sums = index_step.put_sums(setup.mesh, load_npz(work / f"sums_{batches_done:09d}.npz"))
+    sums = index_step.put_sums(setup.mesh, resumed)
   else:
     sums = index_step.zero_sums(setup.mesh, m, cfg.model.vocab_size, d, attr.curvature)
   if progress is not None and progress.get("finished"):
@@ -393,6 +417,25 @@ def _pass(graphdef, params, corpus, work: epath.Path, fingerprint: dict, setup: 
   _commit(work, proc, part, parts, tables, sums, b, num_tokens, fingerprint, setup,
           finished=True)
   return True
+
+
+def _committed_state(work: epath.Path, proc: epath.Path, progress: dict, process: int,
+                     tables: dict):
+  """Loads this process's committed tables into `tables` and returns the committed device
+  sums (process 0's file; every process reads it), or None when a committed file is gone or
+  cut short: files are written whole, so only damage from outside does that."""
+  batches = progress["batches_done"]
+  try:
+    for part in progress["processes"][process]["parts"]:
+      for name, size in part.get("bytes", {}).items():  # (older builds: not recorded)
+        if (work / part["path"] / f"{name}.npy").stat().length != size:
+          return None
+    state = load_npz(proc / f"state_{batches:09d}.npz")
+    for name, table in tables.items():
+      table.load(state, name)
+    return load_npz(work / f"sums_{batches:09d}.npz")
+  except (OSError, ValueError, KeyError, IndexError, zipfile.BadZipFile):
+    return None
 
 
 def _commit(work, proc, part: _Part, parts: list, tables: dict, sums, batches: int,
@@ -469,7 +512,9 @@ def _finish(cfg, attr, work: epath.Path, fingerprint: dict, setup: _Setup, e_VxD
   progress = json.loads((work / "progress.json").read_text())
   batches = progress["batches_done"]
   committed = progress["processes"]
-  processes = [{**p, "parts": _merge_parts(work, i, p["parts"], MERGED_PART_TOKENS)}
+  processes = [{**p, "parts": [{k: v for k, v in part.items() if k != "bytes"}  # in "files"
+                               for part in _merge_parts(work, i, p["parts"],
+                                                        MERGED_PART_TOKENS)]}
                for i, p in enumerate(committed)]
   bases = np.r_[0, np.cumsum([p["num_tokens"] for p in processes])].astype(np.int64)
   num_tokens = int(bases[-1])
