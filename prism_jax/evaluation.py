@@ -90,6 +90,8 @@ def language_model_metrics(eval_fn, params, batches: Iterable[dict],
 
 def read_text_file(path: str) -> str:
   """A UTF-8 text file, local or in a bucket (epath)."""
+  if epath.Path(path).is_dir():
+    raise UserError(f"--text-file {path} is a folder; give one UTF-8 text file")
   if not epath.Path(path).is_file():
     raise UserError(f"--text-file {path} does not exist")
   try:

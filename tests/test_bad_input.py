@@ -68,6 +68,11 @@ INTERVENTIONS = [
      "'prototypes' must be a list of integer prototype ids"),
     ("suppression of every prototype", ["--suppress", f"{TMP}/every_id.json"],
      "leaving 0, fewer than prototypes.top_k=4"),
+    ("controller that is a folder", ["--controller", TMP], "is a folder, not a controller file"),
+    ("controller that is a JSON list", ["--controller", f"{TMP}/list.json"],
+     "list.json is not a prism-controller/1 file"),
+    ("suppression set that is binary", ["--suppress", f"{TMP}/latin1.txt"],
+     "latin1.txt is not a suppression set file: not UTF-8 text (byte"),
 ]
 
 ENTRY_POINTS = {
@@ -101,6 +106,7 @@ ENTRY_POINTS = {
     "evaluate": ("prism_jax.main.evaluate", ["--tasks", "none"], CHECKPOINT + INTERVENTIONS + [
         ("unknown task", ["--tasks", "piqaa"], "unknown task 'piqaa' (did you mean 'piqa'?)"),
         ("missing text file", ["--text-file", "/nonexistent/x.txt"], "does not exist"),
+        ("text file that is a folder", ["--text-file", TMP], "is a folder; give one UTF-8 text"),
         ("non-UTF-8 text file", ["--text-file", f"{TMP}/latin1.txt"], "is not UTF-8 text"),
         ("task data folder that does not exist", ["--tasks", "piqa", "--task-data",
                                                   "/nonexistent/tasks"],
@@ -287,6 +293,7 @@ def _bad_files(tmp, run, cfg):
   record["prototypes"] = "123"
   (tmp / "string_ids.json").write_text(json.dumps(record))
   sup.save(str(tmp / "every_id.json"), range(m), {})
+  (tmp / "list.json").write_text("[1, 2]")
   (tmp / "old_index").mkdir()
   (tmp / "old_index" / "manifest.json").write_text(json.dumps({
       "format": index_lib.FORMAT, "step": 7, "model_settings": model_settings(cfg),

@@ -1,6 +1,7 @@
 """Prototype explorer: labels, taxonomy, map and the HTML report in headless Chromium."""
 
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ import pytest
 from prism_jax.attribution import common, config as attr_config, index as index_lib, indexing
 from prism_jax.explore import labels, projection, taxonomy
 from prism_jax.explore.explorer import explore
+from prism_jax.errors import UserError
 from prism_jax.models import lm
 from tests.synthetic import tiny_config
 from tests.text_model import FACTS, CharTokenizer, text_data
@@ -143,6 +145,21 @@ def test_llm_labeller_hook(report):
 
 def _fake_labeller(card):
   return f"proto-{card['id']}"
+
+
+@pytest.mark.parametrize("source, said", [
+    ("def label(card):\n  return 'x'\nlabel(", "SyntaxError"),
+    ("raise RuntimeError('no API key in the environment')", "RuntimeError: no API key"),
+    ("label = 3", "is not callable"),
+    ("", "AttributeError"),
+])
+def test_a_labeller_module_that_cannot_load_is_one_line(tmp_path, monkeypatch, source, said):
+  (tmp_path / "my_labeller.py").write_text(source)
+  monkeypatch.syspath_prepend(str(tmp_path))
+  with pytest.raises(UserError, match=said) as raised:
+    labels.load_llm_labeller("my_labeller:label")
+  assert "\n" not in str(raised.value)
+  sys.modules.pop("my_labeller", None)
 
 
 def test_a_labeller_that_raises_costs_only_its_own_labels(capsys):

@@ -72,12 +72,19 @@ def other_checkpoint(made: tuple, step: int, saved_ns: int | None) -> str | None
 def load(path: str, fmt: str, what: str, how_to_make: str,
          parse: Callable[[dict], Any]) -> Any:
   """`parse(record)` for the record at `path`; UserError when missing, malformed or not `fmt`."""
+  if epath.Path(path).is_dir():
+    raise UserError(f"{path} is a folder, not a {what} file; {how_to_make}")
   if not epath.Path(path).is_file():
     raise UserError(f"no {what} at {path}; {how_to_make}")
   try:
     record = json.loads(epath.Path(path).read_text(encoding="utf-8"))
-    if record.get("format") != fmt:
-      raise UserError(f"{path} is not a {fmt} file")
+  except UnicodeDecodeError as e:
+    raise UserError(f"{path} is not a {what} file: not UTF-8 text (byte {e.start})") from None
+  except (OSError, ValueError) as e:
+    raise UserError(f"cannot read {what} {path}: {type(e).__name__}: {e}") from None
+  if not isinstance(record, dict) or record.get("format") != fmt:
+    raise UserError(f"{path} is not a {fmt} file")
+  try:
     return parse(record)
-  except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+  except (KeyError, TypeError, AttributeError, ValueError) as e:
     raise UserError(f"cannot read {what} {path}: {type(e).__name__}: {e}") from None

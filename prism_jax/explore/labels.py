@@ -115,8 +115,9 @@ def load_llm_labeller(spec: str | None) -> LLMLabeller | None:
   module_name, _, name = spec.partition(":")
   try:
     fn = getattr(importlib.import_module(module_name), name)
-  except (ImportError, AttributeError, ValueError) as e:
-    raise UserError(f"--llm-labeller {spec!r} cannot be loaded: {e}") from None
+  except Exception as e:  # noqa: BLE001 -- the user's module: a SyntaxError, its own raise
+    detail = f"{type(e).__name__}: {e}".splitlines()[0]
+    raise UserError(f"--llm-labeller {spec!r} cannot be loaded ({detail})") from None
   if not callable(fn):
     raise UserError(f"--llm-labeller {spec!r} is not callable")
   return fn
