@@ -170,6 +170,12 @@ def config_path(workdir: str) -> epath.Path:
   return epath.Path(workdir) / layout.CONFIG
 
 
+# Each checkpoint carries its model settings and refuses others, so a run's config.json can
+# be rebuilt by running again with the run's experiment and overrides.
+_CONFIG_REMEDY = ("fix it, or remove it and run again with the run's --exp and overrides "
+                  "(each checkpoint refuses other model settings)")
+
+
 def read_run_config(path) -> dict:
   """The saved config.json as a dict; a hand-edit that broke it is one line, not a traceback."""
   try:
@@ -177,10 +183,10 @@ def read_run_config(path) -> dict:
   except (OSError, UnicodeDecodeError) as e:
     raise UserError(f"cannot read {path}: {e}") from None
   except ValueError as e:
-    raise UserError(f"{path} is not valid JSON ({e}); fix it or restore it from the "
-                    "checkpoint's config (see README, What survives what)") from None
-  if not isinstance(saved, dict):
-    raise UserError(f"{path} is not a config object")
+    raise UserError(f"{path} is not valid JSON ({e}); {_CONFIG_REMEDY}") from None
+  if not isinstance(saved, dict) or not isinstance(saved.get("name"), str):
+    raise UserError(f"{path} is not a run's config (a JSON object naming its experiment); "
+                    f"{_CONFIG_REMEDY}")
   return saved
 
 

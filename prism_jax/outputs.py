@@ -2,7 +2,7 @@
 
   name = outputs.plain_name(args.name, "--name")          # no '/', '..', hidden names
   outputs.check_folder(out, "prototype index", is_index)  # before any work
-  outputs.check_file_target(path, "--json")                # before any work
+  outputs.check_file_target(path, "--json", FORMAT)        # before any work
   outputs.write_json(path, record)                        # whole or not at all
   with outputs.WorkdirLock(workdir, "index"): ...         # one writer per run directory
 
@@ -80,15 +80,29 @@ def unused_path(folder, stem: str, suffix: str) -> str:
   return str(path)
 
 
-def check_file_target(path, flag: str) -> None:
+def check_file_target(path, flag: str, fmt: str | None = None) -> None:
   """Refuses, before any work, a file path that cannot be written: an existing folder, or a
-  local path under a file or under an unwritable folder."""
+  local path under a file or under an unwritable folder. With `fmt`, a file already there is
+  replaced only when it is a record of that format (this tool's earlier output): the path
+  is the user's to type, and a run's config.json or their own notes must survive a typo."""
   if path is None:
     return
   path = epath.Path(path)
   if path.is_dir():
     raise UserError(f"{flag} {path} is a folder; give a file path")
+  if fmt is not None and path.exists() and not is_record(path, fmt):
+    raise UserError(f"{flag} {path} exists and is not a {fmt} file (nothing was written); "
+                    "give a new path, or remove that file first")
   _check_can_create(path, flag)
+
+
+def is_record(path, fmt: str) -> bool:
+  """True when `path` holds a JSON object whose "format" is `fmt`."""
+  try:
+    record = json.loads(epath.Path(path).read_text(encoding="utf-8"))
+  except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
+    return False
+  return isinstance(record, dict) and record.get("format") == fmt
 
 
 def check_folder_target(path, flag: str) -> None:

@@ -25,6 +25,8 @@ from prism_jax.downstream import special_id
 from prism_jax.errors import UserError
 from prism_jax.models import lm, prism_head
 
+FORMAT = "prism-generation/1"  # the JSON `generate` writes (its --output replaces only one)
+
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
@@ -214,7 +216,8 @@ def token_texts(tokenizer, prompt_ids: Sequence[int], token_ids: Sequence[int]) 
 def to_json(generation: Generation, tokenizer, prompt: str, meta: dict) -> dict:
   texts = token_texts(tokenizer, generation.prompt_ids, generation.token_ids)
   steps = [dict(step, text=text) for step, text in zip(generation.steps, texts)]
-  return {**meta, "prompt": prompt, "prompt_tokens": len(generation.prompt_ids),
+  return {"format": FORMAT, **meta, "prompt": prompt,
+          "prompt_tokens": len(generation.prompt_ids),
           "completion": "".join(texts), "tokens": steps,
           "tokens_per_second": len(steps) / max(generation.seconds, 1e-9)}
 

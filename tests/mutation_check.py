@@ -306,6 +306,18 @@ MUTATIONS = [
         "  if False:",
         ("tests/test_launch.py::test_bad_arguments_fail_in_one_line",),
         "launch/tpu.py train puts the run on the VM's disk, which delete removes"),
+    Mutation(
+        "json-output-replaces-any-file", "prism_jax/outputs.py",
+        "  if fmt is not None and path.exists() and not is_record(path, fmt):",
+        "  if False:",
+        ("tests/test_bad_input.py::test_bad_input_is_one_line_exit_2_and_writes_nothing",),
+        "attribute --json RUN/config.json replaces the run's config with a result"),
+    Mutation(
+        "explore-output-replaces-a-users-page", "prism_jax/explore/explorer.py",
+        '  if taken and not labels_lib.is_labels_file(epath.Path(out_dir, "labels.json")):',
+        "  if False:",
+        ("tests/test_explore.py::test_an_earlier_report_is_replaced_and_only_it",),
+        "explore --output DIR replaces the user's own report.html there"),
 ]
 
 

@@ -54,6 +54,10 @@ def test_index_covers_every_token_then_attribute_finds_the_document(run_dir, tmp
   assert found["method"] == run_lib.DEFAULT_METHOD == "single_pass"
   assert found["results"][0]["example_id"] == 1, found["results"]
   assert "[[" in found["results"][0]["text"]
+  # The same --json again: its own earlier record is replaced (anything else is refused).
+  attribute.main(["--exp", "prism_tiny", "--workdir", run_dir, *built,
+                  "--prompt", "red. a cat is", "--json", str(out)])
+  assert json.loads(out.read_text())["prompt"] == "red. a cat is"
 
 
 def test_a_target_after_a_space_is_the_word_not_a_bare_space(tmp_path):

@@ -52,6 +52,8 @@ CHECKPOINT = [
     ("checkpoint of other settings, config.json gone", ["--workdir", f"{TMP}/no_config"],
      "was made with model.vocab_size=128, not 8192"),
     ("config.json broken by hand", ["--workdir", f"{TMP}/broken_config"], "is not valid JSON"),
+    ("config.json replaced by another record", ["--workdir", f"{TMP}/foreign_config"],
+     "is not a run's config (a JSON object naming its experiment); fix it, or remove it"),
 ]
 # ... and every entry point that reads the run's prototype index.
 INDEX = [
@@ -124,6 +126,8 @@ ENTRY_POINTS = {
         ("prompt that is not UTF-8", ["--prompt", "ab\udcffcd"],
          "argument --prompt: is not UTF-8 text (byte 0xff at character 2)"),
         ("output that is a folder", ["--output", TMP], "is a folder; give a file path"),
+        ("output that is the run's config", ["--output", f"{RUN}/config.json"],
+         "config.json exists and is not a prism-generation/1 file (nothing was written)"),
         ("output under a file", ["--output", f"{TMP}/a_file/g.json"],
          "a_file is a file, not a folder"),
     ]),
@@ -149,6 +153,8 @@ ENTRY_POINTS = {
          "argument --target-token: is not UTF-8 text (byte 0xfe at character 0)"),
         ("missing index", [], "no prototype index"),
         ("json path that is a folder", ["--json", TMP], "is a folder; give a file path"),
+        ("json path that is the run's config", ["--json", f"{RUN}/config.json"],
+         "config.json exists and is not a prism-attribution/1 file (nothing was written)"),
         ("single_pass terms that are not a choice", ["attr.single_pass_terms=all"],
          "attr.single_pass_terms='all' is not one of ['unembedding', 'values', 'both']"),
         ("negative context sharpness", ["attr.context_sharpness=-1"],
@@ -181,6 +187,8 @@ ENTRY_POINTS = {
         ("prompt longer than the context", ["--prompt", LONG_PROMPT], "context"),
         ("output folder that is a file", ["--output", f"{TMP}/a_file"],
          "a_file is a file, not a folder"),
+        ("output folder holding a page of the report's name", ["--output", f"{TMP}/site"],
+         "site holds report.html, not written by the explorer (nothing was written)"),
         ("workdir held by another writer", ["--workdir", f"{TMP}/locked"],
          "is in use by train (pid 1"),
     ]),
@@ -277,6 +285,8 @@ def _bad_files(tmp, run, cfg):
   (tmp / "no_config" / "config.json").unlink()
   shutil.copytree(run, tmp / "eval_is_a_file", ignore=shutil.ignore_patterns("eval"))
   (tmp / "eval_is_a_file" / "eval").write_text("not a folder")
+  shutil.copytree(run, tmp / "foreign_config")
+  (tmp / "foreign_config" / "config.json").write_text('{"method": "single_pass"}')
   shutil.copytree(run, tmp / "broken_config")
   (tmp / "broken_config" / "config.json").write_text('{"name": "prism_tiny", "model": {')
   (tmp / "locked").mkdir()
@@ -294,6 +304,8 @@ def _bad_files(tmp, run, cfg):
   (tmp / "string_ids.json").write_text(json.dumps(record))
   sup.save(str(tmp / "every_id.json"), range(m), {})
   (tmp / "list.json").write_text("[1, 2]")
+  (tmp / "site").mkdir()
+  (tmp / "site" / "report.html").write_text("<p>my own page</p>")
   (tmp / "old_index").mkdir()
   (tmp / "old_index" / "manifest.json").write_text(json.dumps({
       "format": index_lib.FORMAT, "step": 7, "model_settings": model_settings(cfg),
@@ -337,7 +349,7 @@ def _snapshot(*folders) -> dict:
 
 def _arguments(entry, module, lead, argv, workspace):
   fill = lambda arg: (workspace[arg] if arg in workspace
-                      else arg.replace(TMP, workspace[TMP]))
+                      else arg.replace(TMP, workspace[TMP]).replace(RUN, workspace[RUN]))
   lead, argv = [fill(a) for a in lead], [fill(a) for a in argv]
   command = lead[:1] if module == "prism_jax.main.control" else []  # a subcommand
   options = lead[len(command):]

@@ -8,7 +8,7 @@ import pytest
 
 from prism_jax.attribution import common, config as attr_config, index as index_lib, indexing
 from prism_jax.explore import labels, projection, taxonomy
-from prism_jax.explore.explorer import explore
+from prism_jax.explore.explorer import check_output, explore
 from prism_jax.errors import UserError
 from prism_jax.models import lm
 from tests.synthetic import tiny_config
@@ -135,6 +135,19 @@ def test_control_shows_the_explorers_labels_only_for_the_checkpoint_they_describ
     cards = study.prototype_cards(str(tmp_path), params, CharTokenizer(), 5, 1_000)
     assert {j: c["label"] for j, c in cards.items()} == top_tokens
     assert f"cannot read {labels_file}" in capsys.readouterr().err
+
+
+def test_an_earlier_report_is_replaced_and_only_it(report, tmp_path):
+  _, result = report
+  check_output(os.path.dirname(result["paths"]["labels.json"]))  # the fixture's report: the next explore replaces it
+  old = tmp_path / "old"
+  old.mkdir()
+  (old / "labels.json").write_text('[{"id": 0, "label": "x"}]')  # the format before 1
+  (old / "report.html").write_text("<p>report</p>")
+  check_output(str(old))
+  (old / "labels.json").write_text('{"mine": true}')
+  with pytest.raises(UserError, match="holds labels.json, report.html, not written by"):
+    check_output(str(old))
 
 
 def test_llm_labeller_hook(report):

@@ -9,6 +9,7 @@ import collections
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from tqdm import tqdm
 
 from prism_jax import layout, outputs, sampling
@@ -43,6 +44,19 @@ def usage_stats(graphdef, params, batches, num_prototypes: int, progress: bool =
   return counts / tokens, sums / np.maximum(counts, 1), int(tokens)
 
 
+REPORT_FILES = ("labels.json", "map.json", "report.html")
+
+
+def check_output(out_dir: str) -> None:
+  """Refuses, before any work, a folder holding files of the report's names that are not an
+  earlier report's (its labels.json says so): they would be replaced."""
+  outputs.check_folder_target(out_dir, "--output")
+  taken = [name for name in REPORT_FILES if epath.Path(out_dir, name).exists()]
+  if taken and not labels_lib.is_labels_file(epath.Path(out_dir, "labels.json")):
+    raise UserError(f"--output {out_dir} holds {', '.join(taken)}, not written by the "
+                    "explorer (nothing was written): give another folder")
+
+
 def explore(cfg, workdir, graphdef, params, step, tokenizer, batches, *, index=None,
             prompt: str | None = DEFAULT_PROMPT, max_new_tokens: int = 24,
             projection_method: str = "auto", llm_labeller=None, out_dir: str | None = None,
@@ -69,8 +83,7 @@ def explore(cfg, workdir, graphdef, params, step, tokenizer, batches, *, index=N
              "dead": f"{dead} ({dead / m:.1%})", "projection": method,
              "index": "yes" if index is not None else "no (n-grams/snippets need make index)"}
   out_dir = out_dir or layout.path(workdir, layout.EXPLORE)
-  paths = {name: layout.path(out_dir, name) for name in ("labels.json", "map.json",
-                                                           "report.html")}
+  paths = {name: layout.path(out_dir, name) for name in REPORT_FILES}
   outputs.write_json(paths["labels.json"], labels_lib.labels_record(cards, step, saved_ns))
   outputs.write_json(paths["map.json"], {"method": method,
                                          "coords": np.asarray(coords).tolist(),

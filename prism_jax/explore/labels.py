@@ -181,6 +181,18 @@ def labels_record(cards: list[dict], step: int, saved_ns: int | None) -> dict:
           "cards": cards}
 
 
+def is_labels_file(path) -> bool:
+  """True when `path` holds the explorer's labels (a prism-labels/1 record, or the bare list
+  of cards written before it)."""
+  try:
+    saved = json.loads(epath.Path(path).read_text(encoding="utf-8"))
+  except (OSError, ValueError):
+    return False
+  if isinstance(saved, list):
+    return all(isinstance(c, dict) and "id" in c and "label" in c for c in saved)
+  return isinstance(saved, dict) and saved.get("format") == LABELS_FORMAT
+
+
 def load_labels(workdir: str) -> tuple[dict[int, dict], tuple] | None:
   """(cards by prototype id, (step, checkpoint_saved_ns) they describe) saved by `python -m
   prism_jax.main.explore`; None when absent, or (with a note) when it cannot be read. A file

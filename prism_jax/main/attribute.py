@@ -29,6 +29,8 @@ from prism_jax.attribution import common, index as index_lib, run, service
 from prism_jax.errors import UserError, exit_on_user_error
 from prism_jax.models import lm
 
+RESULT_FORMAT = "prism-attribution/1"  # the --json record (it replaces only one of these)
+
 
 def _flags(parser):
   parser.add_argument("--prompt", required=True, type=cli.utf8_text, help="prompt text")
@@ -102,7 +104,7 @@ def main(argv=None):
 
 def _attribute(args, opened, attr):
   cfg = opened.cfg
-  outputs.check_file_target(args.json, "--json")
+  outputs.check_file_target(args.json, "--json", RESULT_FORMAT)
   graphdef, params, step = opened.params(args.step)
   tokenizer = opened.tokenizer()
   query = make_query(cfg, graphdef, params, tokenizer, args.prompt, args.target_token)
@@ -133,8 +135,8 @@ def _attribute(args, opened, attr):
     print(f"{r['rank']:3d}. {r['score']:+.4g}  document {r['example_id']}: {r['text']}")
   if args.json:
     outputs.write_json(args.json, {
-        "method": args.method, "prompt": args.prompt, "target_token": target_text,
-        "target_id": query.target, "prepare_seconds": prepare_s, "query_seconds": query_s,
+        "format": RESULT_FORMAT, "method": args.method, "prompt": args.prompt,
+        "target_token": target_text, "target_id": query.target, "prepare_seconds": prepare_s, "query_seconds": query_s,
         "stored_bytes": prepared.stored_bytes, "results": found})
 
 

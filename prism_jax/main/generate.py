@@ -15,7 +15,8 @@ from prism_jax.control import interventions
 from prism_jax.downstream import special_id
 from prism_jax.errors import UserError, exit_on_user_error
 from prism_jax.run import Run
-from prism_jax.sampling import Generator, Sampling, encode_prompt, format_contributions, to_json
+from prism_jax.sampling import (FORMAT as GENERATION_FORMAT, Generator, Sampling, encode_prompt,
+                                format_contributions, to_json)
 
 
 def parse_args(argv=None):
@@ -53,7 +54,7 @@ def _generate(args, opened: Run):
   cfg, workdir = opened.cfg, opened.workdir
   if args.max_new_tokens < 1:
     raise UserError("--max-new-tokens must be at least 1")
-  outputs.check_file_target(args.output, "--output")
+  outputs.check_file_target(args.output, "--output", GENERATION_FORMAT)
   sampling = Sampling(temperature=0.0 if args.greedy else args.temperature, top_k=args.top_k,
                       top_p=args.top_p)
   chosen = interventions.load(args, cfg)  # a bad file fails before the restore
