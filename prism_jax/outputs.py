@@ -204,9 +204,11 @@ class WorkdirLock:
   FILE = layout.LOCK
   _held: dict[str, int] = {}
 
-  def __init__(self, workdir, tool: str, *, create: bool = False):
+  def __init__(self, workdir, tool: str, *, create: bool = False, file: str | None = None,
+               what: str | None = None):
     self.workdir = epath.Path(workdir)
-    self.path = self.workdir / self.FILE
+    self.path = self.workdir / (file or self.FILE)  # `file`: another thing in that folder
+    self.what = what or str(self.workdir)
     self.tool = tool
     self.create = create  # tools that read a run leave a missing workdir for their own error
     self.active = False
@@ -245,7 +247,7 @@ class WorkdirLock:
         _remove_quietly(self.path)
         continue
       raise UserError(
-          f"{self.workdir} is in use by {holder.get('tool')} (pid {holder.get('pid')} on "
+          f"{self.what} is in use by {holder.get('tool')} (pid {holder.get('pid')} on "
           f"{holder.get('host')} since {holder.get('since')}); wait for it or stop it "
           f"(remove {self.path} only if that process is really gone)")
     raise UserError(f"cannot take the lock {self.path}: another writer keeps taking it")

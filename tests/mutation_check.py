@@ -318,6 +318,12 @@ MUTATIONS = [
         "  if False:",
         ("tests/test_explore.py::test_an_earlier_report_is_replaced_and_only_it",),
         "explore --output DIR replaces the user's own report.html there"),
+    Mutation(
+        "two-builds-of-one-index", "prism_jax/main/index.py",
+        '      folder.parent, "index", file=f".{folder.name}.lock", what=f"--index {out}"):',
+        '      folder.parent, "index", file="unused.lock", what=f"--index {out}"):',
+        ("tests/test_bad_input.py::test_bad_input_is_one_line_exit_2_and_writes_nothing",),
+        "two runs building one --index write its half-built parts at once"),
 ]
 
 

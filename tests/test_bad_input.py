@@ -145,6 +145,8 @@ ENTRY_POINTS = {
          "a_file is a file, not a folder"),
         ("workdir held by another writer", ["--workdir", f"{TMP}/locked"],
          "is in use by train (pid 1"),
+        ("index being built by another run", ["--index", f"{TMP}/shared_index"],
+         "shared_index is in use by index (pid 1"),
     ]),
     "attribute": ("prism_jax.main.attribute", ["--prompt", "a cat is"], CHECKPOINT + INDEX + [
         ("prompt longer than the context", ["--prompt", LONG_PROMPT], "context"),
@@ -290,6 +292,8 @@ def _bad_files(tmp, run, cfg):
   shutil.copytree(run, tmp / "broken_config")
   (tmp / "broken_config" / "config.json").write_text('{"name": "prism_tiny", "model": {')
   (tmp / "locked").mkdir()
+  (tmp / ".shared_index.lock").write_text(json.dumps(  # another run's build of this --index
+      {"tool": "index", "pid": 1, "host": socket.gethostname(), "since": "earlier"}))
   # pid 1 is alive on every machine: a live holder, so the lock is not stale.
   (tmp / "locked" / "writer.lock").write_text(json.dumps(
       {"tool": "train", "pid": 1, "host": socket.gethostname(), "since": "earlier"}))

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import time
 
+from etils import epath
+
 from prism_jax import outputs, run_index
 from prism_jax.attribution import index as index_lib, service
 from prism_jax.errors import exit_on_user_error
@@ -21,7 +23,10 @@ def main(argv=None):
   opened, attr = run_index.resolve(args)
   out = args.index or opened.index
   outputs.check_folder(out, "prototype index", index_lib.is_index, "--index")
-  with opened, outputs.WorkdirLock(opened.workdir, "index"):
+  # The run's lock, and the index's own: two runs may name one --index.
+  folder = epath.Path(str(out).rstrip("/"))
+  with opened, outputs.WorkdirLock(opened.workdir, "index"), outputs.WorkdirLock(
+      folder.parent, "index", file=f".{folder.name}.lock", what=f"--index {out}"):
     started = time.perf_counter()
     manifest = service.build_run_index(opened, attr, out, step=args.step)
     took = time.perf_counter() - started
