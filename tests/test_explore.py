@@ -139,7 +139,8 @@ def test_control_shows_the_explorers_labels_only_for_the_checkpoint_they_describ
 
 def test_an_earlier_report_is_replaced_and_only_it(report, tmp_path):
   _, result = report
-  check_output(os.path.dirname(result["paths"]["labels.json"]))  # the fixture's report: the next explore replaces it
+  # The fixture's report: the next explore replaces it.
+  check_output(os.path.dirname(result["paths"]["labels.json"]))
   old = tmp_path / "old"
   old.mkdir()
   (old / "labels.json").write_text('[{"id": 0, "label": "x"}]')  # the format before 1

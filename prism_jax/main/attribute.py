@@ -136,7 +136,8 @@ def _attribute(args, opened, attr):
   if args.json:
     outputs.write_json(args.json, {
         "format": RESULT_FORMAT, "method": args.method, "prompt": args.prompt,
-        "target_token": target_text, "target_id": query.target, "prepare_seconds": prepare_s, "query_seconds": query_s,
+        "target_token": target_text, "target_id": query.target,
+        "prepare_seconds": prepare_s, "query_seconds": query_s,
         "stored_bytes": prepared.stored_bytes, "results": found})
 
 
