@@ -34,6 +34,7 @@ import time
 
 import experiments
 from benchmarks import common
+from prism_jax import outputs
 from prism_jax.errors import UserError, exit_on_user_error
 
 # The train command, in one place: `prism_jax.main.train` once the CLI move lands.
@@ -413,7 +414,7 @@ def plot(summary: dict, path: str, title: str) -> None:
   curves.legend(fontsize=6, ncol=2)
   fig.suptitle(title, fontsize=9)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  outputs.write_figure(path, fig, dpi=110)
   plt.close(fig)
 
 
@@ -494,8 +495,7 @@ def main(argv=None):
             "machine (indicative); diagnostics: last logged train step (batch-level, see "
             "prism_jax/diagnostics.py); val dead: prototypes unused on the validation batches.")
   md = table(summary, header)
-  with open(os.path.join(root, "ablation.md"), "w", encoding="utf-8") as f:
-    f.write(md)
+  outputs.write_text(os.path.join(root, "ablation.md"), md)
   plot(summary, os.path.join(root, "ablation.png"), cfg_line)
   print(md)
   print(f"wrote {os.path.join(root, 'ablation.md')} and ablation.png")

@@ -1011,7 +1011,7 @@ def plot(result, path):
                "(hollow = extrapolated)", fontsize=7)
   ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  outputs.write_figure(path, fig, dpi=120)
   _log(f"wrote {path}")
 
 

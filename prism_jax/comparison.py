@@ -8,7 +8,6 @@ JSON plus a loss-curve plot (PNG) under --workdir (default runs/compare).
 
 from __future__ import annotations
 
-import io
 import json
 import statistics
 
@@ -88,10 +87,8 @@ def plot_loss_curves(runs: dict[str, str], path: str) -> str:
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
-  png = io.BytesIO()  # matplotlib opens local files only; epath writes buckets too
-  fig.savefig(png, format="png")
+  outputs.write_figure(path, fig)  # whole, to a local folder or a bucket
   plt.close(fig)
-  epath.Path(path).write_bytes(png.getvalue())
   return path
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import errno
+import io
 import json
 import os
 import re
@@ -67,6 +68,13 @@ def write_text(path, text: str) -> str:
 
 def write_json(path, record) -> str:
   return write_text(path, json.dumps(record, indent=1))
+
+
+def write_figure(path, fig, **savefig) -> str:
+  """A matplotlib figure as a PNG, whole (matplotlib itself writes local files in place)."""
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", **savefig)
+  return write_bytes(path, buffer.getvalue())
 
 
 def unused_path(folder, stem: str, suffix: str) -> str:
