@@ -27,6 +27,11 @@ class CheckpointMismatch(UserError):
   """The checkpoint is readable but is of another model: never a reason to skip it."""
 
 
+class CheckpointDamaged(UserError):
+  """The checkpoint's own bytes cannot be decoded (cut short, overwritten): `train` sets it
+  aside and resumes from the one before; a tool that only reads names the other steps."""
+
+
 class CheckpointUnreachable(UserError):
   """The checkpoint could not be read for a reason outside its bytes (permissions, I/O):
   stop and touch nothing, never set it aside."""
@@ -227,14 +232,15 @@ class Checkpointer:
           "nothing was changed: fix access and run again") from e
     message = str(e).strip()
     first_line = message.splitlines()[0] if message else type(e).__name__
+    first_line = first_line.split(" See full TensorStore details")[0]  # a dump of its spec
     if any(sign in message for sign in _SHAPE_MISMATCH):
       shapes = first_line.split(". ")[0] if "shape" in first_line else "parameter tree differs"
       raise CheckpointMismatch(f"checkpoint shapes differ from the config at step {step} in "
                                f"{self.directory} ({shapes}): restore with the model settings "
                                "the run was trained with (drop model.*/prototypes.* "
                                "overrides)") from e
-    raise UserError(f"cannot restore checkpoint step {step} in {self.directory}: "
-                    f"{first_line}") from e
+    raise CheckpointDamaged(f"cannot restore checkpoint step {step} in {self.directory}: "
+                            f"{first_line}") from e
 
   def set_aside(self, step: int) -> str:
     """Renames an unreadable step out of Orbax's view (kept for inspection, not deleted)."""

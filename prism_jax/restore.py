@@ -17,7 +17,8 @@ from etils import epath
 
 from prism_jax import cli, sharding
 from prism_jax import config as config_lib
-from prism_jax.checkpoint import Checkpointer, abstract_with_sharding, model_settings
+from prism_jax.checkpoint import (Checkpointer, CheckpointDamaged, abstract_with_sharding,
+                                  model_settings)
 from prism_jax.config import ExperimentConfig
 from prism_jax.errors import UserError
 from prism_jax import layout
@@ -52,8 +53,14 @@ def load_params(cfg: ExperimentConfig, workdir: str, step: int | None = None,
                       f"{', '.join(map(str, sorted(steps)))}")
     mesh = mesh or sharding.make_mesh(cfg.mesh)
     graphdef, abstract, specs = abstract_params(cfg)
-    params = checkpointer.restore_params(
-        step, abstract_with_sharding(abstract, sharding.named(mesh, specs)))
+    try:
+      params = checkpointer.restore_params(
+          step, abstract_with_sharding(abstract, sharding.named(mesh, specs)))
+    except CheckpointDamaged as e:  # read-only: name the way on, touch nothing
+      others = ", ".join(map(str, sorted(set(steps) - {step}))) or "none"
+      raise UserError(f"{e} (the checkpoint is damaged; other steps here: {others}: pass "
+                      "--step N, or run train in this workdir, which sets a damaged step "
+                      "aside and resumes from the one before)") from None
   finally:
     checkpointer.close()
   return graphdef, params, int(step)

@@ -324,6 +324,14 @@ MUTATIONS = [
         '      folder.parent, "index", file="unused.lock", what=f"--index {out}"):',
         ("tests/test_bad_input.py::test_bad_input_is_one_line_exit_2_and_writes_nothing",),
         "two runs building one --index write its half-built parts at once"),
+    Mutation(
+        "tool-on-a-damaged-checkpoint-names-no-way-on", "prism_jax/restore.py",
+        "    except CheckpointDamaged as e:  # read-only: name the way on, touch nothing",
+        "    except ZeroDivisionError as e:",
+        ("tests/test_no_data_loss.py::"
+         "test_a_tool_reading_a_damaged_latest_checkpoint_names_the_others",),
+        "evaluate on a run whose latest checkpoint is damaged prints TensorStore's spec and "
+        "no way on"),
 ]
 
 

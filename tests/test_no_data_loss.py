@@ -21,7 +21,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from prism_jax import comparison, outputs
+from prism_jax import comparison, outputs, restore
 from prism_jax.attribution import index as index_lib
 from prism_jax.checkpoint import model_settings
 from prism_jax.errors import UserError, exit_on_user_error
@@ -100,6 +100,26 @@ def test_all_checkpoints_unreadable_never_restarts_from_step_0(two_step_run, tmp
       train(tiny_config("train.steps=4"), workdir, synthetic_data(cfg))
   assert sorted(_steps(workdir)) == ["1.unreadable", "2.unreadable"]  # kept, not deleted
   assert "skipping unreadable checkpoint step 2" in capsys.readouterr().out
+
+
+def test_a_tool_reading_a_damaged_latest_checkpoint_names_the_others(two_step_run, tmp_path):
+  """Read-only tools set nothing aside (that is train's job): one line naming the damage,
+  without TensorStore's dump of its spec, and the steps that can be passed instead."""
+  cfg, run = two_step_run
+  workdir = _copy(run, tmp_path)
+  for path in (pathlib.Path(workdir) / "checkpoints" / "2" / "state").rglob("*"):
+    if path.is_file() and path.parent.name == "d":  # the arrays' chunks
+      path.write_bytes(path.read_bytes()[:100])
+  with pytest.raises(UserError) as raised:
+    restore.load_params(cfg, workdir)
+  message = str(raised.value)
+  assert message.startswith("cannot restore checkpoint step 2 in ")
+  assert message.endswith("(the checkpoint is damaged; other steps here: 1: pass --step N, or "
+                          "run train in this workdir, which sets a damaged step aside and "
+                          "resumes from the one before)")
+  assert "\n" not in message and "TensorStore details" not in message
+  assert _steps(workdir) == ["1", "2"]
+  assert restore.load_params(cfg, workdir, step=1)[2] == 1
 
 
 def test_a_non_finite_update_is_never_kept():
