@@ -355,6 +355,8 @@ def _arguments(entry, module, lead, argv, workspace):
   fill = lambda arg: (workspace[arg] if arg in workspace
                       else arg.replace(TMP, workspace[TMP]).replace(RUN, workspace[RUN]))
   lead, argv = [fill(a) for a in lead], [fill(a) for a in argv]
+  # A placeholder left in would be a relative path: output in the working folder.
+  assert not [a for a in lead + argv if any(p in a for p in (RUN, MISSING, TMP))], argv
   command = lead[:1] if module == "prism_jax.main.control" else []  # a subcommand
   options = lead[len(command):]
   # Overrides first (cli.move_trailing_overrides is tested in test_config.py); a row's
