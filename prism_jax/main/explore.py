@@ -9,7 +9,7 @@ maps the prototype keys to 2-D (UMAP if installed, else PCA) and writes
 
 from __future__ import annotations
 
-from prism_jax import cli, evaluation, layout, outputs, run_index
+from prism_jax import cli, evaluation, outputs, run_index
 from prism_jax.errors import UserError, exit_on_user_error
 from prism_jax.explore import labels as labels_lib
 from prism_jax.explore.explorer import DEFAULT_PROMPT, check_output, explore
@@ -43,7 +43,8 @@ def main(argv=None):
     import importlib.util
     if importlib.util.find_spec("umap") is None:
       raise UserError("--projection umap needs umap-learn (pip install umap-learn)")
-  check_output(args.output or layout.path(workdir, layout.EXPLORE))
+  if args.output:  # (WORKDIR/explore is the explorer's own folder)
+    check_output(args.output)
   with opened, outputs.WorkdirLock(workdir, "explore"):
     _explore(args, opened, labeller)
 
