@@ -271,30 +271,25 @@ def finished(workdir: str, steps: int) -> bool:
 # in the table (where the data lives and how often it logs may differ).
 _SETTINGS = ("model", "prototypes", "losses", "optimizer")
 _TRAIN_SETTINGS = ("seed", "steps")
-_DATA_SETTINGS = ("dataset", "text_key", "validation_fraction", "seq_len", "batch_size",
-                  "shuffle_seed", "process_sharding")
 
 
 def other_settings(workdir: str, exp: str, overrides: list[str]) -> str | None:
   """How the run in `workdir` (its config.json) differs from `exp` with `overrides`, e.g.
   "losses.balance=0.05, not 0.1"; None when it does not, or when there is no run yet."""
-  from prism_jax import config as config_lib
+  from prism_jax import cli, config as config_lib
   from prism_jax.checkpoint import settings_difference
 
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  path = cli.config_path(workdir)
+  if not path.exists():
     return None
   try:
-    with open(path, encoding="utf-8") as f:
-      saved = json.load(f)
-  except (OSError, ValueError) as e:
-    return f"an unreadable config.json ({type(e).__name__})"
-  if not isinstance(saved, dict):
-    return "a config.json that is not a config object"
+    saved = cli.read_run_config(path)
+  except UserError:
+    return "a config.json that cannot be read as a run's config"
   want = config_lib.to_dict(config_lib.apply_overrides(experiments.get(exp), overrides))
   current = {section: want[section] for section in _SETTINGS}
   current["train"] = {k: want["train"][k] for k in _TRAIN_SETTINGS}
-  current["data"] = {k: want["data"][k] for k in _DATA_SETTINGS}
+  current["data"] = {k: want["data"][k] for k in cli.DATA_STREAM}  # what resumes refuse
   saved = {section: saved.get(section) if isinstance(saved.get(section), dict) else {}
            for section in current}
   return settings_difference(json.loads(json.dumps(saved)), json.loads(json.dumps(current)))

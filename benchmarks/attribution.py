@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import os
 import statistics
@@ -591,9 +590,7 @@ def run_benchmark(args):
     else:
       import experiments
       stream = _stream_corpus(experiments.get(EXP))
-    buffer = io.BytesIO()
-    np.savez(buffer, **stream)
-    outputs.write_bytes(stream_path, buffer.getvalue())  # whole, then renamed
+    outputs.write_npz(stream_path, stream)  # whole, then renamed
   with np.load(stream_path) as f:
     stream = {k: f[k] for k in f.files}
   total = scored_total(stream)

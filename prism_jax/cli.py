@@ -197,7 +197,7 @@ _HOW_NOT_WHAT = frozenset({"prototypes.score_blocks"})
 # The data settings that decide which tokens the run reads, in what order, and which
 # documents it holds out. The saved input position belongs to that stream, and a resume
 # under another validation split would score documents the run has trained on.
-_DATA_STREAM = ("dataset", "text_key", "validation_fraction", "seq_len", "batch_size",
+DATA_STREAM = ("dataset", "text_key", "validation_fraction", "seq_len", "batch_size",
                 "shuffle_seed", "process_sharding")
 
 
@@ -230,7 +230,7 @@ def check_run_config(cfg: ExperimentConfig, workdir: str) -> None:
     raise ConfigError(f"{workdir} holds a run started with train.seed={old!r}, not {value!r}; "
                       "use another --workdir or the same seed")
   data = saved.get("data") if isinstance(saved.get("data"), dict) else {}
-  for key in _DATA_STREAM:
+  for key in DATA_STREAM:
     old, value = data.get(key, current["data"][key]), current["data"][key]
     if old != value:
       raise ConfigError(f"{workdir} holds a run trained with data.{key}={old!r}, not {value!r} "

@@ -23,6 +23,7 @@ import socket
 import sys
 from typing import Callable
 
+import numpy as np
 from etils import epath
 
 from prism_jax import layout
@@ -68,6 +69,13 @@ def write_text(path, text: str) -> str:
 
 def write_json(path, record) -> str:
   return write_text(path, json.dumps(record, indent=1))
+
+
+def write_npz(path, arrays: dict) -> str:
+  """numpy arrays as one .npz, whole (np.savez writes in place)."""
+  buffer = io.BytesIO()
+  np.savez(buffer, **arrays)
+  return write_bytes(path, buffer.getvalue())
 
 
 def write_figure(path, fig, **savefig) -> str:

@@ -177,7 +177,7 @@ MUTATIONS = [
         "a resumed compare evaluates a finished run again"),
     Mutation(
         "resume-on-a-wider-validation-split", "prism_jax/cli.py",
-        "  for key in _DATA_STREAM:",
+        "  for key in DATA_STREAM:",
         "  for key in ():",
         ("tests/test_config.py::test_resuming_on_another_data_stream_is_refused",),
         "a resume under another data stream (a wider validation split) is let through"),

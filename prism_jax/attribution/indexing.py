@@ -100,12 +100,6 @@ def save_npy(path: epath.Path, array) -> int:
   return len(buffer.getvalue())
 
 
-def save_npz(path: epath.Path, arrays: dict) -> None:
-  buffer = io.BytesIO()
-  np.savez(buffer, **arrays)
-  outputs.write_bytes(path, buffer.getvalue())
-
-
 def load_npz(path: epath.Path) -> dict:
   with np.load(io.BytesIO(path.read_bytes())) as f:
     return {k: f[k] for k in f.files}
@@ -447,7 +441,7 @@ def _commit(work, proc, part: _Part, parts: list, tables: dict, sums, batches: i
   state = {}
   for name, table in tables.items():
     state.update(table.state(name))
-  save_npz(proc / f"state_{batches:09d}.npz", state)
+  outputs.write_npz(proc / f"state_{batches:09d}.npz", state)
   host_sums = _to_host(sums, setup, local=False)
   outputs.write_json(proc / f"progress_{batches:09d}.json",
                      {"num_tokens": num_tokens, "parts": parts})
@@ -455,7 +449,7 @@ def _commit(work, proc, part: _Part, parts: list, tables: dict, sums, batches: i
   if setup.process_index == 0:  # every process's files are written: commit them together
     processes = [json.loads((work / "processes" / f"{i:05d}" / f"progress_{batches:09d}.json"
                              ).read_text()) for i in range(setup.process_count)]
-    save_npz(work / f"sums_{batches:09d}.npz", host_sums)
+    outputs.write_npz(work / f"sums_{batches:09d}.npz", host_sums)
     outputs.write_json(work / "progress.json", {
         "fingerprint": fingerprint, "batches_done": batches, "processes": processes,
         "finished": finished})

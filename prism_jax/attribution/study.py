@@ -21,11 +21,10 @@ import time
 from typing import Sequence
 
 import numpy as np
-from etils import epath
 
 from prism_jax import layout, outputs
 from prism_jax.attribution import config as attr_config
-from prism_jax.attribution import ground_truth, indexing, lds, run, text_examples
+from prism_jax.attribution import ground_truth, lds, run, text_examples
 from prism_jax.config import apply_overrides
 from prism_jax.errors import UserError
 from prism_jax.models import lm
@@ -199,7 +198,7 @@ def score_model(cfg, params, text, truth, attr, methods, workdir: str, say=print
     per_method[method] = result
     say(f"  {cfg.name} {method}: scored in {time.perf_counter() - started:.0f}s")
   # Raw scores beside the results, so another table can be computed without rescoring.
-  indexing.save_npz(epath.Path(workdir) / f"scores_{cfg.name}.npz", scores)  # whole or not at all
+  outputs.write_npz(os.path.join(workdir, f"scores_{cfg.name}.npz"), scores)
   nq = len(text.queries)
   reported = truth["outputs"][:, :, :nq]
   stats = lds.compare(scores, truth["subsets"], reported, attr.lds_bootstrap,
